@@ -1,0 +1,113 @@
+"""Content-addressed cache of uint8 image sets, with atomic writes and checksummed manifests.
+
+Keys are hashes of canonical JSON: dataset key → protection key → purification key → cell key. An entry is
+a folder ``<root>/<kind>/<key>/`` holding ``images.npy``, ``labels.npy`` and ``manifest.json`` (spec,
+library versions, sha256 of each file); it is written to a temporary folder and renamed into place, and a
+load that finds a checksum mismatch deletes the entry so that it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.components import ImageSet
+
+FILES = ("images.npy", "labels.npy")
+
+
+def make_key(spec: Any) -> str:
+    """A 24-hex-digit content key of a JSON-serialisable spec (key order does not matter)."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that can change numbers: recorded in manifests and records."""
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Cache:
+    """Image sets under ``root``, by kind (``dataset``, ``protected``, ``purified``) and key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def has(self, kind: str, key: str) -> bool:
+        """Whether a complete entry exists (checksums are verified on load, not here)."""
+        return (self.path(kind, key) / "manifest.json").is_file()
+
+    def manifest(self, kind: str, key: str) -> dict[str, Any]:
+        return json.loads((self.path(kind, key) / "manifest.json").read_text())
+
+    def save(self, kind: str, key: str, data: ImageSet, meta: dict[str, Any]) -> None:
+        """Write atomically; if another process wrote the same key first, keep theirs."""
+        final = self.path(kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
+        try:
+            np.save(tmp / "images.npy", data.images.cpu().numpy())
+            np.save(tmp / "labels.npy", data.labels.cpu().numpy())
+            manifest = {"kind": kind, "key": key, "num_classes": data.num_classes,
+                        "shape": list(data.images.shape), "dtype": "uint8", "created": time.time(),
+                        "versions": library_versions(), "sha256": {f: _sha256(tmp / f) for f in FILES}, **meta}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+            for f in (*FILES, "manifest.json"):
+                _fsync(tmp / f)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # the key exists already (a concurrent writer): identical content by construction
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load(self, kind: str, key: str) -> ImageSet | None:
+        """The entry, or None if absent or corrupted (a corrupted entry is deleted so that it is rebuilt)."""
+        folder = self.path(kind, key)
+        if not self.has(kind, key):
+            return None
+        try:
+            manifest = self.manifest(kind, key)
+            for name in FILES:
+                if _sha256(folder / name) != manifest["sha256"][name]:
+                    raise ValueError(f"checksum mismatch in {name}")
+            images = np.load(folder / "images.npy")
+            labels = np.load(folder / "labels.npy")
+            if images.dtype != np.uint8 or list(images.shape) != manifest["shape"]:
+                raise ValueError("stored images do not match the manifest")
+            return ImageSet(torch.from_numpy(images), torch.from_numpy(labels).long(), manifest["num_classes"])
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            print(f"bench: cache entry {folder} is corrupted ({err}); rebuilding it", file=sys.stderr)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

@@ -1,0 +1,117 @@
+"""Command line: ``bench run``, ``bench list``, ``bench leaderboard``.
+
+Configuration errors (unknown component, parameter or value; missing data) exit with code 2 and a message
+naming the file, the key and close matches, before anything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench.registry import ConfigError, describe_params
+
+KINDS = ("protections", "countermeasures", "victims", "datasets")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a matrix (cached, resumable) and print its leaderboards")
+    run.add_argument("--matrix", default="smoke", help="a name in bench/matrices/ or a .toml path (default: smoke)")
+    run.add_argument("--jobs", type=int, default=0, help="parallel cells (default: one per GPU, else one per CPU core)")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    run.add_argument("--threads", type=int, default=1,
+                     help="CPU threads per job; fixed so that results do not depend on --jobs (default: 1)")
+    run.add_argument("--only", action="append", default=[], metavar="KEY=GLOB",
+                     help="keep cells whose KEY (dataset, protection, countermeasure, victim, seed, poison_ratio) "
+                          "label matches GLOB; repeatable")
+    run.add_argument("--dry-run", action="store_true", help="print every cell and whether it is cached, run nothing")
+    run.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed")
+    run.add_argument("--data-root", help="folder holding dataset files (sets $BENCH_DATA_ROOT)")
+    listing = commands.add_parser("list", help="list registered components with their parameters and papers")
+    listing.add_argument("kind", nargs="?", choices=KINDS)
+    board = commands.add_parser("leaderboard", help="build leaderboards from a matrix's records")
+    board.add_argument("--matrix", default="smoke")
+    board.add_argument("--metric", choices=("final", "best"), default="final",
+                       help="final-epoch or best-epoch (oracle early stop) test accuracy")
+    for sub in (run, board):
+        sub.add_argument("--results", type=Path, default=Path(os.environ.get("BENCH_RESULTS", "results")),
+                         help="output folder (default: ./results or $BENCH_RESULTS)")
+    args = parser.parse_args(argv)
+    try:
+        return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard}[args.command](args)
+    except ConfigError as err:
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.matrix import load_matrix
+    from bench.scheduler import RunOptions, run_matrix
+
+    if args.data_root:
+        os.environ["BENCH_DATA_ROOT"] = str(Path(args.data_root).resolve())
+    if args.jobs < 0 or args.threads < 1:
+        raise ConfigError("--jobs must be ≥ 0 (0 = automatic) and --threads ≥ 1")
+    matrix = load_matrix(args.matrix)
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
+    jobs = args.jobs or gpus or max(1, (os.cpu_count() or 1) // args.threads)
+    start = time.perf_counter()
+    options = RunOptions(args.results, jobs, args.device, args.threads, tuple(args.only), args.dry_run,
+                         args.retry_failed)
+    counts = run_matrix(matrix, options)
+    if args.dry_run:
+        return 0
+    print(f"matrix {matrix.name}: {counts['cells']} cells — {counts['trained']} trained, "
+          f"{counts['skipped']} already recorded, {counts['failed']} failed — {time.perf_counter() - start:.1f} s "
+          f"(jobs={jobs})")
+    _print_leaderboard(args.results, matrix.name, "final")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.matrix import resolve_path
+
+    name = args.matrix
+    if not (args.results / "runs" / name).is_dir():
+        name = resolve_path(args.matrix).stem
+    if not (args.results / "runs" / name / "records.jsonl").is_file():
+        raise ConfigError(f"no records for matrix {name!r} under {args.results / 'runs'}; run `bench run --matrix {args.matrix}` first")
+    _print_leaderboard(args.results, name, args.metric)
+    return 0
+
+
+def _print_leaderboard(results: Path, name: str, metric: str) -> None:
+    from bench.leaderboard import leaderboard, markdown
+
+    tables, paths = leaderboard(results, name, metric)
+    for table in tables:
+        print("\n" + markdown(table))
+    if paths:
+        print(f"leaderboards written to {paths[0].parent}/")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
+    from bench.data import DATASETS
+
+    registries = {"protections": PROTECTIONS, "countermeasures": COUNTERMEASURES, "victims": VICTIMS,
+                  "datasets": DATASETS}
+    for kind in [args.kind] if args.kind else KINDS:
+        registry = registries[kind]
+        print(f"{kind}:")
+        for name in registry.names():
+            cls = registry.get(name)
+            stage = f" [{cls.stage} stage]" if kind == "countermeasures" else ""
+            print(f"  {name}{stage}: {describe_params(cls) or '(no parameters)'}")
+            print(f"      follows: {cls.paper or '—'}")
+            if kind == "victims":
+                model = cls().build(10, 3, 32)
+                print(f"      parameters at 3×32×32, 10 classes: {sum(p.numel() for p in model.parameters()):,}")
+    return 0

@@ -1,0 +1,91 @@
+"""The data type every stage exchanges and the contracts of the three plugin families.
+
+Flow of one cell: dataset → ``Protection.protect`` → ``Countermeasure.purify`` (data stage) → a victim
+from ``Victim.build`` trained by ``bench.train`` (with the countermeasure's train-stage hooks) → record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from bench.registry import Component, Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+    """Images as uint8 N×C×H×W (what a real published image is) with int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise TypeError(f"ImageSet images must be uint8 N×C×H×W, got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def size(self) -> int:
+        """Side length (images are square after loading)."""
+        return self.images.shape[-1]
+
+    def with_images(self, images: torch.Tensor) -> ImageSet:
+        """The same labels with other images (e.g. protected ones)."""
+        return ImageSet(images.to(torch.uint8).contiguous(), self.labels, self.num_classes)
+
+    def subset(self, index: torch.Tensor) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.num_classes)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes)
+
+
+class Protection(Component):
+    """Makes a training set unlearnable. ``protect`` never mutates its input; randomness comes from ``seed``.
+
+    ``identity`` protections (``clean``) are not cached: their output is the input.
+    """
+
+    identity: ClassVar[bool] = False
+
+    def protect(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+        raise NotImplementedError
+
+
+class Countermeasure(Component):
+    """Tries to make a protected training set learnable again.
+
+    ``stage`` is ``"data"`` for preprocessing done once on the train set (``purify``, cached) or
+    ``"train"`` for changes to training itself (augmentations, adversarial training …).
+    """
+
+    stage: ClassVar[str] = "data"
+    identity: ClassVar[bool] = False
+
+    def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+        """Data-stage preprocessing of the (protected) train set; the test set is never touched."""
+        return train
+
+
+class Victim(Component):
+    """A network architecture trained on the (protected, purified) train set."""
+
+    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+        raise NotImplementedError
+
+
+PROTECTIONS: Registry[Protection] = Registry("protection", Protection)
+COUNTERMEASURES: Registry[Countermeasure] = Registry("countermeasure", Countermeasure)
+VICTIMS: Registry[Victim] = Registry("victim", Victim)

@@ -1,0 +1,240 @@
+"""Datasets as uniform uint8 N×C×H×W train/test ImageSets, with class-balanced subsets for CPU runs.
+
+Where files live never enters a cache key: fields with ``metadata={"location": True}`` are left out and
+the loaded content's fingerprint is used instead, so two copies of the same data share their cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.components import ImageSet
+from bench.registry import Component, ConfigError, Registry
+
+DATA_ROOT_ENV = "BENCH_DATA_ROOT"
+CIFAR10_JPEG_ENV = "BENCH_CIFAR10_JPEG"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def location(default: Any = "") -> Any:
+    """A field that says where data lives: not part of the cache key."""
+    return dataclasses.field(default=default, metadata={"location": True})
+
+
+def data_root(root: str) -> Path:
+    """``root`` if given, else ``$BENCH_DATA_ROOT``, else ``~/.cache/bench/data``."""
+    return Path(root or os.environ.get(DATA_ROOT_ENV) or Path.home() / ".cache" / "bench" / "data").expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset(Component):
+    """A dataset. ``per_class``/``test_per_class`` keep the first n images of each class (0 = all).
+
+    ``augment`` names the standard train augmentation the papers use for it (see ``bench.train``).
+    """
+
+    per_class: int = 0
+    test_per_class: int = 0
+    augment: ClassVar[str] = "crop_flip"
+
+    def __post_init__(self) -> None:
+        if self.per_class < 0 or self.test_per_class < 0:
+            raise ValueError("per_class and test_per_class must be ≥ 0 (0 keeps every image)")
+
+    def load_full(self) -> tuple[ImageSet, ImageSet]:
+        raise NotImplementedError
+
+    def load(self) -> tuple[ImageSet, ImageSet]:
+        train, test = self.load_full()
+        return balanced_subset(train, self.per_class), balanced_subset(test, self.test_per_class)
+
+    def spec(self) -> dict[str, Any]:
+        """Name, version and the parameters that change the content (location fields left out)."""
+        located = {f.name for f in dataclasses.fields(self) if f.metadata.get("location")}
+        spec = super().spec()
+        spec["params"] = {k: v for k, v in spec["params"].items() if k not in located}
+        return spec
+
+
+DATASETS: Registry[Dataset] = Registry("dataset", Dataset)
+
+
+def balanced_subset(data: ImageSet, per_class: int) -> ImageSet:
+    """The first ``per_class`` images of every class, in dataset order (0 keeps everything)."""
+    if per_class == 0:
+        return data
+    keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:per_class] for c in range(data.num_classes)])
+    return data.subset(keep.sort().values)
+
+
+def fingerprint(*sets: ImageSet) -> str:
+    """A content hash of images and labels."""
+    digest = hashlib.blake2b(digest_size=16)
+    for data in sets:
+        digest.update(str(tuple(data.images.shape)).encode())
+        digest.update(data.images.contiguous().numpy().tobytes())
+        digest.update(data.labels.numpy().astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _image_set(images: np.ndarray, labels: Any, num_classes: int, channels_last: bool = True) -> ImageSet:
+    array = np.asarray(images, dtype=np.uint8)
+    if array.ndim == 3:
+        array = array[..., None] if channels_last else array[:, None]
+    if channels_last:
+        array = array.transpose(0, 3, 1, 2)
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(array)), torch.as_tensor(np.asarray(labels), dtype=torch.int64),
+                    num_classes)
+
+
+@DATASETS.register("digits")
+class Digits(Dataset):
+    """scikit-learn's bundled handwritten digits (real data, 1,797 8×8 greyscale images, 10 classes).
+
+    The embedded default: needs no download. Pixels 0..16 are scaled to 0..255 and resized bilinearly to
+    ``size``; a fixed stratified split keeps ``test_fraction`` of each class for testing. No flips in its
+    standard augmentation (digits are not mirror-symmetric).
+    """
+
+    paper: ClassVar[str] = "embedded default data (scikit-learn load_digits)"
+    augment: ClassVar[str] = "crop"
+    size: int = 16
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 4 <= self.size <= 256 or not 0 < self.test_fraction < 1:
+            raise ValueError("digits needs 4 ≤ size ≤ 256 and 0 < test_fraction < 1")
+
+    def load_full(self) -> tuple[ImageSet, ImageSet]:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images = torch.from_numpy(bunch.images).float()[:, None] / 16.0
+        if self.size != 8:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        labels = torch.from_numpy(bunch.target).long()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+        test = torch.zeros(len(labels), dtype=torch.bool)
+        for c in range(10):
+            members = order[labels[order] == c]
+            test[members[: round(len(members) * self.test_fraction)]] = True
+        return (ImageSet(images[~test], labels[~test], 10), ImageSet(images[test], labels[test], 10))
+
+
+@DATASETS.register("cifar10-jpeg")
+class Cifar10Jpeg(Dataset):
+    """CIFAR-10 re-encoded as JPEG q75, from an npz of JPEG bytes and offsets (../shared/data/README.md).
+
+    Path: ``path``, else ``$BENCH_CIFAR10_JPEG``, else ``<data root>/cifar10_jpeg75.npz``, else
+    ``../shared/data/cifar10_jpeg75.npz`` beside the repository. Only the kept subset is decoded.
+    """
+
+    paper: ClassVar[str] = "CIFAR-10 (JPEG q75 development copy)"
+    path: str = location()
+    root: str = location()
+
+    def candidates(self) -> list[Path]:
+        found = [self.path, os.environ.get(CIFAR10_JPEG_ENV, ""), data_root(self.root) / "cifar10_jpeg75.npz",
+                 REPO_ROOT.parent / "shared" / "data" / "cifar10_jpeg75.npz"]
+        return [Path(p).expanduser() for p in found if str(p)]
+
+    def load(self) -> tuple[ImageSet, ImageSet]:
+        from PIL import Image
+
+        path = next((p for p in self.candidates() if p.is_file()), None)
+        if path is None:
+            raise ConfigError("cifar10-jpeg: file cifar10_jpeg75.npz not found; looked at "
+                              + ", ".join(map(str, self.candidates()))
+                              + f". Pass path=... in the matrix or set ${CIFAR10_JPEG_ENV}.")
+        arrays = np.load(path)
+        sets = []
+        for split, per_class in (("train", self.per_class), ("test", self.test_per_class)):
+            labels = torch.from_numpy(arrays[f"{split}_labels"].astype(np.int64))
+            index = torch.cat([torch.nonzero(labels == c).flatten()[:per_class or None] for c in range(10)]).sort().values
+            blob, offsets = arrays[f"{split}_jpeg"], arrays[f"{split}_offsets"]
+            images = np.stack([np.asarray(Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+                               for i in index.tolist()])
+            sets.append(_image_set(images, labels[index], 10))
+        return sets[0], sets[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Torchvision(Dataset):
+    """Shared loading for torchvision's datasets: local files first, then a download, else a clear error."""
+
+    root: str = location()
+    download: bool = location(True)
+    tv_class: ClassVar[str] = ""
+    files: ClassVar[str] = ""
+    splits: ClassVar[tuple[dict[str, Any], dict[str, Any]]] = ({"train": True}, {"train": False})
+    num_classes: ClassVar[int] = 10
+
+    def load_full(self) -> tuple[ImageSet, ImageSet]:
+        root = data_root(self.root)
+        sets = []
+        for split in self.splits:
+            ds = self._fetch(split, root)
+            if hasattr(ds, "labels"):  # SVHN: N×C×H×W array and .labels
+                sets.append(_image_set(ds.data, ds.labels, self.num_classes, channels_last=False))
+            else:
+                sets.append(_image_set(ds.data, ds.targets, self.num_classes))
+        return sets[0], sets[1]
+
+    def _fetch(self, split: dict[str, Any], root: Path) -> Any:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, self.tv_class)
+        try:
+            return cls(str(root), **split, download=False)
+        except Exception as missing:  # torchvision raises RuntimeError when files are absent or corrupt
+            if not self.download:
+                raise ConfigError(self._missing(root, missing)) from missing
+        try:
+            return cls(str(root), **split, download=True)
+        except Exception as err:
+            raise ConfigError(self._missing(root, err)) from err
+
+    def _missing(self, root: Path, err: Exception) -> str:
+        return (f"{self.name}: data not found in {root} and could not be downloaded ({type(err).__name__}: {err}). "
+                f"Place {self.files} in {root}, or pass --data-root / root=... naming the folder that holds them.")
+
+
+@DATASETS.register("cifar10")
+class Cifar10(_Torchvision):
+    """CIFAR-10 via torchvision (50,000/10,000 32×32 RGB, 10 classes)."""
+
+    paper: ClassVar[str] = "CIFAR-10 (torchvision)"
+    tv_class: ClassVar[str] = "CIFAR10"
+    files: ClassVar[str] = "cifar-10-python.tar.gz (or its extracted folder cifar-10-batches-py/)"
+
+
+@DATASETS.register("cifar100")
+class Cifar100(_Torchvision):
+    """CIFAR-100 via torchvision (50,000/10,000 32×32 RGB, 100 classes)."""
+
+    paper: ClassVar[str] = "CIFAR-100 (torchvision)"
+    tv_class: ClassVar[str] = "CIFAR100"
+    files: ClassVar[str] = "cifar-100-python.tar.gz (or its extracted folder cifar-100-python/)"
+    num_classes: ClassVar[int] = 100
+
+
+@DATASETS.register("svhn")
+class Svhn(_Torchvision):
+    """SVHN via torchvision (73,257/26,032 32×32 RGB, 10 classes); no flips or crops, as the papers."""
+
+    paper: ClassVar[str] = "SVHN (torchvision)"
+    augment: ClassVar[str] = "none"
+    tv_class: ClassVar[str] = "SVHN"
+    files: ClassVar[str] = "train_32x32.mat and test_32x32.mat"
+    splits: ClassVar[tuple[dict[str, Any], dict[str, Any]]] = ({"split": "train"}, {"split": "test"})

@@ -1,0 +1,112 @@
+"""Leaderboards from records: one table per dataset × victim (× recipe × poison ratio), in DH Table I's
+layout: rows = protections (clean first), columns = countermeasures, then ``Mean`` and ``Max`` over the
+countermeasures; mean ± std over seeds where there are several. Written as CSV and Markdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.records import RecordLog
+
+GROUP = ("dataset", "victim", "recipe", "poison_ratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """One leaderboard: numeric means and stds (percent), seed counts, and the display frame."""
+
+    title: str
+    slug: str
+    mean: pd.DataFrame
+    std: pd.DataFrame
+    display: pd.DataFrame
+
+
+def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | None = None,
+                 metric: str = "final") -> list[Table]:
+    """Pivot the latest record of each cell into tables; ``metric`` is ``final`` or ``best`` (oracle early stop)."""
+    if metric not in ("final", "best"):
+        raise ValueError(f"metric must be 'final' or 'best', got {metric!r}")
+    latest = {r["cell"]: r for r in records if "cell" in r}
+    if not latest:
+        return []
+    frame = pd.DataFrame(list(latest.values()))
+    frame["recipe"] = frame.get("recipe", pd.Series(dtype=object)).fillna("?")
+    column = f"test_acc_{metric}"
+    frame["value"] = pd.to_numeric(frame[column] if column in frame else None, errors="coerce") * 100
+    frame.loc[frame["status"] != "ok", "value"] = float("nan")
+    ratios = frame["poison_ratio"].nunique() > 1
+    tables = []
+    for keys, group in frame.groupby(list(GROUP), sort=False):
+        dataset, victim, recipe, ratio = keys
+        stats = group.groupby(["protection", "countermeasure"], sort=False)["value"].agg(["mean", "std", "count"])
+        failed = group[group["status"] != "ok"].groupby(["protection", "countermeasure"]).size()
+        rows = _ordered(group["protection"], (order or {}).get("protections"), first="clean")
+        cols = _ordered(group["countermeasure"], (order or {}).get("countermeasures"), first="none")
+        mean = stats["mean"].unstack().reindex(index=rows, columns=cols)
+        std = stats["std"].unstack().reindex(index=rows, columns=cols)
+        count = stats["count"].unstack().reindex(index=rows, columns=cols).fillna(0)
+        mean["Mean"], mean["Max"] = mean[cols].mean(axis=1), mean[cols].max(axis=1)
+        display = mean.copy().astype(object)
+        for r in rows:
+            for c in cols:
+                m, s, n = mean.at[r, c], std.at[r, c], count.at[r, c]
+                display.at[r, c] = ("error" if (r, c) in failed.index else "") if pd.isna(m) else (
+                    f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}")
+            for c in ("Mean", "Max"):
+                display.at[r, c] = "" if pd.isna(mean.at[r, c]) else f"{mean.at[r, c]:.2f}"
+        display.index.name = mean.index.name = std.index.name = "protection"
+        suffix = f", poison ratio {ratio:g}" if ratios else ""
+        title = f"{dataset} × {victim} — test accuracy (%, {metric}), recipe {recipe}{suffix}"
+        slug = _slug(f"{dataset}__{victim}__{recipe}" + (f"__p{ratio:g}" if ratios else ""))
+        tables.append(Table(title, slug, mean, std, display))
+    return tables
+
+
+def markdown(table: Table) -> str:
+    return f"### {table.title}\n\n" + table.display.to_markdown(stralign="right") + "\n"
+
+
+def write_tables(tables: list[Table], out_dir: Path, metric: str = "final") -> list[Path]:
+    """Write ``<slug>.<metric>.csv`` (numeric means; ``.std.csv`` with several seeds) and ``.md`` per table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for table in tables:
+        csv, md, std = (out_dir / f"{table.slug}.{metric}{ext}" for ext in (".csv", ".md", ".std.csv"))
+        table.mean.round(4).to_csv(csv)
+        md.write_text(markdown(table))
+        written += [csv, md]
+        if table.std.notna().any().any():
+            table.std.round(4).to_csv(std)
+            written.append(std)
+    return written
+
+
+def leaderboard(results: Path, matrix_name: str, metric: str = "final") -> tuple[list[Table], list[Path]]:
+    """Build and write the leaderboards of a matrix's recorded runs."""
+    run_dir = results / "runs" / matrix_name
+    records = RecordLog(run_dir / "records.jsonl").read()
+    resolved = run_dir / "matrix.json"
+    order = None
+    if resolved.is_file():
+        axes = json.loads(resolved.read_text())["axes"]
+        order = {axis: [c["label"] for c in choices] for axis, choices in axes.items()}
+    tables = build_tables(records, order, metric)
+    return tables, write_tables(tables, results / "leaderboards" / matrix_name, metric)
+
+
+def _ordered(labels: pd.Series, preferred: list[str] | None, first: str) -> list[str]:
+    present = list(dict.fromkeys(labels))
+    ordered = [x for x in (preferred or []) if x in present] + [x for x in present if x not in (preferred or [])]
+    return sorted(ordered, key=lambda x: x != first)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")

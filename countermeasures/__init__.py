@@ -1,0 +1,1 @@
+"""Countermeasures: every non-underscore module here is imported and registers its countermeasures."""

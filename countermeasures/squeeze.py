@@ -1,0 +1,75 @@
+"""Image-shortcut squeezing: data-stage preprocessing that removes small perturbations.
+
+Settings of DH §IV-A5 (BDR 2 bits, grayscale, JPEG quality 10 and 50), after Liu et al. 2023 (ISS).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.components import COUNTERMEASURES, Countermeasure, ImageSet
+
+
+@COUNTERMEASURES.register("jpeg")
+class Jpeg(Countermeasure):
+    """JPEG compression with a real codec (Pillow/libjpeg) on the 8-bit images, at ``quality`` (1–95).
+
+    DH §IV-A5: JPEG10 and JPEG50. Greyscale sets are encoded as single-channel JPEG.
+    """
+
+    paper: ClassVar[str] = "DH §IV-A5 (JPEG10, JPEG50); Liu et al. 2023 (ISS)"
+    quality: int = 10
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.quality <= 95:
+            raise ValueError(f"jpeg quality must be in 1..95, got {self.quality}")
+
+    def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+        hwc = train.images.permute(0, 2, 3, 1).contiguous().numpy()
+        out = np.empty_like(hwc)
+        for i, image in enumerate(hwc):
+            buffer = io.BytesIO()
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, "JPEG", quality=self.quality)
+            decoded = np.asarray(Image.open(buffer))
+            out[i] = decoded[..., None] if decoded.ndim == 2 else decoded
+        return train.with_images(torch.from_numpy(out).permute(0, 3, 1, 2))
+
+
+@COUNTERMEASURES.register("grayscale")
+class Grayscale(Countermeasure):
+    """Greyscale conversion with ITU-R 601-2 luma (Pillow's integer formula), replicated to every channel so
+    that shapes are kept. DH §IV-A5 'Gray'. Identity on single-channel data."""
+
+    paper: ClassVar[str] = "DH §IV-A5 (Gray); Liu et al. 2023 (ISS)"
+
+    def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+        if train.channels != 3:
+            return train
+        rgb = train.images.to(torch.int64)
+        luma = (rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16
+        return train.with_images(luma[:, None].expand(-1, 3, -1, -1))
+
+
+@COUNTERMEASURES.register("bdr")
+class BitDepthReduction(Countermeasure):
+    """Bit-depth reduction to ``bits`` bits per channel: round(x·(2^b − 1)) / (2^b − 1), x in [0, 1].
+
+    DH §IV-A5: BDR with 2 bits.
+    """
+
+    paper: ClassVar[str] = "DH §IV-A5 (BDR, 2 bits); Liu et al. 2023 (ISS)"
+    bits: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"bdr bits must be in 1..8, got {self.bits}")
+
+    def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+        levels = 2 ** self.bits - 1
+        x = train.images.double() / 255
+        return train.with_images(((x * levels).round() / levels * 255).round())

@@ -1,0 +1,1 @@
+"""Protections: every non-underscore module here is imported and registers its protections."""

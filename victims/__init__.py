@@ -1,0 +1,1 @@
+"""Victim architectures: every non-underscore module here is imported and registers its victims."""
