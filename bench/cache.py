@@ -87,8 +87,11 @@ class Cache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def load(self, kind: str, key: str) -> ImageSet | None:
-        """The entry, or None if absent or corrupted (a corrupted entry is deleted so that it is rebuilt)."""
+    def valid(self, kind: str, key: str) -> bool:
+        """Whether the entry exists and its checksums hold; a corrupted entry is deleted (to be rebuilt)."""
+        return self._verified(kind, key) is not None
+
+    def _verified(self, kind: str, key: str) -> dict[str, Any] | None:
         folder = self.path(kind, key)
         if not self.has(kind, key):
             return None
@@ -97,14 +100,29 @@ class Cache:
             for name in FILES:
                 if _sha256(folder / name) != manifest["sha256"][name]:
                     raise ValueError(f"checksum mismatch in {name}")
+            return manifest
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+            self._discard(folder, err)
+            return None
+
+    def _discard(self, folder: Path, err: Exception) -> None:
+        print(f"bench: cache entry {folder} is corrupted ({err}); rebuilding it", file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def load(self, kind: str, key: str) -> ImageSet | None:
+        """The entry, or None if absent or corrupted (a corrupted entry is deleted so that it is rebuilt)."""
+        folder = self.path(kind, key)
+        manifest = self._verified(kind, key)
+        if manifest is None:
+            return None
+        try:
             images = np.load(folder / "images.npy")
             labels = np.load(folder / "labels.npy")
             if images.dtype != np.uint8 or list(images.shape) != manifest["shape"]:
                 raise ValueError("stored images do not match the manifest")
             return ImageSet(torch.from_numpy(images), torch.from_numpy(labels).long(), manifest["num_classes"])
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-            print(f"bench: cache entry {folder} is corrupted ({err}); rebuilding it", file=sys.stderr)
-            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            self._discard(folder, err)
             return None
 
 

@@ -78,10 +78,10 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
 
     protect_jobs = {p.protection_key: {**base, "key": p.protection_key, "dataset_key": p.dataset_key,
                                        "protection": p.cell.protection, "seed": p.cell.seed}
-                    for p in todo if p.protection_key and not cache.has("protected", p.protection_key)}
+                    for p in todo if p.protection_key and not cache.valid("protected", p.protection_key)}
     _run_stage("protect", protect_job, list(protect_jobs.values()), options.jobs, devices, failures)
     purify_jobs = {p.purify_key: {**base, "key": p.purify_key, **_inputs(p), "countermeasure": p.cell.countermeasure}
-                   for p in todo if p.purify_key and not cache.has("purified", p.purify_key)
+                   for p in todo if p.purify_key and not cache.valid("purified", p.purify_key)
                    and p.protection_key not in failures}
     _run_stage("purify", purify_job, list(purify_jobs.values()), options.jobs, devices, failures)
 
@@ -111,7 +111,7 @@ def prepare_dataset(cache: Cache, choice: Any) -> str:
     train, test = dataset.load()
     key = make_key({"dataset": dataset.spec(), "content": fingerprint(train, test)})
     for split, data in (("train", train), ("test", test)):
-        if not cache.has("dataset", f"{key}-{split}"):
+        if not cache.valid("dataset", f"{key}-{split}"):
             cache.save("dataset", f"{key}-{split}", data, {"spec": dataset.spec(), "split": split})
     return key
 

@@ -1,0 +1,29 @@
+# Fresh machine: `make run` sets up .venv and runs the default (smoke) matrix; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MATRIX ?= smoke
+
+.PHONY: setup run test test-slow clean
+
+setup: $(STAMP)
+
+# torch/torchvision first, pinned to the releases on this workplace's disk; the rest from the package index.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m bench run --matrix $(MATRIX)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf results/cache results/runs results/leaderboards

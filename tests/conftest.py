@@ -1,0 +1,53 @@
+"""Shared helpers: tiny matrices on embedded data, and running the CLI in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = """
+description = "tiny test matrix"
+seeds = [0]
+[recipe]
+name = "quick"
+epochs = 2
+[datasets.digits]
+per_class = 20
+test_per_class = 10
+[protections]
+clean = {{}}
+cwp = {{ size_fraction = 0.375 }}
+[countermeasures]
+none = {{}}
+{extra_countermeasures}
+[victims.cnn]
+width = 8
+"""
+
+
+def tiny_matrix(folder: Path, name: str = "tiny", extra_countermeasures: str = "bdr = {}", text: str | None = None) -> Path:
+    """Write a small matrix (4 cells by default) and return its path."""
+    path = folder / f"{name}.toml"
+    path.write_text(text if text is not None else TINY.format(extra_countermeasures=extra_countermeasures))
+    return path
+
+
+def run_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+                   timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m bench ARGS`` in a fresh interpreter (plugin discovery happens once per process)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests run on 2 cores: keep torch single-threaded in-process, as bench's jobs are."""
+    torch.set_num_threads(1)
