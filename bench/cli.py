@@ -59,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ["BENCH_DATA_ROOT"] = str(Path(args.data_root).resolve())
     if args.jobs < 0 or args.threads < 1:
         raise ConfigError("--jobs must be ≥ 0 (0 = automatic) and --threads ≥ 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device is available here; use --device cpu or auto")
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        raise ConfigError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
     matrix = load_matrix(args.matrix)
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
     jobs = args.jobs or gpus or max(1, (os.cpu_count() or 1) // args.threads)

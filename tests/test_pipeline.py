@@ -226,3 +226,22 @@ def test_cwp_protects_real_data(tmp_path):
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "2"]) == 0
     acc = {r["protection"]: r["test_acc_final"] for r in records(tmp_path / "r")}
     assert acc["clean"] >= 0.85 and acc["cwp"] <= acc["clean"] - 0.30, acc
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_matrix_on_gpu_matches_cpu_shape(tmp_path):
+    """On a GPU the same matrix runs (bf16 autocast, channels_last) and records the CUDA device."""
+    matrix = tiny_matrix(tmp_path)
+    assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--device", "cuda"]) == 0
+    recs = records(tmp_path / "r")
+    assert len(recs) == 4 and all(r["status"] == "ok" and r["device"].startswith("cuda") for r in recs)
+
+
+def test_cuda_requested_without_gpu_exits_2(tmp_path, capsys):
+    """Asking for CUDA where there is none is a configuration error, caught before running."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["run", "--matrix", str(tiny_matrix(tmp_path)), "--results", str(tmp_path / "r"),
+                 "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
