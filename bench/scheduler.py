@@ -90,7 +90,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
                dynamic_ncols=True)
     train_jobs = [{**base, **_inputs(p), "plan": _plan_info(p, matrix), "recipe": matrix.recipe,
                    "upstream_error": failures.get(p.protection_key or "") or failures.get(p.purify_key or ""),
-                   "show_epochs": options.jobs == 1} for p in todo]
+                   "show_epochs": options.jobs == 1 or len(todo) == 1} for p in todo]
 
     def record(result: dict[str, Any]) -> None:
         log.append(result)
@@ -267,13 +267,18 @@ def _device_pool(options: RunOptions) -> Any:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and torch.cuda.device_count() > 1 and options.jobs > 1:
-        import multiprocessing
-
-        queue = multiprocessing.Manager().Queue()
-        for i in range(torch.cuda.device_count()):
-            queue.put(f"cuda:{i}")
-        return queue
+        return device_queue([f"cuda:{i}" for i in range(torch.cuda.device_count())])
     return name
+
+
+def device_queue(names: list[str]) -> Any:
+    """A queue shared with joblib workers: a job takes a device from it and puts it back when done."""
+    import multiprocessing
+
+    queue = multiprocessing.Manager().Queue()
+    for name in names:
+        queue.put(name)
+    return queue
 
 
 @contextlib.contextmanager

@@ -51,3 +51,12 @@ def run_subprocess(args: list[str], cwd: Path, env: dict[str, str] | None = None
 def _one_thread():
     """Tests run on 2 cores: keep torch single-threaded in-process, as bench's jobs are."""
     torch.set_num_threads(1)
+
+
+def hold_device(job: dict, device: torch.device) -> dict:
+    """A job for the scheduler's device pool test: holds its device briefly and reports it."""
+    import time
+
+    start = time.time()
+    time.sleep(0.3)
+    return {"device": str(device), "pid": os.getpid(), "start": start, "end": time.time()}

@@ -245,3 +245,19 @@ def test_cuda_requested_without_gpu_exits_2(tmp_path, capsys):
     assert main(["run", "--matrix", str(tiny_matrix(tmp_path)), "--results", str(tmp_path / "r"),
                  "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_device_queue_gives_each_parallel_job_its_own_device():
+    """With several GPUs, each running job holds one device (checked with stand-in names on CPU)."""
+    from bench.scheduler import _call, _parallel, device_queue
+    from conftest import hold_device
+
+    results = []
+    _parallel(_call, hold_device, [{"i": i, "threads": 1} for i in range(4)], 2, device_queue(["cuda:0", "cuda:1"]),
+              results.append)
+    assert len(results) == 4 and {r["device"] for r in results} == {"cuda:0", "cuda:1"}
+    assert len({r["pid"] for r in results}) == 2, "two worker processes ran the jobs"
+    for a in results:
+        for b in results:
+            overlap = a is not b and a["start"] < b["end"] and b["start"] < a["end"]
+            assert not (overlap and a["device"] == b["device"]), "two running jobs shared a device"
