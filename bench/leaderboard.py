@@ -99,7 +99,13 @@ def leaderboard(results: Path, matrix_name: str, metric: str = "final") -> tuple
         axes = json.loads(resolved.read_text())["axes"]
         order = {axis: [c["label"] for c in choices] for axis, choices in axes.items()}
     tables = build_tables(records, order, metric)
-    return tables, write_tables(tables, results / "leaderboards" / matrix_name, metric)
+    out_dir = results / "leaderboards" / matrix_name
+    written = write_tables(tables, out_dir, metric)
+    if records:  # every cell's latest record, flat (curves left out), for analyses of one's own
+        flat = pd.json_normalize(list({r["cell"]: r for r in records if "cell" in r}.values()))
+        flat.drop(columns=[c for c in ("train_acc", "test_acc", "error") if c in flat]).to_csv(out_dir / "records.csv", index=False)
+        written.append(out_dir / "records.csv")
+    return tables, written
 
 
 def _ordered(labels: pd.Series, preferred: list[str] | None, first: str) -> list[str]:
