@@ -152,6 +152,8 @@ class Cifar10Jpeg(Dataset):
     def load(self) -> tuple[ImageSet, ImageSet]:
         from PIL import Image
 
+        if self.path and not Path(self.path).expanduser().is_file():
+            raise ConfigError(f"cifar10-jpeg: path={self.path!r} is not a file; point it at cifar10_jpeg75.npz")
         path = next((p for p in self.candidates() if p.is_file()), None)
         if path is None:
             raise ConfigError("cifar10-jpeg: file cifar10_jpeg75.npz not found; looked at "

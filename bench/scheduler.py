@@ -1,8 +1,8 @@
 """Runs a matrix: protect (once per protection key) → data-stage countermeasure (once per purification key)
 → train and evaluate each cell; cached, resumable, and parallel through joblib.
 
-Jobs are plain dicts (names and parameters, never component objects) so that plugin classes need not be
-picklable; each worker rebuilds components from the registries and reads its inputs from the cache.
+The stages themselves live in ``bench.stages``; this module plans cells (cache keys), skips what is
+recorded or cached, and runs each stage's jobs in parallel, appending records as cells finish.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,12 +19,13 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from bench.cache import Cache, library_versions, make_key
-from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
+from bench.cache import Cache, make_key
+from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
 from bench.data import DATASETS, fingerprint
 from bench.matrix import Cell, Matrix, expand, select
-from bench.records import RecordLog, perturbation_metrics
-from bench.train import make_recipe, train_and_evaluate
+from bench.records import RecordLog
+from bench.stages import protect_job, purify_job, train_job
+from bench.train import make_recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,105 +143,6 @@ def save_resolved(matrix: Matrix, path: Path) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(resolved, indent=1, default=str))
     os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------- workers (run in joblib processes)
-
-def protect_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Protect the clean train set and cache the result."""
-    cache = Cache(Path(job["cache"]))
-    train = cache.load("dataset", f"{job['dataset_key']}-train")
-    protection = PROTECTIONS.create(job["protection"].name, **job["protection"].kwargs)
-    start = time.perf_counter()
-    protected = protection.protect(train, seed=job["seed"], device=device)
-    seconds = time.perf_counter() - start
-    _check_output(train, protected, f"protection {job['protection'].label}")
-    cache.save("protected", job["key"], protected, {"spec": protection.spec(), "seed": job["seed"],
-                                                    "seconds": seconds, "device": str(device),
-                                                    **perturbation_metrics(train.images, protected.images)})
-    return {"seconds": seconds}
-
-
-def purify_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Apply a data-stage countermeasure to the (partly) protected train set and cache the result."""
-    cache = Cache(Path(job["cache"]))
-    _, train, _ = training_set(cache, job)
-    countermeasure = COUNTERMEASURES.create(job["countermeasure"].name, **job["countermeasure"].kwargs)
-    start = time.perf_counter()
-    purified = countermeasure.purify(train, seed=job["seed"], device=device)
-    seconds = time.perf_counter() - start
-    _check_output(train, purified, f"countermeasure {job['countermeasure'].label}")
-    cache.save("purified", job["key"], purified, {"spec": countermeasure.spec(), "seconds": seconds,
-                                                  "device": str(device)})
-    return {"seconds": seconds}
-
-
-def train_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Train and evaluate one cell; always returns a record (status ``error`` with the traceback on failure)."""
-    plan = job["plan"]
-    record: dict[str, Any] = {**plan, "device": str(device), "threads": job["threads"], "status": "ok",
-                              "error": None, "versions": library_versions(), "seconds": {}}
-    try:
-        if job["upstream_error"]:
-            raise RuntimeError(f"an earlier stage failed:\n{job['upstream_error']}")
-        cache = Cache(Path(job["cache"]))
-        start = time.perf_counter()
-        clean, train, mask = training_set(cache, job)
-        record.update(perturbation_metrics(clean.images[mask], train.images[mask]))  # clean vs protected
-        if job["purify_key"]:
-            train = _require(cache, "purified", job["purify_key"])
-        test = _require(cache, "dataset", f"{job['dataset_key']}-test")
-        record["seconds"]["load"] = time.perf_counter() - start
-        for stage, kind, key in (("protect", "protected", job["protection_key"]), ("purify", "purified", job["purify_key"])):
-            if key:
-                record["seconds"][stage] = cache.manifest(kind, key)["seconds"]
-        victim = VICTIMS.create(plan["victim_name"], **plan["victim_params"])
-        recipe = make_recipe(**job["recipe"])
-        record["recipe"], record["recipe_params"] = recipe.name, dataclasses.asdict(recipe)
-        augment = DATASETS.get(plan["dataset_name"]).augment if recipe.augment == "dataset" else recipe.augment
-        torch.manual_seed(plan["seed"])
-        start = time.perf_counter()
-        model = victim.build(train.num_classes, train.channels, train.size)
-        with tqdm(total=recipe.epochs, desc="  epochs", leave=False, file=sys.stderr,
-                  disable=not job["show_epochs"]) as bar:
-            result = train_and_evaluate(model, train, test, recipe, seed=plan["seed"], device=device, augment=augment,
-                                        on_epoch=lambda e, tr, te: (bar.update(), bar.set_postfix(test=f"{te:.3f}")))
-        record["seconds"]["train"] = time.perf_counter() - start
-        record.update({"test_acc_final": result["final"], "test_acc_best": result["best"],
-                       "best_epoch": result["best_epoch"], "train_acc": result["train_acc"],
-                       "test_acc": result["test_acc"], "images_per_s": result["images_per_s"], "augment": augment})
-    except Exception:
-        record.update(status="error", error=traceback.format_exc())
-    record["finished_at"] = time.time()
-    return record
-
-
-def training_set(cache: Cache, job: dict[str, Any]) -> tuple[ImageSet, ImageSet, torch.Tensor]:
-    """Clean train set, the train set with ``poison_ratio`` of each class protected, and that mask."""
-    clean = _require(cache, "dataset", f"{job['dataset_key']}-train")
-    if not job["protection_key"]:
-        return clean, clean, torch.ones(len(clean), dtype=torch.bool)
-    protected = _require(cache, "protected", job["protection_key"])
-    mask = torch.zeros(len(clean), dtype=torch.bool)
-    gen = torch.Generator().manual_seed(job["seed"])
-    for c in range(clean.num_classes):
-        members = torch.nonzero(clean.labels == c).flatten()
-        members = members[torch.randperm(len(members), generator=gen)]
-        mask[members[: round(job["poison_ratio"] * len(members))]] = True
-    mixed = torch.where(mask[:, None, None, None], protected.images, clean.images)
-    return clean, clean.with_images(mixed), mask
-
-
-def _require(cache: Cache, kind: str, key: str) -> ImageSet:
-    data = cache.load(kind, key)
-    if data is None:
-        raise RuntimeError(f"cache entry {kind}/{key} is missing or corrupted; rerun to rebuild it")
-    return data
-
-
-def _check_output(before: ImageSet, after: ImageSet, what: str) -> None:
-    if after.images.shape != before.images.shape or not torch.equal(after.labels, before.labels):
-        raise RuntimeError(f"{what} changed the shape or the labels of the train set")
 
 
 def _inputs(p: Plan) -> dict[str, Any]:
