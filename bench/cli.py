@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--data-root", help="folder holding dataset files (sets $BENCH_DATA_ROOT)")
     listing = commands.add_parser("list", help="list registered components with their parameters and papers")
     listing.add_argument("kind", nargs="?", choices=KINDS)
+    listing.add_argument("--markdown", action="store_true", help="print the README's component table")
     board = commands.add_parser("leaderboard", help="build leaderboards from a matrix's records")
     board.add_argument("--matrix", default="smoke")
     board.add_argument("--metric", choices=("final", "best"), default="final",
@@ -107,6 +108,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     registries = {"protections": PROTECTIONS, "countermeasures": COUNTERMEASURES, "victims": VICTIMS,
                   "datasets": DATASETS}
+    if args.markdown:
+        print(component_table(registries, [args.kind] if args.kind else list(KINDS)))
+        return 0
     for kind in [args.kind] if args.kind else KINDS:
         registry = registries[kind]
         print(f"{kind}:")
@@ -119,3 +123,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                 model = cls().build(10, 3, 32)
                 print(f"      parameters at 3×32×32, 10 classes: {sum(p.numel() for p in model.parameters()):,}")
     return 0
+
+
+def component_table(registries: dict, kinds: list[str]) -> str:
+    """A Markdown table of components: kind, name, parameters with defaults, and the paper each follows."""
+    lines = ["| kind | name | parameters (defaults) | follows |", "|---|---|---|---|"]
+    for kind in kinds:
+        for name in registries[kind].names():
+            cls = registries[kind].get(name)
+            lines.append(f"| {kind[:-1]} | `{name}` | {describe_params(cls) or '—'} | {cls.paper or '—'} |")
+    return "\n".join(lines)

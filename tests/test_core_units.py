@@ -204,3 +204,14 @@ def test_cifar10_jpeg_subset_when_present():
     train, test = DATASETS.create("cifar10-jpeg", path=str(path), per_class=10, test_per_class=5).load()
     assert train.images.shape == (100, 3, 32, 32) and test.images.shape == (50, 3, 32, 32)
     assert train.labels.bincount().tolist() == [10] * 10
+
+
+def test_readme_component_table_is_current():
+    """The README's component table is `bench list --markdown`: regenerate it when adding a component."""
+    from bench.cli import component_table
+    from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
+
+    registries = {"protections": PROTECTIONS, "countermeasures": COUNTERMEASURES, "victims": VICTIMS,
+                  "datasets": DATASETS}
+    readme = (bench.data.REPO_ROOT / "README.md").read_text()
+    assert component_table(registries, list(registries)) in readme
