@@ -7,7 +7,7 @@ from ``Victim.build`` trained by ``bench.train`` (with the countermeasure's trai
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +52,21 @@ class ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainHooks:
+    """How a train-stage countermeasure changes the one training loop (``bench.train``).
+
+    ``batch_transform(x, y, gen) -> (x, y)``: on float batches in [0, 1] after the standard augmentation;
+    may return soft labels N×K (mixup, cutmix). ``attack(model, x, y) -> x``: a per-batch input attack (PGD
+    for adversarial training). ``loss(model, x, y) -> (loss, logits)``: replaces cross-entropy (UEraser's
+    max over augmented draws, distillation's KL to a teacher).
+    """
+
+    batch_transform: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
+    attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
 class Protection(Component):
     """Makes a training set unlearnable. ``protect`` never mutates its input; randomness comes from ``seed``.
 
@@ -77,6 +92,10 @@ class Countermeasure(Component):
     def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
         """Data-stage preprocessing of the (protected) train set; the test set is never touched."""
         return train
+
+    def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
+        """Train-stage changes to the training loop (none by default)."""
+        return TrainHooks()
 
 
 class Victim(Component):

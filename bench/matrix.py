@@ -20,7 +20,7 @@ from typing import Any
 from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
 from bench.data import DATASETS
 from bench.registry import ConfigError, Registry
-from bench.train import make_recipe
+from bench.recipes import make_recipe
 
 MATRIX_DIR = Path(__file__).parent / "matrices"
 AXES: dict[str, Registry] = {"datasets": DATASETS, "protections": PROTECTIONS,

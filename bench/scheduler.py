@@ -25,7 +25,7 @@ from bench.data import DATASETS, fingerprint
 from bench.matrix import Cell, Matrix, expand, select
 from bench.records import RecordLog
 from bench.stages import protect_job, purify_job, train_job
-from bench.train import make_recipe
+from bench.recipes import make_recipe
 
 
 @dataclasses.dataclass(frozen=True)

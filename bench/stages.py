@@ -21,7 +21,8 @@ from bench.cache import Cache, library_versions
 from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
 from bench.data import DATASETS
 from bench.records import perturbation_metrics
-from bench.train import make_recipe, train_and_evaluate
+from bench.recipes import make_recipe
+from bench.train import train_and_evaluate
 
 def protect_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Protect the clean train set and cache the result."""
@@ -72,20 +73,23 @@ def train_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
             if key:
                 record["seconds"][stage] = cache.manifest(kind, key)["seconds"]
         victim = VICTIMS.create(plan["victim_name"], **plan["victim_params"])
-        recipe = make_recipe(**job["recipe"])
+        countermeasure = COUNTERMEASURES.create(plan["countermeasure_name"], **plan["countermeasure_params"])
+        recipe = make_recipe(**job["recipe"]).for_victim(victim.name)
         record["recipe"], record["recipe_params"] = recipe.name, dataclasses.asdict(recipe)
         augment = DATASETS.get(plan["dataset_name"]).augment if recipe.augment == "dataset" else recipe.augment
+        hooks = countermeasure.train_hooks(train.num_classes, train.size) if countermeasure.stage == "train" else None
         torch.manual_seed(plan["seed"])
         start = time.perf_counter()
         model = victim.build(train.num_classes, train.channels, train.size)
-        with tqdm(total=recipe.epochs, desc="  epochs", leave=False, file=sys.stderr,
-                  disable=not job["show_epochs"]) as bar:
+        with tqdm(total=None if recipe.iterations else recipe.epochs, desc="  epochs", leave=False,
+                  file=sys.stderr, disable=not job["show_epochs"]) as bar:
             result = train_and_evaluate(model, train, test, recipe, seed=plan["seed"], device=device, augment=augment,
-                                        on_epoch=lambda e, tr, te: (bar.update(), bar.set_postfix(test=f"{te:.3f}")))
+                                        hooks=hooks, on_epoch=lambda e, tr, te: (bar.update(), bar.set_postfix(test=f"{te:.3f}")))
         record["seconds"]["train"] = time.perf_counter() - start
         record.update({"test_acc_final": result["final"], "test_acc_best": result["best"],
                        "best_epoch": result["best_epoch"], "train_acc": result["train_acc"],
-                       "test_acc": result["test_acc"], "images_per_s": result["images_per_s"], "augment": augment})
+                       "test_acc": result["test_acc"], "images_per_s": result["images_per_s"], "augment": augment,
+                       "precision": result["precision"], "steps": result["steps"]})
     except Exception:
         record.update(status="error", error=traceback.format_exc())
     record["finished_at"] = time.time()

@@ -1,0 +1,102 @@
+"""Training recipes: named presets with the source they follow. A record always names its recipe and its
+full parameters, and leaderboards never put two recipes in one table unless asked (``--mix-recipes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar
+
+from bench.registry import ConfigError, coerce
+
+Override = tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Optimiser, schedule, budget, augmentation and precision of victim training.
+
+    Budget: ``epochs``, or ``iterations`` optimiser steps when > 0 (DH counts iterations).
+    ``schedule``: ``cosine`` (no restart), ``step`` (× ``gamma`` at each epoch in ``milestones``),
+    ``triangle`` (linear warm-up over ``warmup`` of the steps, then linear decay to 0), ``constant``.
+    ``augment``: ``dataset`` (the dataset's standard one), ``crop_flip``, ``crop``, ``flip``, ``rrc_flip``
+    (random resized crop + flip), ``none``. ``precision``: ``auto`` (bf16 autocast on CUDA, and on CPUs with
+    native bf16; fp32 elsewhere), ``bf16`` or ``fp32``. ``victim_overrides``: per-victim field changes.
+    """
+
+    name: str = "quick"
+    source: str = "bench: a small budget for CPU runs and tests (not a paper's recipe)"
+    optimizer: str = "sgd"
+    epochs: int = 10
+    iterations: int = 0
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup: float = 0.2
+    label_smoothing: float = 0.0
+    augment: str = "dataset"
+    precision: str = "auto"
+    compile: bool = False
+    eval_batch_size: int = 1024
+    victim_overrides: tuple[tuple[str, Override], ...] = ()
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "optimizer": ("sgd", "adam"), "schedule": ("cosine", "step", "triangle", "constant"),
+        "augment": ("dataset", "crop_flip", "crop", "flip", "rrc_flip", "none"), "precision": ("auto", "bf16", "fp32")}
+
+    def __post_init__(self) -> None:
+        for field, allowed in self.choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"recipe {field} {getattr(self, field)!r} is not one of {allowed}")
+        if self.epochs < 1 or self.iterations < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("recipe needs epochs ≥ 1, iterations ≥ 0, batch_size ≥ 1 and lr > 0")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.warmup < 1:
+            raise ValueError("recipe label_smoothing and warmup must be in [0, 1)")
+
+    def for_victim(self, victim: str) -> Recipe:
+        """This recipe with the overrides the source gives for ``victim`` (e.g. UGE's plain CNN)."""
+        changes = dict(dict(self.victim_overrides).get(victim, ()))
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe(),
+    Recipe("fast", "bench: large-batch short schedule in the spirit of airbench (Jordan 2024) for broad GPU "
+           "sweeps; label smoothing 0.2, triangular lr; not a paper's recipe", epochs=16, batch_size=512, lr=0.4,
+           schedule="triangle", warmup=0.25, label_smoothing=0.2),
+    Recipe("confoundergan", "ConfounderGAN App. G.5: SGD, momentum 0.9, lr 0.025, cosine without restart, 90 "
+           "epochs (weight decay and batch size not given: 5e-4 and 128 assumed)", epochs=90, lr=0.025,
+           nesterov=False),
+    Recipe("apbench", "APBench (Qin et al. 2023) train.py: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 256, 200 "
+           "epochs, lr halved at epoch 100", epochs=200, batch_size=256, lr=0.1, nesterov=False, schedule="step",
+           milestones=(100,), gamma=0.5),
+    Recipe("dh", "DH §IV-A3: 40,000 iterations on CIFAR (8,000 on the ImageNet subset: set iterations); "
+           "optimiser not given: SGD lr 0.1, momentum 0.9, wd 5e-4, batch 128, cosine assumed (EM's code)",
+           iterations=40_000, lr=0.1, nesterov=False),
+    Recipe("uge", "UGE supplementary Table 6 (CIFAR-10): lr 0.1, 160 epochs; plain CNN lr 1e-3, 100 epochs "
+           "(optimiser not given: SGD momentum 0.9 wd 5e-4 cosine, and Adam for the CNN's 1e-3)", epochs=160,
+           lr=0.1, nesterov=False,
+           victim_overrides=(("cnn", (("optimizer", "adam"), ("lr", 1e-3), ("epochs", 100), ("weight_decay", 0.0))),)),
+)}
+
+
+def make_recipe(name: str, **overrides: Any) -> Recipe:
+    """A named recipe with validated field overrides (as a matrix's ``[recipe]`` table gives them)."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+    hints = typing.get_type_hints(Recipe)
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name", "source", "victim_overrides"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown recipe field(s) {unknown} (fields: {', '.join(sorted(fields))})")
+    values = {k: coerce(v, hints[k], f"recipe field {k!r}") for k, v in overrides.items()}
+    try:
+        return dataclasses.replace(RECIPES[name], **values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad recipe override: {err}") from err
