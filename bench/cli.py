@@ -39,12 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     board.add_argument("--matrix", default="smoke")
     board.add_argument("--metric", choices=("final", "best"), default="final",
                        help="final-epoch or best-epoch (oracle early stop) test accuracy")
-    for sub in (run, board):
+    board.add_argument("--mix-recipes", action="store_true",
+                       help="put records of different recipes in one table (by default each recipe gets its own)")
+    perf = commands.add_parser("perf", help="benchmarks: `perf train` times bench's loop against a reference loop")
+    perf.add_argument("what", choices=("train",))
+    perf.add_argument("--victims", default="resnet18,cnn", help="comma-separated victims (default: resnet18,cnn)")
+    perf.add_argument("--dataset", default="cifar10-jpeg")
+    perf.add_argument("--per-class", type=int, default=100, help="train images per class (default: 100)")
+    perf.add_argument("--epochs", type=int, default=2)
+    perf.add_argument("--batch-size", type=int, default=128)
+    perf.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop (median reported)")
+    perf.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    perf.add_argument("--device", default="auto")
+    for sub in (run, board, perf):
         sub.add_argument("--results", type=Path, default=Path(os.environ.get("BENCH_RESULTS", "results")),
                          help="output folder (default: ./results or $BENCH_RESULTS)")
     args = parser.parse_args(argv)
     try:
-        return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard}[args.command](args)
+        return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "perf": cmd_perf}[args.command](args)
     except ConfigError as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
@@ -80,6 +92,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perf(args: argparse.Namespace) -> int:
+    from bench.components import VICTIMS
+    from bench.perf import PerfSettings, markdown, run_perf
+
+    victims = tuple(v for v in args.victims.split(",") if v)
+    for victim in victims:
+        VICTIMS.get(victim)
+    settings = PerfSettings(victims, args.dataset, args.per_class, args.epochs, args.batch_size, args.repeats,
+                            args.workers, args.device)
+    rows = run_perf(settings, args.results)
+    print(markdown(rows))
+    print(f"written to {args.results / 'perf'}/")
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.matrix import resolve_path
 
@@ -88,14 +115,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         name = resolve_path(args.matrix).stem
     if not (args.results / "runs" / name / "records.jsonl").is_file():
         raise ConfigError(f"no records for matrix {name!r} under {args.results / 'runs'}; run `bench run --matrix {args.matrix}` first")
-    _print_leaderboard(args.results, name, args.metric)
+    _print_leaderboard(args.results, name, args.metric, args.mix_recipes)
     return 0
 
 
-def _print_leaderboard(results: Path, name: str, metric: str) -> None:
+def _print_leaderboard(results: Path, name: str, metric: str, mix_recipes: bool = False) -> None:
     from bench.leaderboard import leaderboard, markdown
 
-    tables, paths = leaderboard(results, name, metric)
+    tables, paths = leaderboard(results, name, metric, mix_recipes)
     for table in tables:
         print("\n" + markdown(table))
     if paths:

@@ -30,8 +30,11 @@ class Table:
 
 
 def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | None = None,
-                 metric: str = "final") -> list[Table]:
-    """Pivot the latest record of each cell into tables; ``metric`` is ``final`` or ``best`` (oracle early stop)."""
+                 metric: str = "final", mix_recipes: bool = False) -> list[Table]:
+    """Pivot the latest record of each cell into tables; ``metric`` is ``final`` or ``best`` (oracle early stop).
+
+    Records of different recipes go to different tables unless ``mix_recipes`` (then the title names them all).
+    """
     if metric not in ("final", "best"):
         raise ValueError(f"metric must be 'final' or 'best', got {metric!r}")
     latest = {r["cell"]: r for r in records if "cell" in r}
@@ -39,6 +42,8 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
         return []
     frame = pd.DataFrame(list(latest.values()))
     frame["recipe"] = frame.get("recipe", pd.Series(dtype=object)).fillna("?")
+    if mix_recipes:
+        frame["recipe"] = "+".join(sorted(frame["recipe"].unique()))
     column = f"test_acc_{metric}"
     frame["value"] = pd.to_numeric(frame[column] if column in frame else None, errors="coerce") * 100
     frame.loc[frame["status"] != "ok", "value"] = float("nan")
@@ -89,7 +94,8 @@ def write_tables(tables: list[Table], out_dir: Path, metric: str = "final") -> l
     return written
 
 
-def leaderboard(results: Path, matrix_name: str, metric: str = "final") -> tuple[list[Table], list[Path]]:
+def leaderboard(results: Path, matrix_name: str, metric: str = "final",
+                mix_recipes: bool = False) -> tuple[list[Table], list[Path]]:
     """Build and write the leaderboards of a matrix's recorded runs."""
     run_dir = results / "runs" / matrix_name
     records = RecordLog(run_dir / "records.jsonl").read()
@@ -98,7 +104,7 @@ def leaderboard(results: Path, matrix_name: str, metric: str = "final") -> tuple
     if resolved.is_file():
         axes = json.loads(resolved.read_text())["axes"]
         order = {axis: [c["label"] for c in choices] for axis, choices in axes.items()}
-    tables = build_tables(records, order, metric)
+    tables = build_tables(records, order, metric, mix_recipes)
     out_dir = results / "leaderboards" / matrix_name
     written = write_tables(tables, out_dir, metric)
     if records:  # every cell's latest record, flat (curves left out), for analyses of one's own

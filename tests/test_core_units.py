@@ -215,3 +215,10 @@ def test_readme_component_table_is_current():
                   "datasets": DATASETS}
     readme = (bench.data.REPO_ROOT / "README.md").read_text()
     assert component_table(registries, list(registries)) in readme
+
+
+def test_leaderboard_mixes_recipes_only_when_asked():
+    records = [_record("clean", "none", 0.9), _record("cwp", "none", 0.3, recipe="fast")]
+    assert len(build_tables(records)) == 2
+    [mixed] = build_tables(records, mix_recipes=True)
+    assert "fast+quick" in mixed.title and list(mixed.display.index) == ["clean", "cwp"]
