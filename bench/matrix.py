@@ -127,7 +127,7 @@ def parse_matrix(raw: dict[str, Any], default_name: str, source: str = "<dict>")
         for key in rule:
             if key not in CELL_KEYS:
                 raise ConfigError(f"key 'exclude[{i}].{key}': unknown{_hint(key, CELL_KEYS)} (allowed: {', '.join(CELL_KEYS)})")
-        exclude.append({k: str(v) for k, v in rule.items()})
+        exclude.append({k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in rule.items()})
     return Matrix(str(raw.get("name", default_name)), source, str(raw.get("description", "")), axes, seeds, ratios,
                   recipe, tuple(exclude))
 
@@ -142,13 +142,13 @@ def expand(matrix: Matrix) -> list[Cell]:
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     """Keep cells matching every ``key=glob`` filter (``--only protection=cw*``)."""
-    rules = {}
+    rules = []
     for item in only:
         key, sep, pattern = item.partition("=")
         if not sep or key not in CELL_KEYS:
             raise ConfigError(f"--only {item!r}: expected KEY=GLOB with KEY one of {', '.join(CELL_KEYS)}")
-        rules[key] = pattern
-    return [cell for cell in cells if _matches(cell, rules)]
+        rules.append({key: pattern})
+    return [cell for cell in cells if all(_matches(cell, rule) for rule in rules)]
 
 
 def _matches(cell: Cell, rule: dict[str, str]) -> bool:

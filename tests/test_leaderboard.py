@@ -1,0 +1,232 @@
+"""Leaderboard tables from synthetic records: layout, statistics, errors, grouping, ordering and files."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pandas as pd
+import pytest
+
+from bench.leaderboard import build_tables, markdown, write_tables
+
+
+def rec(protection: str, countermeasure: str, acc: float | None = 0.5, *, seed: int = 0, best: float | None = None,
+        status: str = "ok", dataset: str = "digits", victim: str = "cnn", recipe: str = "quick",
+        ratio: float = 1.0) -> dict:
+    """A record as the runner writes it (accuracies in [0, 1])."""
+    ok = status == "ok"
+    return {"cell": f"{dataset}|{victim}|{recipe}|{ratio}|{protection}|{countermeasure}|{seed}", "status": status,
+            "dataset": dataset, "victim": victim, "recipe": recipe, "poison_ratio": ratio, "protection": protection,
+            "countermeasure": countermeasure, "seed": seed, "test_acc_final": acc if ok else None,
+            "test_acc_best": (best if best is not None else acc) if ok else None,
+            "error": None if ok else "RuntimeError: boom"}
+
+
+GRID = {("cwp", "none"): 0.10, ("cwp", "jpeg"): 0.40, ("cwp", "bdr"): 0.70,
+        ("clean", "jpeg"): 0.80, ("clean", "bdr"): 0.60, ("clean", "none"): 0.90}
+
+
+def grid_records() -> list[dict]:
+    """clean and 'none' deliberately appear after other labels."""
+    return [rec(p, c, acc) for (p, c), acc in GRID.items()]
+
+
+def only_table(records, **kwargs):
+    tables = build_tables(records, **kwargs)
+    assert len(tables) == 1
+    return tables[0]
+
+
+# ------------------------------------------------------------------ layout and statistics
+
+
+def test_clean_row_and_none_column_first():
+    table = only_table(grid_records())
+    assert list(table.mean.index) == ["clean", "cwp"]
+    assert list(table.mean.columns) == ["none", "jpeg", "bdr", "Mean", "Max"]
+    assert list(table.display.columns) == list(table.mean.columns)
+    assert list(table.display.index) == ["clean", "cwp"]
+    assert table.mean.index.name == "protection"
+
+
+def test_values_are_percent():
+    table = only_table(grid_records())
+    for (p, c), acc in GRID.items():
+        assert table.mean.at[p, c] == pytest.approx(acc * 100)
+        assert table.display.at[p, c] == f"{acc * 100:.2f}"
+
+
+@pytest.mark.parametrize("row", ["clean", "cwp"])
+def test_mean_and_max_columns(row):
+    table = only_table(grid_records())
+    values = [GRID[(row, c)] * 100 for c in ("none", "jpeg", "bdr")]
+    assert table.mean.at[row, "Mean"] == pytest.approx(sum(values) / 3)
+    assert table.mean.at[row, "Max"] == pytest.approx(max(values))
+    assert table.display.at[row, "Mean"] == f"{sum(values) / 3:.2f}"
+    assert table.display.at[row, "Max"] == f"{max(values):.2f}"
+
+
+def test_two_seeds_give_mean_and_sample_std():
+    records = [rec("clean", "none", 0.50, seed=0), rec("clean", "none", 0.60, seed=1),
+               rec("clean", "jpeg", 0.20, seed=0), rec("clean", "jpeg", 0.30, seed=1), rec("clean", "jpeg", 0.70, seed=2)]
+    table = only_table(records)
+    sd_none = statistics.stdev([50.0, 60.0])  # 7.07 (the population std would be 5.00)
+    sd_jpeg = statistics.stdev([20.0, 30.0, 70.0])
+    assert table.display.at["clean", "none"] == f"55.00 ± {sd_none:.2f}" == "55.00 ± 7.07"
+    assert table.display.at["clean", "jpeg"] == f"40.00 ± {sd_jpeg:.2f}"
+    assert table.std.at["clean", "none"] == pytest.approx(sd_none)
+    # Mean / Max are over the per-cell means
+    assert table.mean.at["clean", "Mean"] == pytest.approx((55 + 40) / 2)
+    assert table.mean.at["clean", "Max"] == pytest.approx(55)
+
+
+def test_single_seed_has_no_std():
+    table = only_table(grid_records())
+    assert "±" not in "".join(table.display.astype(str).to_numpy().ravel())
+    assert table.std.isna().all().all()
+
+
+def test_error_record_shows_error_and_is_left_out_of_statistics():
+    records = grid_records()
+    records[records.index(rec("cwp", "jpeg", 0.40))] = rec("cwp", "jpeg", status="error")
+    table = only_table(records)
+    assert table.display.at["cwp", "jpeg"] == "error"
+    assert math.isnan(table.mean.at["cwp", "jpeg"])
+    assert table.mean.at["cwp", "Mean"] == pytest.approx((10 + 70) / 2)
+    assert table.mean.at["cwp", "Max"] == pytest.approx(70)
+
+
+def test_error_record_with_an_accuracy_is_still_an_error():
+    """A failed record's accuracy (e.g. from before a crash) never reaches the table."""
+    broken = {**rec("clean", "none", 0.9), "status": "error", "error": "TrainingDiverged"}
+    table = only_table([broken, rec("clean", "jpeg", 0.5)])
+    assert table.display.at["clean", "none"] == "error"
+    assert table.mean.at["clean", "Mean"] == pytest.approx(50)
+
+
+def test_missing_cell_is_empty():
+    records = [r for r in grid_records() if (r["protection"], r["countermeasure"]) != ("cwp", "bdr")]
+    table = only_table(records)
+    assert table.display.at["cwp", "bdr"] == ""
+    assert math.isnan(table.mean.at["cwp", "bdr"])
+    assert table.mean.at["cwp", "Mean"] == pytest.approx((10 + 40) / 2)
+
+
+def test_row_with_only_errors_has_empty_mean_and_max():
+    records = [rec("clean", "none", 0.9), rec("clean", "jpeg", 0.8), rec("cwn", "none", status="error"),
+               rec("cwn", "jpeg", status="error")]
+    table = only_table(records)
+    assert list(table.display.loc["cwn"]) == ["error", "error", "", ""]
+
+
+def test_latest_record_of_a_cell_wins():
+    """A rerun after an error replaces the error; the earlier value never counts as a second seed."""
+    records = [rec("clean", "none", status="error"), rec("clean", "none", 0.30), rec("clean", "none", 0.75)]
+    table = only_table(records)
+    assert table.display.at["clean", "none"] == "75.00"
+
+
+# ------------------------------------------------------------------ grouping and options
+
+
+def test_two_recipes_give_two_tables():
+    records = grid_records() + [rec(p, c, acc / 2, recipe="fast") for (p, c), acc in GRID.items()]
+    tables = build_tables(records)
+    assert len(tables) == 2
+    quick, fast = tables
+    assert "recipe quick" in quick.title and "recipe fast" in fast.title
+    assert quick.slug != fast.slug and "quick" in quick.slug and "fast" in fast.slug
+    assert quick.mean.at["cwp", "jpeg"] == pytest.approx(40) and fast.mean.at["cwp", "jpeg"] == pytest.approx(20)
+
+
+def test_mix_recipes_gives_one_table_naming_both():
+    records = [rec("clean", "none", 0.5, recipe="quick"), rec("cwp", "none", 0.1, recipe="fast")]
+    table = only_table(records, mix_recipes=True)
+    assert "fast+quick" in table.title
+    assert list(table.mean.index) == ["clean", "cwp"]
+
+
+@pytest.mark.parametrize("split, values", [
+    ("dataset", ["digits", "cifar10"]),
+    ("victim", ["cnn", "resnet18"]),
+])
+def test_datasets_and_victims_get_their_own_tables(split, values):
+    records = [rec("clean", "none", 0.5, **{split: values[0]}), rec("clean", "none", 0.7, **{split: values[1]})]
+    tables = build_tables(records)
+    assert len(tables) == 2
+    for table, value, acc in zip(tables, values, (50, 70)):
+        assert value in table.title and value in table.slug
+        assert table.mean.at["clean", "none"] == pytest.approx(acc)
+
+
+def test_poison_ratios_get_their_own_tables():
+    records = [rec("cwp", "none", 0.2, ratio=0.5), rec("cwp", "none", 0.1, ratio=1.0)]
+    tables = build_tables(records)
+    assert [t.slug.endswith("__p0.5") for t in tables] == [True, False]
+    assert "poison ratio 0.5" in tables[0].title and "poison ratio 1" in tables[1].title
+    assert only_table([rec("cwp", "none", 0.1)]).title.count("poison ratio") == 0
+
+
+def test_metric_best_uses_best_accuracy():
+    records = [rec("clean", "none", 0.50, best=0.65), rec("cwp", "none", 0.10, best=0.30)]
+    final, best = only_table(records), only_table(records, metric="best")
+    assert final.mean.at["clean", "none"] == pytest.approx(50) and best.mean.at["clean", "none"] == pytest.approx(65)
+    assert best.mean.at["cwp", "none"] == pytest.approx(30)
+    assert "best" in best.title and "final" in final.title
+
+
+def test_bad_metric_raises():
+    with pytest.raises(ValueError, match="metric"):
+        build_tables(grid_records(), metric="last")
+
+
+def test_order_reorders_rows_and_columns():
+    records = grid_records() + [rec("cwn", "none", 0.3), rec("cwn", "median_filter", 0.35)]
+    order = {"protections": ["cwn", "cwp", "clean"], "countermeasures": ["bdr", "jpeg", "none"]}
+    table = only_table(records, order=order)
+    assert list(table.mean.index) == ["clean", "cwn", "cwp"]  # clean stays first
+    assert list(table.mean.columns) == ["none", "bdr", "jpeg", "median_filter", "Mean", "Max"]  # unlisted last
+    assert table.mean.at["cwn", "median_filter"] == pytest.approx(35)
+    assert table.display.at["cwp", "jpeg"] == "40.00"
+
+
+def test_no_records_no_tables():
+    assert build_tables([]) == []
+    assert build_tables([{"note": "no cell key"}]) == []
+
+
+# ------------------------------------------------------------------ files
+
+
+def test_write_tables_csv_and_markdown(tmp_path):
+    # a second seed for (clean, none), and a rerun of (cwp, jpeg) that failed (the latest record wins)
+    records = grid_records() + [rec("clean", "none", 0.8, seed=1), rec("cwp", "jpeg", status="error")]
+    tables = build_tables(records)
+    written = write_tables(tables, tmp_path / "out")
+    table = tables[0]
+    csv, md, std = (tmp_path / "out" / f"{table.slug}.final{ext}" for ext in (".csv", ".md", ".std.csv"))
+    assert set(written) == {csv, md, std}
+    read = pd.read_csv(csv, index_col=0)
+    assert list(read.index) == list(table.mean.index) and list(read.columns) == list(table.mean.columns)
+    pd.testing.assert_frame_equal(read, table.mean.round(4), check_names=False)
+    assert read.at["clean", "none"] == pytest.approx(85)
+    text = md.read_text()
+    assert text == markdown(table) and text.startswith(f"### {table.title}\n")
+    for cell in ("85.00 ± 7.07", "error", "Mean", "Max", "clean", "cwp"):
+        assert cell in text
+    stds = pd.read_csv(std, index_col=0)
+    assert stds.at["clean", "none"] == pytest.approx(round(statistics.stdev([90, 80]), 4))
+
+
+def test_write_tables_without_seeds_writes_no_std_and_uses_metric_name(tmp_path):
+    tables = build_tables(grid_records(), metric="best")
+    written = write_tables(tables, tmp_path, metric="best")
+    assert sorted(p.name for p in written) == sorted(f"{tables[0].slug}.best{ext}" for ext in (".csv", ".md"))
+    assert not list(tmp_path.glob("*.std.csv"))
+
+
+def test_write_tables_one_file_pair_per_table(tmp_path):
+    records = grid_records() + [rec(p, c, acc, recipe="fast") for (p, c), acc in GRID.items()]
+    written = write_tables(build_tables(records), tmp_path)
+    assert len(written) == 4 and len({p.name for p in written}) == 4

@@ -1,0 +1,26 @@
+"""The README stays true to the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.cli import component_table
+from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
+from bench.data import DATASETS
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_component_table_is_current():
+    """The README's component table is `bench list --markdown`: regenerate it when adding a component."""
+    registries = {"protections": PROTECTIONS, "countermeasures": COUNTERMEASURES, "victims": VICTIMS,
+                  "datasets": DATASETS}
+    assert component_table(registries, list(registries)) in README.read_text()
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
+    block = README.read_text().split("```")[1]
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("sh")]
+    assert commands == ["make run", "make test"]
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == ["make test"]
