@@ -123,7 +123,7 @@ def test_global_registries_hold_the_shipped_components():
     (PROTECTIONS, "random-noise", "random_noise"),
     (COUNTERMEASURES, "jpg", "jpeg"),
     (COUNTERMEASURES, "median", "median_filter"),
-    (VICTIMS, "resnet", "resnet18"),
+    (VICTIMS, "resnt18", "resnet18"),
     (DATASETS, "digit", "digits"),
 ])
 def test_get_unknown_name_suggests_close_match(registry, typo, close):
