@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
+from bench.components import COUNTERMEASURES, PROTECTIONS, ImageSet
 from bench.data import DATASETS
 from protections.patches import PAPER_COLOURS
 
@@ -388,59 +388,4 @@ def test_bdr_matches_formula_on_all_levels(bits):
     if bits == 8:
         assert torch.equal(out.images, images)
 
-
-# ------------------------------------------------------------------ victims
-
-SHAPES = [(1, 16, 10), (3, 32, 10), (3, 32, 100)]
-
-
-@pytest.mark.parametrize("in_channels, image_size, classes", SHAPES)
-@pytest.mark.parametrize("name", VICTIMS.names())
-def test_victim_forward_and_one_step(name, in_channels, image_size, classes):
-    torch.manual_seed(0)
-    model = VICTIMS.create(name).build(classes, in_channels, image_size)
-    x = torch.rand(4, in_channels, image_size, image_size)
-    y = torch.tensor([0, 1, classes - 1, 2])
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-    assert logits.shape == (4, classes) and torch.isfinite(logits).all()
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    before = [p.detach().clone() for p in model.parameters()]
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss)
-    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "the step changed nothing"
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def test_resnet18_parameter_count():
-    """11,173,962 for CIFAR-10 (3×3 stem); with the 7×7 ImageNet stem it matches torchvision's ResNet-18."""
-    import torchvision
-
-    victim = VICTIMS.create("resnet18")
-    assert count(victim.build(10, 3, 32)) == 11_173_962
-    assert count(victim.build(10, 3, 224)) == count(torchvision.models.resnet18(num_classes=10))
-
-
-def test_cnn_parameter_count():
-    """Hand count for width 32, 3 channels, 10 classes: convs + batch norms + the two linear layers."""
-    w = 32
-    convs = 3 * w * 9 + w * 2 * w * 9 + 2 * w * 4 * w * 9
-    norms = 2 * (w + 2 * w + 4 * w)
-    linear = 16 * w * 8 * w + 8 * w + 8 * w * 10 + 10
-    assert count(VICTIMS.create("cnn").build(10, 3, 32)) == convs + norms + linear == 227_370
-
-
-def test_resnet18_large_stem_forward():
-    """Above 64 px the ResNet uses the 7×7 stride-2 stem and still gives N×classes logits."""
-    model = VICTIMS.create("resnet18").build(10, 3, 96).eval()
-    with torch.no_grad():
-        assert model(torch.rand(2, 3, 96, 96)).shape == (2, 10)
+# Victims: tests/test_victims.py.
