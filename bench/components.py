@@ -7,7 +7,7 @@ from ``Victim.build`` trained by ``bench.train`` (with the countermeasure's trai
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -17,11 +17,16 @@ from bench.registry import Component, Registry
 
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
-    """Images as uint8 N×C×H×W (what a real published image is) with int64 labels."""
+    """Images as uint8 N×C×H×W (what a real published image is) with int64 labels.
+
+    ``info`` is what the stage that made these images reports about it (a protection's surrogate rounds, an
+    external source's sha256 …); it goes into the cache manifest and the record, never into keys.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    info: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -41,15 +46,15 @@ class ImageSet:
         """Side length (images are square after loading)."""
         return self.images.shape[-1]
 
-    def with_images(self, images: torch.Tensor) -> ImageSet:
-        """The same labels with other images (e.g. protected ones)."""
-        return ImageSet(images.to(torch.uint8).contiguous(), self.labels, self.num_classes)
+    def with_images(self, images: torch.Tensor, **info: Any) -> ImageSet:
+        """The same labels with other images (e.g. protected ones), reporting ``info`` about them."""
+        return ImageSet(images.to(torch.uint8).contiguous(), self.labels, self.num_classes, info)
 
     def subset(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.num_classes)
 
     def to(self, device: torch.device | str) -> ImageSet:
-        return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes)
+        return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes, self.info)
 
 
 @dataclasses.dataclass(frozen=True)

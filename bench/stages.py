@@ -34,7 +34,7 @@ def protect_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     _check_output(train, protected, f"protection {job['protection'].label}")
     cache.save("protected", job["key"], protected, {"spec": protection.spec(), "seed": job["seed"],
-                                                    "seconds": seconds, "device": str(device),
+                                                    "seconds": seconds, "device": str(device), "info": protected.info,
                                                     **perturbation_metrics(train.images, protected.images)})
     return {"seconds": seconds}
 
@@ -49,7 +49,7 @@ def purify_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     _check_output(train, purified, f"countermeasure {job['countermeasure'].label}")
     cache.save("purified", job["key"], purified, {"spec": countermeasure.spec(), "seconds": seconds,
-                                                  "device": str(device)})
+                                                  "device": str(device), "info": purified.info})
     return {"seconds": seconds}
 
 
@@ -71,7 +71,9 @@ def train_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
         record["seconds"]["load"] = time.perf_counter() - start
         for stage, kind, key in (("protect", "protected", job["protection_key"]), ("purify", "purified", job["purify_key"])):
             if key:
-                record["seconds"][stage] = cache.manifest(kind, key)["seconds"]
+                manifest = cache.manifest(kind, key)
+                record["seconds"][stage] = manifest["seconds"]
+                record[f"{stage}_info"] = manifest.get("info", {})
         victim = VICTIMS.create(plan["victim_name"], **plan["victim_params"])
         countermeasure = COUNTERMEASURES.create(plan["countermeasure_name"], **plan["countermeasure_params"])
         recipe = make_recipe(**job["recipe"]).for_victim(victim.name)

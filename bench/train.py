@@ -73,7 +73,7 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int, precision: str =
     """Top-1 accuracy of ``model`` on ``data`` (already on the model's device)."""
     model.eval()
     correct = 0
-    with torch.no_grad(), _autocast(data.images.device, precision):
+    with torch.no_grad(), autocast(data.images.device, precision):
         for start in range(0, len(data), batch_size):
             logits = model(to_input(data.images[start:start + batch_size]))
             correct += (logits.argmax(1) == data.labels[start:start + batch_size]).sum().item()
@@ -126,7 +126,7 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
                 x, y = hooks.batch_transform(x, y, gen)
             if hooks.attack:
                 x = hooks.attack(forward, x, y)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 loss, logits = hooks.loss(forward, x, y) if hooks.loss else _cross_entropy(forward, x, y, recipe)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
@@ -175,7 +175,8 @@ def _schedule(recipe: Recipe, total: int, steps_per_epoch: int) -> Callable[[int
     return lambda step: 1.0
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 autocast on ``device`` when ``precision`` is bf16, else nothing."""
     if precision != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
