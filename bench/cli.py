@@ -1,4 +1,4 @@
-"""Command line: ``bench run``, ``bench list``, ``bench leaderboard``.
+"""Command line: ``bench run``, ``bench list``, ``bench leaderboard``, ``bench protect``.
 
 Configuration errors (unknown component, parameter or value; missing data) exit with code 2 and a message
 naming the file, the key and close matches, before anything runs.
@@ -51,12 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     perf.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop (median reported)")
     perf.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     perf.add_argument("--device", default="auto")
-    for sub in (run, board, perf):
+    protect = commands.add_parser("protect", help="encrypt a folder of images with a trained generator (fast "
+                                  "encryption, ConfounderGAN §4.3): one forward pass per batch, no labels")
+    protect.add_argument("--protection", default="confoundergan", help="the protection that trained the generator")
+    protect.add_argument("--generator", required=True,
+                         help="a key under <results>/cache/generator/ (records: protect_info.generator) or a path")
+    protect.add_argument("--input", type=Path, required=True, help="folder of .png/.jpg images (one size)")
+    protect.add_argument("--output", type=Path, required=True, help="folder for the protected PNGs (same names)")
+    protect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    protect.add_argument("--batch-size", type=int, default=256)
+    for sub in (run, board, perf, protect):
         sub.add_argument("--results", type=Path, default=Path(os.environ.get("BENCH_RESULTS", "results")),
                          help="output folder (default: ./results or $BENCH_RESULTS)")
     args = parser.parse_args(argv)
     try:
-        return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "perf": cmd_perf}[args.command](args)
+        return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "perf": cmd_perf,
+                "protect": cmd_protect}[args.command](args)
     except ConfigError as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
@@ -89,7 +99,21 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{counts['skipped']} already recorded, {counts['failed']} failed — {time.perf_counter() - start:.1f} s "
           f"(jobs={jobs})")
     _print_leaderboard(args.results, matrix.name, "final")
-    return 0
+    return _report_failures(args.results / "runs" / matrix.name / "records.jsonl", counts["failed"])
+
+
+def _report_failures(log: Path, failed: int) -> int:
+    """Exit status of a run: 1 (with each distinct error's last line on stderr) if any cell failed."""
+    if not failed:
+        return 0
+    from bench.records import RecordLog
+
+    errors = {r["error"].strip().splitlines()[-1] for r in RecordLog(log).latest().values() if r["status"] == "error"}
+    print(f"bench: {failed} cell(s) failed; full tracebacks in {log}; fix the cause and rerun with --retry-failed:",
+          file=sys.stderr)
+    for line in sorted(errors):
+        print(f"  {line}", file=sys.stderr)
+    return 1
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
@@ -104,6 +128,14 @@ def cmd_perf(args: argparse.Namespace) -> int:
     rows = run_perf(settings, args.results)
     print(markdown(rows))
     print(f"written to {args.results / 'perf'}/")
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    from bench.encrypt import protect_folder
+
+    print(protect_folder(args.protection, args.generator, args.input, args.output, results=args.results,
+                         device=args.device, batch_size=args.batch_size))
     return 0
 
 

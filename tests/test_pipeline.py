@@ -123,7 +123,8 @@ def test_module_dropped_into_package_is_discovered(tmp_path):
 
 
 def test_failed_cell_is_recorded_and_grid_continues(tmp_path):
-    """A protection that raises: its cells are recorded as errors, the others still run, exit code 0."""
+    """A protection that raises: its cells are recorded as errors, the others still run, and the run exits 1
+    naming the error."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "broken.py").write_text(
@@ -136,7 +137,8 @@ def test_failed_cell_is_recorded_and_grid_continues(tmp_path):
     matrix = tiny_matrix(tmp_path, text=text)
     proc = run_subprocess(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1"],
                           tmp_path, {"BENCH_PLUGINS": str(plugins)})
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "1 cell(s) failed" in proc.stderr and "RuntimeError: deliberate failure" in proc.stderr
     status = {r["protection"]: r for r in records(tmp_path / "r")}
     assert status["clean"]["status"] == "ok"
     assert status["broken_test"]["status"] == "error" and "deliberate failure" in status["broken_test"]["error"]
