@@ -63,13 +63,27 @@ def has_epsilon(name: str) -> bool:
     return "epsilon" in {f.name for f in dataclasses.fields(PROTECTIONS.get(name))}
 
 
+# Small settings so the surrogate-based protections run in seconds here (their defaults are the papers').
+CONTRACT_PARAMS = {
+    "em": dict(surrogate="cnn", max_rounds=2, steps=2),
+    "rem": dict(surrogate="cnn", train_steps=2, steps=2, samples=1, adv_steps=1),
+    "tap": dict(surrogate="cnn", steps=2, surrogate_epochs=1),
+}
+NEEDS_A_SOURCE = {"external"}  # images made elsewhere: tests/test_external.py covers its contract
+GENERIC = [n for n in PROTECTIONS.names() if n not in NEEDS_A_SOURCE]
+
+
+def make_protection(name: str, **params):
+    return PROTECTIONS.create(name, **{**CONTRACT_PARAMS.get(name, {}), **params})
+
+
 # ------------------------------------------------------------------ protections: contract
 
 
-@pytest.mark.parametrize("name", PROTECTIONS.names())
+@pytest.mark.parametrize("name", GENERIC)
 def test_protection_contract(name, batch):
     """uint8 of the same shape, labels and classes unchanged, input untouched, deterministic for a seed."""
-    protection = PROTECTIONS.create(name)
+    protection = make_protection(name)
     assert_image_set_contract(lambda: protection.protect(batch, seed=3, device=CPU), batch)
 
 
@@ -85,9 +99,9 @@ def assert_image_set_contract(run, batch: ImageSet) -> None:
     assert out.images.numpy().tobytes() == run().images.numpy().tobytes()
 
 
-@pytest.mark.parametrize("name", [n for n in PROTECTIONS.names() if not PROTECTIONS.get(n).identity])
+@pytest.mark.parametrize("name", [n for n in GENERIC if not PROTECTIONS.get(n).identity])
 def test_protection_changes_images(name, batch):
-    out = PROTECTIONS.create(name).protect(batch, seed=0, device=CPU)
+    out = make_protection(name).protect(batch, seed=0, device=CPU)
     assert not torch.equal(out.images, batch.images)
 
 
@@ -97,13 +111,13 @@ def test_identity_protection_returns_input(name, batch):
     assert torch.equal(out.images, batch.images)
 
 
-EPSILON_CASES = [(n, eps) for n in PROTECTIONS.names() if has_epsilon(n) for eps in (8.0, 3.0, 16.0, 0.0)]
+EPSILON_CASES = [(n, eps) for n in GENERIC if has_epsilon(n) for eps in (8.0, 3.0, 16.0, 0.0)]
 
 
 @pytest.mark.parametrize("name, epsilon", EPSILON_CASES)
 def test_linf_budget(name, epsilon, batch):
     """max |x' − x| ≤ ε in integer pixel units (ε is given in 1/255 units); ε = 0 changes nothing."""
-    out = PROTECTIONS.create(name, epsilon=epsilon).protect(batch, seed=1, device=CPU)
+    out = make_protection(name, epsilon=epsilon).protect(batch, seed=1, device=CPU)
     change = delta(out, batch).abs()
     assert change.max().item() <= epsilon
     if epsilon == 0:
