@@ -30,7 +30,9 @@ def protect_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
     train = cache.load("dataset", f"{job['dataset_key']}-train")
     protection = PROTECTIONS.create(job["protection"].name, **job["protection"].kwargs)
     start = time.perf_counter()
-    protected = protection.protect(train, seed=job["seed"], device=device)
+    kind = getattr(protection, "artifact", None)  # a model the protection trains and saves beside its poison
+    extra = {"artifacts": cache.path(kind, job["key"])} if kind else {}
+    protected = protection.protect(train, seed=job["seed"], device=device, **extra)
     seconds = time.perf_counter() - start
     _check_output(train, protected, f"protection {job['protection'].label}")
     cache.save("protected", job["key"], protected, {"spec": protection.spec(), "seed": job["seed"],

@@ -68,6 +68,7 @@ CONTRACT_PARAMS = {
     "em": dict(surrogate="cnn", max_rounds=2, steps=2),
     "rem": dict(surrogate="cnn", train_steps=2, steps=2, samples=1, adv_steps=1),
     "tap": dict(surrogate="cnn", steps=2, surrogate_epochs=1),
+    "confoundergan": dict(surrogate="cnn", surrogate_epochs=1, epochs=1, width=8),
 }
 NEEDS_A_SOURCE = {"external"}  # images made elsewhere: tests/test_external.py covers its contract
 GENERIC = [n for n in PROTECTIONS.names() if n not in NEEDS_A_SOURCE]
