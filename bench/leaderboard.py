@@ -1,6 +1,9 @@
 """Leaderboards from records: one table per dataset × victim (× recipe × poison ratio), in DH Table I's
 layout: rows = protections (clean first), columns = countermeasures, then ``Mean`` and ``Max`` over the
 countermeasures; mean ± std over seeds where there are several. Written as CSV and Markdown.
+
+Rows of cells with another train-set ``mix`` than ``protected`` read ``protection [mix]``. Several poison
+ratios with a single countermeasure give ConfounderGAN Fig. 5's layout instead: a column per ratio p.
 """
 
 from __future__ import annotations
@@ -47,14 +50,22 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
     column = f"test_acc_{metric}"
     frame["value"] = pd.to_numeric(frame[column] if column in frame else None, errors="coerce") * 100
     frame.loc[frame["status"] != "ok", "value"] = float("nan")
+    mix = frame["mix"].fillna("protected") if "mix" in frame else pd.Series("protected", index=frame.index)
+    frame["protection"] = frame["protection"].where(mix == "protected", frame["protection"] + " [" + mix + "]")
     ratios = frame["poison_ratio"].nunique() > 1
+    by_ratio = ratios and frame["countermeasure"].nunique() == 1
+    if by_ratio:  # ConfounderGAN Fig. 5's layout: one column per poison ratio p, a row per series
+        only = frame["countermeasure"].iloc[0]
+        frame["countermeasure"] = "p=" + frame["poison_ratio"].map("{:g}".format) + ("" if only == "none" else f" ({only})")
+        frame["poison_ratio"], ratios = "all", False
     tables = []
     for keys, group in frame.groupby(list(GROUP), sort=False):
         dataset, victim, recipe, ratio = keys
         stats = group.groupby(["protection", "countermeasure"], sort=False)["value"].agg(["mean", "std", "count"])
         failed = group[group["status"] != "ok"].groupby(["protection", "countermeasure"]).size()
         rows = _ordered(group["protection"], (order or {}).get("protections"), first="clean")
-        cols = _ordered(group["countermeasure"], (order or {}).get("countermeasures"), first="none")
+        cols = sorted(set(group["countermeasure"]), key=lambda c: float(c[2:].split()[0])) if by_ratio else \
+            _ordered(group["countermeasure"], (order or {}).get("countermeasures"), first="none")
         mean = stats["mean"].unstack().reindex(index=rows, columns=cols)
         std = stats["std"].unstack().reindex(index=rows, columns=cols)
         count = stats["count"].unstack().reindex(index=rows, columns=cols).fillna(0)

@@ -1,7 +1,7 @@
 """Declarative experiment matrices (TOML): validation and pure expansion into cells.
 
 A matrix names datasets, protections, countermeasures and victims (each a table of parameters, or a list of
-names), seeds, poison ratios and a recipe. A list-valued parameter is a swept axis
+names), seeds, poison ratios, train-set mixes (``mix``, see ``MIXES``) and a recipe. A list-valued parameter is a swept axis
 (``quality = [10, 50]`` → ``jpeg[quality=10]``, ``jpeg[quality=50]``); ``[[exclude]]`` tables drop cells
 whose labels match all their globs. Expansion is ``itertools.product`` over the axes, as Hydra's sweeper.
 """
@@ -25,8 +25,15 @@ from bench.recipes import make_recipe
 MATRIX_DIR = Path(__file__).parent / "matrices"
 AXES: dict[str, Registry] = {"datasets": DATASETS, "protections": PROTECTIONS,
                              "countermeasures": COUNTERMEASURES, "victims": VICTIMS}
-TOP_LEVEL = {"name", "description", "seeds", "poison_ratio", "recipe", "exclude", *AXES}
-CELL_KEYS = ("dataset", "protection", "countermeasure", "victim", "seed", "poison_ratio")
+TOP_LEVEL = {"name", "description", "seeds", "poison_ratio", "mix", "recipe", "exclude", *AXES}
+CELL_KEYS = ("dataset", "protection", "countermeasure", "victim", "seed", "poison_ratio", "mix")
+# How a cell's train set combines the poison_ratio p of each class (protected) with the rest (ConfounderGAN §5.2):
+MIXES = {
+    "protected": "p protected (protection fitted on the whole train set) + (1 − p) clean",
+    "fit_subset": "p protected by a protection fitted on that p only + (1 − p) clean (Fig. 5, Polylines 3–4)",
+    "ood": "p protected as fit_subset + (1 − p) encrypted without labels by the fitted model (Fig. 5, Polyline 5)",
+    "clean_only": "only the (1 − p) clean part; the protection is not used (Fig. 5, Polyline 2)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +59,12 @@ class Cell:
     victim: Choice
     seed: int
     poison_ratio: float
+    mix: str = "protected"
 
     def labels(self) -> dict[str, str]:
         return {"dataset": self.dataset.label, "protection": self.protection.label,
                 "countermeasure": self.countermeasure.label, "victim": self.victim.label,
-                "seed": str(self.seed), "poison_ratio": f"{self.poison_ratio:g}"}
+                "seed": str(self.seed), "poison_ratio": f"{self.poison_ratio:g}", "mix": self.mix}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,7 @@ class Matrix:
     poison_ratios: tuple[float, ...]
     recipe: dict[str, Any]
     exclude: tuple[dict[str, str], ...]
+    mixes: tuple[str, ...] = ("protected",)
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -116,6 +125,12 @@ def parse_matrix(raw: dict[str, Any], default_name: str, source: str = "<dict>")
     ratios = _scalar_list(raw.get("poison_ratio", [1.0]), "poison_ratio", float)
     if any(not 0 < r <= 1 for r in ratios):
         raise ConfigError(f"key 'poison_ratio': every ratio must be in (0, 1], got {list(ratios)}")
+    mixes = raw.get("mix", ["protected"])
+    mixes = tuple(mixes) if isinstance(mixes, list) and mixes else (mixes,)
+    for mix in mixes:
+        if not isinstance(mix, str) or mix not in MIXES:
+            raise ConfigError(f"key 'mix': unknown mix {mix!r}{_hint(str(mix), MIXES)}; known: "
+                              + "; ".join(f"{k} = {v}" for k, v in MIXES.items()))
     recipe = dict(raw.get("recipe", {"name": "quick"}))
     recipe.setdefault("name", "quick")
     try:
@@ -129,14 +144,14 @@ def parse_matrix(raw: dict[str, Any], default_name: str, source: str = "<dict>")
                 raise ConfigError(f"key 'exclude[{i}].{key}': unknown{_hint(key, CELL_KEYS)} (allowed: {', '.join(CELL_KEYS)})")
         exclude.append({k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in rule.items()})
     return Matrix(str(raw.get("name", default_name)), source, str(raw.get("description", "")), axes, seeds, ratios,
-                  recipe, tuple(exclude))
+                  recipe, tuple(exclude), mixes)
 
 
 def expand(matrix: Matrix) -> list[Cell]:
     """Every cell of the matrix in a stable order, exclusions dropped (pure)."""
-    cells = [Cell(d, p, c, v, s, r) for d, v, p, c, s, r in itertools.product(
+    cells = [Cell(d, p, c, v, s, r, m) for d, v, p, c, s, r, m in itertools.product(
         matrix.axes["datasets"], matrix.axes["victims"], matrix.axes["protections"], matrix.axes["countermeasures"],
-        matrix.seeds, matrix.poison_ratios)]
+        matrix.seeds, matrix.poison_ratios, matrix.mixes)]
     return [cell for cell in cells if not any(_matches(cell, rule) for rule in matrix.exclude)]
 
 

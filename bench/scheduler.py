@@ -26,6 +26,7 @@ from bench.matrix import Cell, Matrix, expand, select
 from bench.records import RecordLog
 from bench.stages import protect_job, purify_job, train_job
 from bench.recipes import make_recipe
+from bench.registry import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,8 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     failures: dict[str, str] = {}
 
     protect_jobs = {p.protection_key: {**base, "key": p.protection_key, "dataset_key": p.dataset_key,
-                                       "protection": p.cell.protection, "seed": p.cell.seed}
+                                       "protection": p.cell.protection, "seed": p.cell.seed,
+                                       "fitted_on": p.cell.poison_ratio if p.cell.mix in ("fit_subset", "ood") else None}
                     for p in todo if p.protection_key and not cache.valid("protected", p.protection_key)}
     _run_stage("protect", protect_job, list(protect_jobs.values()), options.jobs, devices, failures)
     purify_jobs = {p.purify_key: {**base, "key": p.purify_key, **_inputs(p), "countermeasure": p.cell.countermeasure}
@@ -121,10 +123,18 @@ def plan_cell(cell: Cell, dataset_key: str, recipe: dict[str, Any]) -> Plan:
     protection = PROTECTIONS.create(cell.protection.name, **cell.protection.kwargs)
     countermeasure = COUNTERMEASURES.create(cell.countermeasure.name, **cell.countermeasure.kwargs)
     victim = VICTIMS.create(cell.victim.name, **cell.victim.kwargs)
-    protection_key = None if protection.identity else make_key(
-        {"dataset": dataset_key, "protection": protection.spec(), "seed": cell.seed})
+    fitted_on_subset = cell.mix in ("fit_subset", "ood")
+    if cell.mix == "ood" and not protection.identity and not getattr(protection, "artifact", None):
+        raise ConfigError(f"mix 'ood' needs a protection that encrypts unseen images without labels (one that saves "
+                          f"a model, e.g. confoundergan); {cell.protection.label} cannot: exclude that combination "
+                          f"with [[exclude]] protection = {cell.protection.label!r}, mix = 'ood'")
+    protection_key = None if protection.identity or cell.mix == "clean_only" else make_key(
+        {"dataset": dataset_key, "protection": protection.spec(), "seed": cell.seed,
+         **({"fitted_on": cell.poison_ratio} if fitted_on_subset else {})})
     source = {"dataset": dataset_key, "protection": protection_key, "poison_ratio": cell.poison_ratio,
-              "seed": cell.seed}
+              "seed": cell.seed, **({"mix": cell.mix} if cell.mix != "protected" else {}),
+              # clean_only ignores the protection, but each row of a table is its own cell
+              **({"unused_protection": protection.spec()} if cell.mix == "clean_only" else {})}
     purify_key = None if countermeasure.identity or countermeasure.stage != "data" else make_key(
         {**source, "countermeasure": countermeasure.spec()})
     cell_key = make_key({**source, "countermeasure": countermeasure.spec(), "victim": victim.spec(),
@@ -136,7 +146,7 @@ def save_resolved(matrix: Matrix, path: Path) -> None:
     """The resolved matrix (every variant's full parameters) beside its records, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     resolved = {"name": matrix.name, "source": matrix.source, "description": matrix.description,
-                "seeds": matrix.seeds, "poison_ratio": matrix.poison_ratios, "recipe": matrix.recipe,
+                "seeds": matrix.seeds, "poison_ratio": matrix.poison_ratios, "mix": matrix.mixes, "recipe": matrix.recipe,
                 "exclude": matrix.exclude,
                 "axes": {axis: [{"label": c.label, "name": c.name, "params": c.kwargs} for c in choices]
                          for axis, choices in matrix.axes.items()}}
@@ -147,12 +157,12 @@ def save_resolved(matrix: Matrix, path: Path) -> None:
 
 def _inputs(p: Plan) -> dict[str, Any]:
     return {"dataset_key": p.dataset_key, "protection_key": p.protection_key, "purify_key": p.purify_key,
-            "poison_ratio": p.cell.poison_ratio, "seed": p.cell.seed}
+            "poison_ratio": p.cell.poison_ratio, "seed": p.cell.seed, "mix": p.cell.mix}
 
 
 def _plan_info(p: Plan, matrix: Matrix) -> dict[str, Any]:
     info: dict[str, Any] = {"cell": p.cell_key, "matrix": matrix.name, "seed": p.cell.seed,
-                            "poison_ratio": p.cell.poison_ratio}
+                            "poison_ratio": p.cell.poison_ratio, "mix": p.cell.mix}
     for axis in ("dataset", "protection", "countermeasure", "victim"):
         choice = getattr(p.cell, axis)
         info.update({axis: choice.label, f"{axis}_name": choice.name, f"{axis}_params": choice.kwargs})

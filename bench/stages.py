@@ -32,7 +32,10 @@ def protect_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
     start = time.perf_counter()
     kind = getattr(protection, "artifact", None)  # a model the protection trains and saves beside its poison
     extra = {"artifacts": cache.path(kind, job["key"])} if kind else {}
-    protected = protection.protect(train, seed=job["seed"], device=device, **extra)
+    if job.get("fitted_on") is None:
+        protected = protection.protect(train, seed=job["seed"], device=device, **extra)
+    else:
+        protected = _fit_on_subset(protection, train, job, device, extra)
     seconds = time.perf_counter() - start
     _check_output(train, protected, f"protection {job['protection'].label}")
     cache.save("protected", job["key"], protected, {"spec": protection.spec(), "seed": job["seed"],
@@ -66,7 +69,8 @@ def train_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
         cache = Cache(Path(job["cache"]))
         start = time.perf_counter()
         clean, train, mask = training_set(cache, job)
-        record.update(perturbation_metrics(clean.images[mask], train.images[mask]))  # clean vs protected
+        if mask.any():  # clean vs protected, over the protected images
+            record.update(perturbation_metrics(clean.images[mask], train.images[mask]))
         if job["purify_key"]:
             train = _require(cache, "purified", job["purify_key"])
         test = _require(cache, "dataset", f"{job['dataset_key']}-test")
@@ -100,20 +104,50 @@ def train_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return record
 
 
+def class_mask(data: ImageSet, ratio: float, seed: int) -> torch.Tensor:
+    """A seeded random ``ratio`` of each class (the protected part of a cell's train set)."""
+    mask = torch.zeros(len(data), dtype=torch.bool)
+    gen = torch.Generator().manual_seed(seed)
+    for c in range(data.num_classes):
+        members = torch.nonzero(data.labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        mask[members[: round(ratio * len(members))]] = True
+    return mask
+
+
 def training_set(cache: Cache, job: dict[str, Any]) -> tuple[ImageSet, ImageSet, torch.Tensor]:
-    """Clean train set, the train set with ``poison_ratio`` of each class protected, and that mask."""
+    """Clean train set, the cell's train set as its ``mix`` says (``bench.matrix.MIXES``), and the mask of the
+    protected images in the clean set's indexing (for ``clean_only`` the train set is the clean rest)."""
     clean = _require(cache, "dataset", f"{job['dataset_key']}-train")
+    mix = job.get("mix", "protected")
+    mask = class_mask(clean, job["poison_ratio"], job["seed"])
+    if mix == "clean_only":
+        return clean, clean.subset(torch.nonzero(~mask).flatten()), torch.zeros(len(clean), dtype=torch.bool)
     if not job["protection_key"]:
         return clean, clean, torch.ones(len(clean), dtype=torch.bool)
     protected = _require(cache, "protected", job["protection_key"])
-    mask = torch.zeros(len(clean), dtype=torch.bool)
-    gen = torch.Generator().manual_seed(job["seed"])
-    for c in range(clean.num_classes):
-        members = torch.nonzero(clean.labels == c).flatten()
-        members = members[torch.randperm(len(members), generator=gen)]
-        mask[members[: round(job["poison_ratio"] * len(members))]] = True
+    if mix == "ood":  # the fitted part and the rest, encrypted out of distribution: all of it is changed
+        return clean, clean.with_images(protected.images), torch.ones(len(clean), dtype=torch.bool)
     mixed = torch.where(mask[:, None, None, None], protected.images, clean.images)
     return clean, clean.with_images(mixed), mask
+
+
+def _fit_on_subset(protection: Any, train: ImageSet, job: dict[str, Any], device: torch.device,
+                   extra: dict[str, Any]) -> ImageSet:
+    """Fit the protection on the ``fitted_on`` ratio of each class only (ConfounderGAN §5.2); a protection with a
+    saved model also encrypts the rest without labels (out of distribution), others leave it clean."""
+    mask = class_mask(train, job["fitted_on"], job["seed"])
+    fitted = protection.protect(train.subset(torch.nonzero(mask).flatten()), seed=job["seed"], device=device, **extra)
+    images = train.images.clone()
+    images[mask] = fitted.images
+    info = {**fitted.info, "fitted_on": int(mask.sum()), "encrypted_unseen": 0}
+    if extra and (~mask).any():
+        from bench.encrypt import encrypt, load_generator
+
+        model, _ = load_generator(str(extra["artifacts"]), protection.name, Path(job["cache"]).parent, device)
+        images[~mask] = encrypt(model, train.images[~mask], device=device)
+        info["encrypted_unseen"] = int((~mask).sum())
+    return train.with_images(images, **info)
 
 
 def _require(cache: Cache, kind: str, key: str) -> ImageSet:

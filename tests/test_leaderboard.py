@@ -161,11 +161,20 @@ def test_datasets_and_victims_get_their_own_tables(split, values):
 
 
 def test_poison_ratios_get_their_own_tables():
-    records = [rec("cwp", "none", 0.2, ratio=0.5), rec("cwp", "none", 0.1, ratio=1.0)]
+    records = [rec("cwp", c, 0.2, ratio=0.5) for c in ("none", "jpeg")] + [rec("cwp", c, 0.1) for c in ("none", "jpeg")]
     tables = build_tables(records)
     assert [t.slug.endswith("__p0.5") for t in tables] == [True, False]
     assert "poison ratio 0.5" in tables[0].title and "poison ratio 1" in tables[1].title
     assert only_table([rec("cwp", "none", 0.1)]).title.count("poison ratio") == 0
+
+
+def test_ratios_with_one_countermeasure_are_columns():
+    """ConfounderGAN Fig. 5's layout: a column per poison ratio, a row per protection and train-set mix."""
+    records = [rec("em", "none", acc, ratio=r) for acc, r in ((0.6, 0.5), (0.3, 0.9))]
+    records += [{**rec("clean", "none", acc, ratio=r), "mix": "clean_only"} for acc, r in ((0.5, 0.5), (0.2, 0.9))]
+    table = only_table(records)
+    assert list(table.mean.columns) == ["p=0.5", "p=0.9", "Mean", "Max"]
+    assert table.mean.at["em", "p=0.9"] == pytest.approx(30) and table.mean.at["clean [clean_only]", "p=0.5"] == pytest.approx(50)
 
 
 def test_metric_best_uses_best_accuracy():
