@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--markdown", action="store_true", help="print the README's component table")
     board = commands.add_parser("leaderboard", help="build leaderboards from a matrix's records")
     board.add_argument("--matrix", default="smoke")
-    board.add_argument("--metric", choices=("final", "best"), default="final",
-                       help="final-epoch or best-epoch (oracle early stop) test accuracy")
+    board.add_argument("--metric", choices=("final", "best", "car", "gcr"), default="final",
+                       help="final-epoch or best-epoch (oracle early stop) test accuracy, or the trained victim's "
+                            "CAR / GCR on the protected train images (ConfounderGAN App. A)")
     board.add_argument("--mix-recipes", action="store_true",
                        help="put records of different recipes in one table (by default each recipe gets its own)")
     perf = commands.add_parser("perf", help="benchmarks: `perf train` times bench's loop against a reference loop")

@@ -19,6 +19,8 @@ import pandas as pd
 from bench.records import RecordLog
 
 GROUP = ("dataset", "victim", "recipe", "poison_ratio")
+METRICS = {"final": "test accuracy (%, final)", "best": "test accuracy (%, best)",
+           "car": "CAR (%, ConfounderGAN App. A Eq. 6)", "gcr": "GCR (%, ConfounderGAN App. A Eq. 7)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +40,8 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
 
     Records of different recipes go to different tables unless ``mix_recipes`` (then the title names them all).
     """
-    if metric not in ("final", "best"):
-        raise ValueError(f"metric must be 'final' or 'best', got {metric!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     latest = {r["cell"]: r for r in records if "cell" in r}
     if not latest:
         return []
@@ -47,7 +49,7 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
     frame["recipe"] = frame.get("recipe", pd.Series(dtype=object)).fillna("?")
     if mix_recipes:
         frame["recipe"] = "+".join(sorted(frame["recipe"].unique()))
-    column = f"test_acc_{metric}"
+    column = f"test_acc_{metric}" if metric in ("final", "best") else metric
     frame["value"] = pd.to_numeric(frame[column] if column in frame else None, errors="coerce") * 100
     frame.loc[frame["status"] != "ok", "value"] = float("nan")
     mix = frame["mix"].fillna("protected") if "mix" in frame else pd.Series("protected", index=frame.index)
@@ -80,7 +82,7 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
                 display.at[r, c] = "" if pd.isna(mean.at[r, c]) else f"{mean.at[r, c]:.2f}"
         display.index.name = mean.index.name = std.index.name = "protection"
         suffix = f", poison ratio {ratio:g}" if ratios else ""
-        title = f"{dataset} × {victim} — test accuracy (%, {metric}), recipe {recipe}{suffix}"
+        title = f"{dataset} × {victim} — {METRICS[metric]}, recipe {recipe}{suffix}"
         slug = _slug(f"{dataset}__{victim}__{recipe}" + (f"__p{ratio:g}" if ratios else ""))
         tables.append(Table(title, slug, mean, std, display))
     return tables

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from bench.cache import Cache, library_versions
 from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
 from bench.data import DATASETS
+from bench.metrics import confidence_ascent_ratio, gradient_compression_ratio
 from bench.records import perturbation_metrics
 from bench.recipes import make_recipe
 from bench.train import train_and_evaluate
@@ -71,6 +72,7 @@ def train_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
         clean, train, mask = training_set(cache, job)
         if mask.any():  # clean vs protected, over the protected images
             record.update(perturbation_metrics(clean.images[mask], train.images[mask]))
+        protected = train
         if job["purify_key"]:
             train = _require(cache, "purified", job["purify_key"])
         test = _require(cache, "dataset", f"{job['dataset_key']}-test")
@@ -98,6 +100,8 @@ def train_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
                        "best_epoch": result["best_epoch"], "train_acc": result["train_acc"],
                        "test_acc": result["test_acc"], "images_per_s": result["images_per_s"], "augment": augment,
                        "precision": result["precision"], "steps": result["steps"]})
+        if mask.any() and job["protection_key"]:
+            record.update(gradient_metrics(result["model"], clean, protected, mask, device))
     except Exception:
         record.update(status="error", error=traceback.format_exc())
     record["finished_at"] = time.time()
@@ -148,6 +152,16 @@ def _fit_on_subset(protection: Any, train: ImageSet, job: dict[str, Any], device
         images[~mask] = encrypt(model, train.images[~mask], device=device)
         info["encrypted_unseen"] = int((~mask).sum())
     return train.with_images(images, **info)
+
+
+def gradient_metrics(model: torch.nn.Module, clean: ImageSet, protected: ImageSet, mask: torch.Tensor,
+                     device: torch.device, limit: int = 2000) -> dict[str, float]:
+    """CAR and GCR (ConfounderGAN App. A) of the trained victim on (at most ``limit``, evenly spaced) protected
+    train images against their clean originals."""
+    index = torch.nonzero(mask).flatten()
+    index = index[torch.linspace(0, len(index) - 1, min(limit, len(index))).long()]
+    args = (model, clean.images[index], protected.images[index], clean.labels[index], device)
+    return {"car": confidence_ascent_ratio(*args), "gcr": gradient_compression_ratio(*args)}
 
 
 def _require(cache: Cache, kind: str, key: str) -> ImageSet:

@@ -94,7 +94,7 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
 
     Returns:
         ``train_acc``/``test_acc`` curves, ``final``/``best`` test accuracy and its epoch, ``images_per_s``
-        (training only), ``precision``.
+        (training only), ``precision``, ``steps`` and the trained ``model`` (normalisation included).
     """
     hooks = hooks or TrainHooks()
     torch.manual_seed(seed)
@@ -148,7 +148,7 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
             on_epoch(epoch + 1, curves["train_acc"][-1], curves["test_acc"][-1])
     tested = [a for a in curves["test_acc"] if not math.isnan(a)]
     return {**curves, "final": tested[-1], "best": max(tested), "best_epoch": curves["test_acc"].index(max(tested)) + 1,
-            "images_per_s": seen / train_seconds, "precision": precision, "steps": step}
+            "images_per_s": seen / train_seconds, "precision": precision, "steps": step, "model": net}
 
 
 def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:

@@ -185,6 +185,13 @@ def test_metric_best_uses_best_accuracy():
     assert "best" in best.title and "final" in final.title
 
 
+def test_car_and_gcr_are_leaderboard_values():
+    records = [{**rec("cwp", "none", 0.1), "car": 0.9, "gcr": 0.05}, rec("clean", "none", 0.9)]
+    car, gcr = only_table(records, metric="car"), only_table(records, metric="gcr")
+    assert car.mean.at["cwp", "none"] == pytest.approx(90) and gcr.mean.at["cwp", "none"] == pytest.approx(5)
+    assert pd.isna(car.mean.at["clean", "none"]) and "CAR" in car.title and "GCR" in gcr.title
+
+
 def test_bad_metric_raises():
     with pytest.raises(ValueError, match="metric"):
         build_tables(grid_records(), metric="last")

@@ -51,8 +51,9 @@ def test_record_fields(tmp_path):
     assert cwp["linf"] > 0.5 and cwp["l2"] > 0 and cwp["psnr"] > 0
     assert set(cwp["seconds"]) >= {"load", "protect", "purify", "train"}
     assert 0 <= cwp["test_acc_final"] <= cwp["test_acc_best"] <= 1
+    assert 0 <= cwp["car"] <= 1 and cwp["gcr"] > 0  # ConfounderGAN App. A, on the protected train images
     clean = by_label[("clean", "none")]
-    assert clean["linf"] == 0 and clean["psnr"] is None
+    assert clean["linf"] == 0 and clean["psnr"] is None and "car" not in clean
 
 
 @pytest.mark.parametrize("line, key, hint", [
