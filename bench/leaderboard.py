@@ -46,6 +46,11 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
     if not latest:
         return []
     frame = pd.DataFrame(list(latest.values()))
+    # A matrix edited between runs leaves records of cells that share a table position (same labels and seed)
+    # but not the key: the newest one stands for that position.
+    position = [c for c in (*GROUP, "mix", "protection", "countermeasure", "seed") if c in frame]
+    recency = frame["finished_at"] if "finished_at" in frame else pd.Series(range(len(frame)), index=frame.index)
+    frame = frame.loc[recency.sort_values(kind="stable").index].drop_duplicates(position, keep="last")
     frame["recipe"] = frame.get("recipe", pd.Series(dtype=object)).fillna("?")
     if mix_recipes:
         frame["recipe"] = "+".join(sorted(frame["recipe"].unique()))

@@ -185,6 +185,13 @@ def test_metric_best_uses_best_accuracy():
     assert "best" in best.title and "final" in final.title
 
 
+def test_newest_record_stands_for_an_edited_cell():
+    """Editing a component's (unswept) parameters gives a new cell key with the same labels: the newest counts."""
+    old, new = rec("em", "none", 0.5), {**rec("em", "none", 0.2), "cell": "another key"}
+    table = only_table([{**new, "finished_at": 2.0}, {**old, "finished_at": 1.0}])
+    assert table.mean.at["em", "none"] == pytest.approx(20) and "±" not in table.display.at["em", "none"]
+
+
 def test_car_and_gcr_are_leaderboard_values():
     records = [{**rec("cwp", "none", 0.1), "car": 0.9, "gcr": 0.05}, rec("clean", "none", 0.9)]
     car, gcr = only_table(records, metric="car"), only_table(records, metric="gcr")
