@@ -64,12 +64,15 @@ class TrainHooks:
     ``batch_transform(x, y, gen) -> (x, y)``: on float batches in [0, 1] after the standard augmentation;
     may return soft labels N×K (mixup, cutmix). ``attack(model, x, y) -> x``: a per-batch input attack (PGD
     for adversarial training). ``loss(model, x, y) -> (loss, logits)``: replaces cross-entropy (UEraser's
-    max over augmented draws, distillation's KL to a teacher).
+    max over augmented draws, distillation's KL to a teacher). ``epoch_start(epoch, epochs)``: called before
+    each epoch (0-based) with the number of epochs, for hooks whose behaviour follows the schedule (UEraser's
+    adversarial first part of training).
     """
 
     batch_transform: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
     attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    epoch_start: Callable[[int, int], None] | None = None
 
 
 class Protection(Component):
@@ -93,6 +96,7 @@ class Countermeasure(Component):
 
     stage: ClassVar[str] = "data"
     identity: ClassVar[bool] = False
+    reports: ClassVar[str] = "final"  # "best": the leaderboard shows test_acc_best in its column (early_stop)
 
     def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
         """Data-stage preprocessing of the (protected) train set; the test set is never touched."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.components import COUNTERMEASURES
 from bench.records import RecordLog
 
 GROUP = ("dataset", "victim", "recipe", "poison_ratio")
@@ -56,6 +57,9 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
         frame["recipe"] = "+".join(sorted(frame["recipe"].unique()))
     column = f"test_acc_{metric}" if metric in ("final", "best") else metric
     frame["value"] = pd.to_numeric(frame[column] if column in frame else None, errors="coerce") * 100
+    best = frame.get("countermeasure_name", pd.Series(index=frame.index, dtype=object)).map(_reports_best)
+    if "test_acc_best" in frame and best.any():  # oracle early stopping: the best epoch, whatever the metric
+        frame.loc[best, "value"] = pd.to_numeric(frame.loc[best, "test_acc_best"], errors="coerce") * 100
     frame.loc[frame["status"] != "ok", "value"] = float("nan")
     mix = frame["mix"].fillna("protected") if "mix" in frame else pd.Series("protected", index=frame.index)
     frame["protection"] = frame["protection"].where(mix == "protected", frame["protection"] + " [" + mix + "]")
@@ -130,6 +134,11 @@ def leaderboard(results: Path, matrix_name: str, metric: str = "final",
         flat.drop(columns=[c for c in ("train_acc", "test_acc", "error") if c in flat]).to_csv(out_dir / "records.csv", index=False)
         written.append(out_dir / "records.csv")
     return tables, written
+
+
+def _reports_best(name: Any) -> bool:
+    """Whether a countermeasure's column shows ``test_acc_best`` (``reports = "best"``, e.g. ``early_stop``)."""
+    return isinstance(name, str) and name in COUNTERMEASURES and COUNTERMEASURES.get(name).reports == "best"
 
 
 def _ordered(labels: pd.Series, preferred: list[str] | None, first: str) -> list[str]:

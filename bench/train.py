@@ -114,6 +114,8 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
     for epoch in range(epochs):
         start = time.perf_counter()
         net.train()
+        if hooks.epoch_start:
+            hooks.epoch_start(epoch, epochs)
         order = torch.randperm(len(train), generator=gen).to(device)
         correct = 0
         for first in range(0, len(train), recipe.batch_size):
@@ -125,7 +127,8 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
             if hooks.batch_transform:
                 x, y = hooks.batch_transform(x, y, gen)
             if hooks.attack:
-                x = hooks.attack(forward, x, y)
+                with autocast(device, precision):
+                    x = hooks.attack(forward, x, y)
             with autocast(device, precision):
                 loss, logits = hooks.loss(forward, x, y) if hooks.loss else _cross_entropy(forward, x, y, recipe)
             if not torch.isfinite(loss):

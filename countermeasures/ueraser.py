@@ -1,0 +1,87 @@
+"""UEraser (Qin et al. 2023, 'Learning the Unlearnable: Adversarial Augmentations Suppress Unlearnable
+Example Attacks'): strong augmentations and, for the first part of training, adversarial augmentation: the
+loss is the per-image maximum over K augmented draws."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.components import COUNTERMEASURES, Countermeasure, TrainHooks
+from countermeasures import _ops
+from countermeasures._trivial import ueraser_augment
+
+# variant → fraction of the epochs with the max-over-K loss (APBench train.py --repeat_epoch 0 / 50 / 300 of
+# its 200 epochs; UEraser-Max trains 300 epochs, all adversarial: set the epochs in the recipe).
+VARIANTS = {"lite": 0.0, "standard": 0.25, "max": 1.0}
+
+
+@COUNTERMEASURES.register("ueraser")
+class UEraser(Countermeasure):
+    """UEraser through ``TrainHooks.loss``, following APBench's ``defense/ueraser.py`` and ``train.py``.
+
+    Augmentation (every draw): plasma brightness (p 0.5, roughness 0.3–0.7, intensity 0.5–1.0), plasma
+    contrast (p 0.5, roughness 0.3–0.7), channel shuffle (p 0.5), TrivialAugment (kornia's default operations
+    and ranges). Loss: while adversarial, mean over images of the maximum cross-entropy over ``repeats`` (K = 5)
+    independent draws; afterwards, cross-entropy on one draw. ``variant``: ``lite`` (never adversarial: one
+    draw per step), ``standard`` (adversarial for the first quarter of the epochs: APBench's 50 of 200),
+    ``max`` (always adversarial: APBench's 300 of 300 epochs).
+
+    Deviations: the operations are re-implemented on plain torch (``countermeasures._trivial``): the plasma
+    maps are multi-octave value noise rather than diamond-square, and TrivialAugment picks an operation per
+    image (kornia per batch). APBench's ``UEraser_jpeg`` (used for TAP and AR) computes a JPEG copy and
+    discards it, so it equals ``UEraser``; no JPEG step here. The step's logits (for train accuracy) are those
+    of the last draw, as in APBench. ``standard`` needs the loop to report epochs (``TrainHooks.epoch_start``);
+    where it cannot, the loss raises instead of guessing.
+    """
+
+    paper: ClassVar[str] = "Qin et al. 2023 (UEraser); APBench defense/ueraser.py (K = 5; lite/standard/max)"
+    stage: ClassVar[str] = "train"
+    variant: str = "standard"
+    repeats: int = 5
+
+    def __post_init__(self) -> None:
+        _ops.require(self.variant in VARIANTS and self.repeats >= 1, self,
+                     f"variant in {sorted(VARIANTS)} and repeats ≥ 1")
+
+    def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
+        loss = UEraserLoss(VARIANTS[self.variant], self.repeats)
+        return TrainHooks(batch_transform=loss.remember, loss=loss, epoch_start=loss.start_epoch)
+
+
+class UEraserLoss:
+    """The loss hook with its state: the loop's generator (taken from the batch transform, which runs just
+    before the loss every step) and the training progress (from ``start_epoch``)."""
+
+    def __init__(self, fraction: float, repeats: int) -> None:
+        self.fraction, self.repeats = fraction, repeats
+        self.gen: torch.Generator | None = None
+        self.progress: float | None = None
+
+    def remember(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        self.gen = gen
+        return x, y
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the loop before each epoch (0-based) with the number of epochs."""
+        self.progress = epoch / epochs
+
+    def adversarial(self) -> bool:
+        if self.fraction in (0.0, 1.0):
+            return self.fraction == 1.0
+        if self.progress is None:
+            raise RuntimeError("ueraser variant 'standard' needs the training loop to call TrainHooks.epoch_start "
+                               "(bench.train does not yet); use variant 'lite' or 'max'")
+        return self.progress < self.fraction
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = self.gen or torch.Generator().manual_seed(0)
+        draws = self.repeats if self.adversarial() else 1
+        losses = []
+        for _ in range(draws):
+            logits = model(ueraser_augment(x, gen))
+            losses.append(F.cross_entropy(logits.float(), y, reduction="none"))
+        return torch.stack(losses).amax(0).mean(), logits
