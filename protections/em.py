@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import ClassVar
 
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 from bench.augment import standard_augment
 from bench.components import PROTECTIONS, ImageSet, Protection
 from protections import _surrogate as S
+
+log = logging.getLogger(__name__)
 
 
 @PROTECTIONS.register("em")
@@ -77,6 +80,8 @@ class ErrorMinimizingNoise(Protection):
                     noise[idx] = updated
             all_idx = torch.arange(len(x), device=device)
             history.append(1 - S.accuracy(model, x + delta(all_idx), y))
+            log.info("em round %d: surrogate error %.4f after %.0f s", len(history), history[-1],
+                     time.perf_counter() - start)  # full-size generation takes hours: show progress
             if history[-1] < self.stop_error:
                 break
         return S.publish(train, x, delta(torch.arange(len(x), device=device)), rounds=len(history),
