@@ -24,3 +24,11 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     assert commands == ["make run", "make test"]
     ci = (README.parent / ".ci" / "run").read_text()
     assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == ["make test"]
+
+
+def test_readme_lists_every_shipped_matrix():
+    """Each file in bench/matrices/ is named in the README's named-matrix table."""
+    text = README.read_text()
+    shipped = sorted(p.stem for p in (README.parent / "bench" / "matrices").glob("*.toml"))
+    listed = [name for name in shipped if f"`{name}`" in text]
+    assert listed == shipped, f"add {sorted(set(shipped) - set(listed))} to the README's named-matrix table"
