@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 import traceback
@@ -205,7 +206,16 @@ def _acquire(devices: Any, threads: int) -> Iterator[torch.device]:
         devices.put(name)
 
 
+def show_progress() -> None:
+    """Print bench's own INFO logs (e.g. EM's rounds, which take minutes each) on stderr; other libraries stay
+    at WARNING. A no-op where logging is already configured (pytest, an embedding program)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for package in ("bench", "protections", "countermeasures", "victims"):
+        logging.getLogger(package).setLevel(logging.INFO)
+
+
 def _call(fn: Callable[[dict, torch.device], dict], job: dict[str, Any], devices: Any) -> dict[str, Any]:
+    show_progress()  # in this process, which may be a joblib worker
     with _acquire(devices, job["threads"]) as device:
         return fn(job, device)
 

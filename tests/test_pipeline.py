@@ -264,3 +264,14 @@ def test_device_queue_gives_each_parallel_job_its_own_device():
         for b in results:
             overlap = a is not b and a["start"] < b["end"] and b["start"] < a["end"]
             assert not (overlap and a["device"] == b["device"]), "two running jobs shared a device"
+
+
+def test_component_progress_logs_reach_stderr_of_a_run_process():
+    """Long protections (EM's rounds) log at INFO; a run prints those, and keeps other libraries quiet."""
+    code = ("import logging; from bench.scheduler import show_progress; show_progress(); "
+            "logging.getLogger('protections.em').info('em round 1: surrogate error 0.5'); "
+            "logging.getLogger('urllib3').info('library chatter')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "protections.em: em round 1: surrogate error 0.5" in proc.stderr
+    assert "library chatter" not in proc.stderr
