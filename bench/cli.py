@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--results", type=Path, default=Path(os.environ.get("BENCH_RESULTS", "results")),
                          help="output folder (default: ./results or $BENCH_RESULTS)")
     args = parser.parse_args(argv)
+    if args.command in ("perf", "protect"):  # `run` does it in each job's process
+        from bench.train import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "perf": cmd_perf,
                 "protect": cmd_protect}[args.command](args)

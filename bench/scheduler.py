@@ -28,6 +28,7 @@ from bench.records import RecordLog
 from bench.stages import protect_job, purify_job, train_job
 from bench.recipes import make_recipe
 from bench.registry import ConfigError
+from bench.train import keep_freed_memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +217,7 @@ def show_progress() -> None:
 
 def _call(fn: Callable[[dict, torch.device], dict], job: dict[str, Any], devices: Any) -> dict[str, Any]:
     show_progress()  # in this process, which may be a joblib worker
+    keep_freed_memory()
     with _acquire(devices, job["threads"]) as device:
         return fn(job, device)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -122,6 +124,31 @@ def test_divergence_stops_the_cell(digits):
 
     with pytest.raises(TrainingDiverged, match="nan"):
         _train(digits, hooks=TrainHooks(loss=nan_loss))
+
+
+FAULTS = """
+import resource, sys, torch
+from bench.components import VICTIMS
+from bench.train import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.set_num_threads(1)
+model = VICTIMS.create("cnn").build(10, 3, 32)
+x, y = torch.rand(128, 3, 32, 32), torch.randint(0, 10, (128,))
+for i in range(8):
+    if i == 3:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator only")
+def test_keep_freed_memory_cuts_page_faults_of_cpu_training_steps():
+    """glibc's default returns big freed buffers to the OS, so each step page-faults them back in."""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
+                                       check=True, timeout=600).stdout) for mode in ("default", "keep")}
+    assert faults["keep"] < faults["default"] / 3, faults
 
 
 def test_perf_harness_writes_both_loops(tmp_path):
