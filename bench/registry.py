@@ -15,6 +15,7 @@ import importlib.util
 import os
 import pkgutil
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -39,6 +40,10 @@ class Component:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     paper: ClassVar[str] = ""
+
+    @classmethod
+    def check_declaration(cls) -> None:
+        """Raise TypeError where a class's declared capabilities contradict its methods (checked on registration)."""
 
     def params(self) -> dict[str, Any]:
         """Parameters as a JSON-ready dict (tuples become lists)."""
@@ -80,6 +85,10 @@ class Registry(Generic[C]):
             if missing:
                 raise TypeError(f"{self.kind} {name!r}: parameters {missing} need defaults")
             cls.name = name
+            try:
+                cls.check_declaration()
+            except TypeError as err:
+                raise TypeError(f"{self.kind} {name!r} ({cls.__module__}): {err}") from err
             self._classes[name] = cls
             return cls
 
@@ -160,23 +169,38 @@ def describe_params(cls: type[Component]) -> str:
     return ", ".join(parts)
 
 
-_discovered = False
+class PluginImportError(ConfigError):
+    """A plugin module failed to import: every later registry call raises it again (never a partial registry)."""
+
+
+_discovery: dict[str, Any] = {"state": "todo", "error": None}  # todo → running → done | failed
 
 
 def discover() -> None:
-    """Import every non-underscore module of the plugin packages and of ``$BENCH_PLUGINS`` folders."""
-    global _discovered
-    if _discovered:
+    """Import every non-underscore module of the plugin packages and of ``$BENCH_PLUGINS`` folders.
+
+    Done once per process. A failed import raises ``PluginImportError`` naming the file, now and on every later
+    call, so that nothing runs on the registrations that happened before it. A plugin that looks a name up while
+    it is imported sees the registrations made so far (the ``running`` state).
+    """
+    if _discovery["state"] in ("done", "running"):
         return
-    _discovered = True
-    for package_name in PLUGIN_PACKAGES:
-        package = importlib.import_module(package_name)
-        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-            if not info.name.startswith("_"):
-                _import(f"{package_name}.{info.name}", Path(package.__path__[0]) / f"{info.name}.py")
-    for folder in filter(None, os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep)):
-        for path in sorted(Path(folder).glob("[!_]*.py")):
-            _import(f"bench_plugin_{path.stem}", path)
+    if _discovery["state"] == "failed":
+        raise _discovery["error"]
+    _discovery["state"] = "running"
+    try:
+        for package_name in PLUGIN_PACKAGES:
+            package = importlib.import_module(package_name)
+            for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+                if not info.name.startswith("_"):
+                    _import(f"{package_name}.{info.name}", Path(package.__path__[0]) / f"{info.name}.py")
+        for folder in filter(None, os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep)):
+            for path in sorted(Path(folder).glob("[!_]*.py")):
+                _import(f"bench_plugin_{path.stem}", path)
+    except PluginImportError as err:
+        _discovery.update(state="failed", error=err)
+        raise
+    _discovery["state"] = "done"
 
 
 def _import(module_name: str, path: Path) -> None:
@@ -190,4 +214,9 @@ def _import(module_name: str, path: Path) -> None:
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     except Exception as err:
-        raise ImportError(f"bench could not import plugin module {path}: {type(err).__name__}: {err}") from err
+        sys.modules.pop(module_name, None)
+        line = next((f":{frame.lineno}" for frame in reversed(traceback.extract_tb(err.__traceback__))
+                     if Path(frame.filename).resolve() == path.resolve()), "")
+        raise PluginImportError(f"could not import plugin module {path}{line}: {type(err).__name__}: {err}; fix or "
+                                "remove that file (bench imports every non-underscore module of its plugin folders)"
+                                ) from err

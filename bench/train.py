@@ -146,9 +146,9 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
                 x, y = hooks.batch_transform(x, y, gen)
             if hooks.attack:
                 with autocast(device, precision):
-                    x = hooks.attack(forward, x, y)
+                    x = hooks.attack(forward, x, y, gen)
             with autocast(device, precision):
-                loss, logits = hooks.loss(forward, x, y) if hooks.loss else _cross_entropy(forward, x, y, recipe)
+                loss, logits = hooks.loss(forward, x, y, gen) if hooks.loss else _cross_entropy(forward, x, y, recipe)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
             optimizer.zero_grad(set_to_none=True)

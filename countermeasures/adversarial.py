@@ -29,12 +29,14 @@ class AdversarialTraining(Countermeasure):
 
     As in REM's and Madry's code the model is put in eval mode for the attack (batch-norm statistics are
     neither used per batch nor updated) and restored after it; the inner loss is cross-entropy against the
-    (possibly soft) labels. The attack runs under the autocast the loop gives it (bench.train: none yet, fp32).
+    (possibly soft) labels. The attack runs under the loop's autocast (bf16 where the recipe's precision resolves
+    to it; the loss is taken in fp32).
     DH trains AT for 100 epochs: set that in the recipe. Cost: steps + 1 forward/backward passes per batch.
     """
 
     paper: ClassVar[str] = "Madry et al. 2018; DH §IV-A5 (AT L∞ 8/255, L2 1, PGD-10, step 2/255); REM settings"
-    stage: ClassVar[str] = "train"
+    stages: ClassVar[frozenset[str]] = frozenset({"train"})
+    needs_labels: ClassVar[bool] = True  # the PGD attack ascends the loss of the true labels
     norm: str = "linf"
     epsilon: float = 0.0
     steps: int = 10
@@ -51,17 +53,10 @@ class AdversarialTraining(Countermeasure):
         return epsilon, self.step_size or 2.5 * epsilon / self.steps
 
     def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
-        state: dict[str, torch.Generator] = {}
+        def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            return self.perturb(model, x, y, _ops.device_generator(gen, x.device))  # the cell's generator
 
-        def remember(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-            state["gen"] = gen  # the loop's generator, for the random start
-            return x, y
-
-        def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            gen = state.get("gen") or torch.Generator().manual_seed(0)
-            return self.perturb(model, x, y, _ops.device_generator(gen, x.device))
-
-        return TrainHooks(batch_transform=remember, attack=attack)
+        return TrainHooks(attack=attack)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """PGD examples for ``x`` (float [0, 1]) against ``model``: within ε of ``x`` in ``norm``, in [0, 1]."""

@@ -33,7 +33,7 @@ class Vanilla(Countermeasure):
     """
 
     paper: ClassVar[str] = "DH §IV-A5 (Vanilla); ConfounderGAN App. G.6 (RHF, RC: pad 4)"
-    stage: ClassVar[str] = "train"
+    stages: ClassVar[frozenset[str]] = frozenset({"train"})
     crop: bool = True
     flip: bool = True
     pad: int = 0
@@ -58,7 +58,7 @@ class Cutout(Countermeasure):
     Deviation: zero is black (the batch is not normalised yet); DeVries zeroed the normalised tensor (mean)."""
 
     paper: ClassVar[str] = "DeVries & Taylor 2017; DH §IV-A5 (16 / 112 px); ConfounderGAN App. G.6 (16 px)"
-    stage: ClassVar[str] = "train"
+    stages: ClassVar[frozenset[str]] = frozenset({"train"})
     length: int = 0
 
     def __post_init__(self) -> None:
@@ -77,7 +77,7 @@ class CutMix(Countermeasure):
     batch with probability ``prob`` (1 here and in APBench; Yun et al. used 0.5 on CIFAR)."""
 
     paper: ClassVar[str] = "Yun et al. 2019 (β = 1); DH §IV-A5; ConfounderGAN App. G.6"
-    stage: ClassVar[str] = "train"
+    stages: ClassVar[frozenset[str]] = frozenset({"train"})
     beta: float = 1.0
     prob: float = 1.0
 
@@ -104,7 +104,7 @@ class MixUp(Countermeasure):
     ``keep_label = true`` keeps the hard labels, as DH §IV-A5 words it ('we retain the original label')."""
 
     paper: ClassVar[str] = "Zhang et al. 2018 (α = 1); DH §IV-A5; ConfounderGAN App. G.6"
-    stage: ClassVar[str] = "train"
+    stages: ClassVar[frozenset[str]] = frozenset({"train"})
     alpha: float = 1.0
     keep_label: bool = False
 
@@ -129,7 +129,7 @@ class FastAutoAugment(Countermeasure):
     CIFAR pipeline adds Cutout-16 after its policy."""
 
     paper: ClassVar[str] = "ConfounderGAN App. G.6 (FA); Lim et al. 2019 (Fast AutoAugment) ranges"
-    stage: ClassVar[str] = "train"
+    stages: ClassVar[frozenset[str]] = frozenset({"train"})
     p: float = 0.5
     cutout: int = 0
 

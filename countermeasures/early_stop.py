@@ -22,6 +22,4 @@ class EarlyStop(Countermeasure):
     """
 
     paper: ClassVar[str] = "ConfounderGAN App. C (early stopping); Huang et al. 2021"
-    stage: ClassVar[str] = "train"
-    identity: ClassVar[bool] = True
     reports: ClassVar[str] = "best"

@@ -45,6 +45,7 @@ class MedianFilter(Countermeasure):
     ``MedianFilter``). DH §IV-A5 'MedianF' (k = 3)."""
 
     paper: ClassVar[str] = "DH §IV-A5 (MedianF, k = 3)"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
     kernel: int = 3
 
     def __post_init__(self) -> None:
@@ -68,6 +69,7 @@ class MeanFilter(Countermeasure):
     nearest level (one rounding, where Pillow's two-pass ``BoxBlur`` rounds twice). DH §IV-A5 'MeanF' (k = 3)."""
 
     paper: ClassVar[str] = "DH §IV-A5 (MeanF, k = 3)"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
     kernel: int = 3
 
     def __post_init__(self) -> None:
@@ -94,6 +96,7 @@ class GaussianFilter(Countermeasure):
     agrees. The paper's setting is kept; sweep ``sigma`` for a filter that smooths."""
 
     paper: ClassVar[str] = "DH §IV-A5 (GaussF, k = 3, σ = 0.1)"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
     kernel: int = 3
     sigma: float = 0.1
 
@@ -114,6 +117,7 @@ class GaussianNoise(Countermeasure):
     DH §IV-A5 'GaussN': σ = 0.1, drawn once (data stage), not per epoch."""
 
     paper: ClassVar[str] = "DH §IV-A5 (GaussN, σ = 0.1)"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
     sigma: float = 0.1
 
     def __post_init__(self) -> None:

@@ -13,4 +13,3 @@ class NoCountermeasure(Countermeasure):
     """No countermeasure: the victim trains on the protected set with its recipe's standard augmentation."""
 
     paper: ClassVar[str] = "reference (no countermeasure)"
-    identity: ClassVar[bool] = True

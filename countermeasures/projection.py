@@ -33,13 +33,15 @@ class OrthogonalProjection(Countermeasure):
     """
 
     paper: ClassVar[str] = "Sandoval-Segura et al. 2023 (orthogonal projection); DH §IV-A5 (OP)"
+    needs_labels: ClassVar[bool] = True
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
     steps: int = 300
     lr: float = 1e-3
 
     def __post_init__(self) -> None:
         _ops.require(self.steps >= 1 and self.lr > 0, self, "steps ≥ 1 and lr > 0")
 
-    def fit(self, train: ImageSet, device: torch.device) -> torch.Tensor:
+    def linear_model(self, train: ImageSet, device: torch.device) -> torch.Tensor:
         """The linear model's weights K×D (float32, on ``device``)."""
         flat = train.images.flatten(1)
         step = max(1, CHUNK // flat.shape[1])
@@ -56,7 +58,7 @@ class OrthogonalProjection(Countermeasure):
         return weight.detach()
 
     def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
-        weight = self.fit(train, device)
+        weight = self.linear_model(train, device)
         centred = weight - weight.mean(0, keepdim=True)  # the softmax ignores a direction common to all classes
         basis, _ = torch.linalg.qr((centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)).T.double())
         flat = train.images.flatten(1)

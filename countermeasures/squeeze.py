@@ -23,6 +23,7 @@ class Jpeg(Countermeasure):
     """
 
     paper: ClassVar[str] = "DH §IV-A5 (JPEG10, JPEG50); Liu et al. 2023 (ISS)"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
     quality: int = 10
 
     def __post_init__(self) -> None:
@@ -46,6 +47,7 @@ class Grayscale(Countermeasure):
     that shapes are kept. DH §IV-A5 'Gray'. Identity on single-channel data."""
 
     paper: ClassVar[str] = "DH §IV-A5 (Gray); Liu et al. 2023 (ISS)"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
 
     def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
         if train.channels != 3:
@@ -63,6 +65,7 @@ class BitDepthReduction(Countermeasure):
     """
 
     paper: ClassVar[str] = "DH §IV-A5 (BDR, 2 bits); Liu et al. 2023 (ISS)"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
     bits: int = 2
 
     def __post_init__(self) -> None:

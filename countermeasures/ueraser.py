@@ -34,12 +34,12 @@ class UEraser(Countermeasure):
     maps are multi-octave value noise rather than diamond-square, and TrivialAugment picks an operation per
     image (kornia per batch). APBench's ``UEraser_jpeg`` (used for TAP and AR) computes a JPEG copy and
     discards it, so it equals ``UEraser``; no JPEG step here. The step's logits (for train accuracy) are those
-    of the last draw, as in APBench. ``standard`` needs the loop to report epochs (``TrainHooks.epoch_start``);
-    where it cannot, the loss raises instead of guessing.
+    of the last draw, as in APBench. ``standard`` follows the schedule through ``TrainHooks.epoch_start``, which
+    the loop calls before each epoch; a loss called before it raises instead of guessing.
     """
 
     paper: ClassVar[str] = "Qin et al. 2023 (UEraser); APBench defense/ueraser.py (K = 5; lite/standard/max)"
-    stage: ClassVar[str] = "train"
+    stages: ClassVar[frozenset[str]] = frozenset({"train"})
     variant: str = "standard"
     repeats: int = 5
 
@@ -49,21 +49,16 @@ class UEraser(Countermeasure):
 
     def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
         loss = UEraserLoss(VARIANTS[self.variant], self.repeats)
-        return TrainHooks(batch_transform=loss.remember, loss=loss, epoch_start=loss.start_epoch)
+        return TrainHooks(loss=loss, epoch_start=loss.start_epoch)
 
 
 class UEraserLoss:
-    """The loss hook with its state: the loop's generator (taken from the batch transform, which runs just
-    before the loss every step) and the training progress (from ``start_epoch``)."""
+    """The loss hook with its state: the training progress (from ``start_epoch``, called by the loop before
+    each epoch)."""
 
     def __init__(self, fraction: float, repeats: int) -> None:
         self.fraction, self.repeats = fraction, repeats
-        self.gen: torch.Generator | None = None
         self.progress: float | None = None
-
-    def remember(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        self.gen = gen
-        return x, y
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the loop before each epoch (0-based) with the number of epochs."""
@@ -73,12 +68,12 @@ class UEraserLoss:
         if self.fraction in (0.0, 1.0):
             return self.fraction == 1.0
         if self.progress is None:
-            raise RuntimeError("ueraser variant 'standard' needs the training loop to call TrainHooks.epoch_start "
-                               "(bench.train does not yet); use variant 'lite' or 'max'")
+            raise RuntimeError("ueraser variant 'standard' needs TrainHooks.epoch_start called before the first "
+                               "step (bench.train does; a loop of your own must too), or use variant 'lite' or 'max'")
         return self.progress < self.fraction
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = self.gen or torch.Generator().manual_seed(0)
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         draws = self.repeats if self.adversarial() else 1
         losses = []
         for _ in range(draws):

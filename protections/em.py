@@ -33,6 +33,8 @@ class ErrorMinimizingNoise(Protection):
     """
 
     paper: ClassVar[str] = "Huang et al. 2021 (EM) Alg. 1; ConfounderGAN App. G.4; DH §IV-A (baseline)"
+    surrogate_param: ClassVar[str | None] = "surrogate"
+    expensive_on_cpu: ClassVar[bool] = True
     mode: str = "samplewise"
     epsilon: float = 8.0
     steps: int = 0
@@ -105,6 +107,8 @@ class RobustErrorMinimizingNoise(Protection):
     """
 
     paper: ClassVar[str] = "Fu et al. 2022 (REM) Eq. 4–6, official defaults; DH §IV-A (baseline)"
+    surrogate_param: ClassVar[str | None] = "surrogate"
+    expensive_on_cpu: ClassVar[bool] = True
     epsilon: float = 8.0
     steps: int = 10
     step_size: float = 1.6

@@ -37,6 +37,7 @@ class External(Protection):
     """
 
     paper: ClassVar[str] = "images made elsewhere (e.g. official EM/TAP/AR releases); budget measured, not assumed"
+    needs_labels: ClassVar[bool] = False
     path: str = ""
 
     def spec(self) -> dict[str, Any]:

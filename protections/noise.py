@@ -28,6 +28,7 @@ class Clean(Protection):
     """No protection: the reference row of every table."""
 
     paper: ClassVar[str] = "reference (natural training data)"
+    needs_labels: ClassVar[bool] = False
     identity: ClassVar[bool] = True
 
     def protect(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
@@ -42,6 +43,7 @@ class RandomNoise(_LinfNoise):
     """
 
     paper: ClassVar[str] = "Huang et al. 2021 (EM) Table 1 random-noise baseline; DH §IV-A"
+    needs_labels: ClassVar[bool] = False
     epsilon: float = 8.0
 
     def protect(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:

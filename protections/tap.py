@@ -27,6 +27,8 @@ class TargetedAdversarialPoisoning(Protection):
     """
 
     paper: ClassVar[str] = "Fowl et al. 2021 (TAP) §3, official defaults; DH §IV-A (baseline)"
+    surrogate_param: ClassVar[str | None] = "surrogate"
+    expensive_on_cpu: ClassVar[bool] = True
     epsilon: float = 8.0
     steps: int = 250
     tau: float = 0.05
