@@ -1,9 +1,11 @@
-"""Content-addressed cache of uint8 image sets, with atomic writes and checksummed manifests.
+"""Content-addressed cache of uint8 image sets and the models fitted with them, with atomic writes and
+checksummed manifests.
 
 Keys are hashes of canonical JSON: dataset key → protection key → purification key → cell key. An entry is
-a folder ``<root>/<kind>/<key>/`` holding ``images.npy``, ``labels.npy`` and ``manifest.json`` (spec,
-library versions, sha256 of each file); it is written to a temporary folder and renamed into place, and a
-load that finds a checksum mismatch deletes the entry so that it is rebuilt.
+a folder ``<root>/<kind>/<key>/`` holding ``images.npy``, ``labels.npy``, one ``<model kind>.pt`` state_dict
+per fitted model (``bench.artifacts``) and ``manifest.json`` (spec, seed, library versions, sha256 of each
+file, each model's ``arch``); it is written to a temporary folder and renamed into place, and a load that
+finds a checksum mismatch deletes the entry so that it is rebuilt.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.components import ImageSet
+from bench.components import ImageSet, Models
 
 FILES = ("images.npy", "labels.npy")
 
@@ -65,19 +67,23 @@ class Cache:
     def manifest(self, kind: str, key: str) -> dict[str, Any]:
         return json.loads((self.path(kind, key) / "manifest.json").read_text())
 
-    def save(self, kind: str, key: str, data: ImageSet, meta: dict[str, Any]) -> None:
-        """Write atomically; if another process wrote the same key first, keep theirs."""
+    def save(self, kind: str, key: str, data: ImageSet, meta: dict[str, Any], models: Models | None = None) -> None:
+        """Write atomically, with ``models`` (each with an ``arch`` dict) beside the images; if another process
+        wrote the same key first, keep theirs."""
         final = self.path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
         try:
             np.save(tmp / "images.npy", data.images.cpu().numpy())
             np.save(tmp / "labels.npy", data.labels.cpu().numpy())
+            saved = {name: save_model(tmp, name, model) for name, model in (models or {}).items()}
+            files = [*FILES, *(m["file"] for m in saved.values())]
             manifest = {"kind": kind, "key": key, "num_classes": data.num_classes,
                         "shape": list(data.images.shape), "dtype": "uint8", "created": time.time(),
-                        "versions": library_versions(), "sha256": {f: _sha256(tmp / f) for f in FILES}, **meta}
+                        "versions": library_versions(), "sha256": {f: _sha256(tmp / f) for f in files},
+                        "models": saved, **meta}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-            for f in (*FILES, "manifest.json"):
+            for f in (*files, "manifest.json"):
                 _fsync(tmp / f)
             try:
                 os.rename(tmp, final)
@@ -87,21 +93,20 @@ class Cache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def valid(self, kind: str, key: str) -> bool:
-        """Whether the entry exists and its checksums hold; a corrupted entry is deleted (to be rebuilt)."""
-        return self._verified(kind, key) is not None
+    def valid(self, kind: str, key: str, models: tuple[str, ...] = ()) -> bool:
+        """Whether the entry exists, its checksums hold and it holds the ``models`` its component declares
+        fitting; a corrupted entry is deleted (to be rebuilt). An entry without them (made before its
+        component saved models) is rebuilt too."""
+        manifest = self._verified(kind, key)
+        return manifest is not None and set(models) <= set(manifest.get("models", {}))
 
     def _verified(self, kind: str, key: str) -> dict[str, Any] | None:
         folder = self.path(kind, key)
         if not self.has(kind, key):
             return None
         try:
-            manifest = self.manifest(kind, key)
-            for name in FILES:
-                if _sha256(folder / name) != manifest["sha256"][name]:
-                    raise ValueError(f"checksum mismatch in {name}")
-            return manifest
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+            return verify(folder)
+        except ValueError as err:
             self._discard(folder, err)
             return None
 
@@ -124,6 +129,28 @@ class Cache:
         except (OSError, ValueError, KeyError, TypeError) as err:
             self._discard(folder, err)
             return None
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """The manifest of the entry in ``folder`` once every file's sha256 matches it; ValueError otherwise."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for name in (*FILES, *(m["file"] for m in manifest.get("models", {}).values())):
+            if _sha256(folder / name) != manifest["sha256"][name]:
+                raise ValueError(f"checksum mismatch in {name}")
+        return manifest
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{type(err).__name__}: {err}") from err
+
+
+def save_model(folder: Path, kind: str, model: torch.nn.Module) -> dict[str, Any]:
+    """Write ``model``'s state_dict (CPU tensors) as ``<kind>.pt`` in ``folder``; its manifest part (file, arch)."""
+    arch = getattr(model, "arch", None)  # the Fitted contract: every fitted model carries its arch
+    if not isinstance(arch, dict):
+        raise TypeError(f"the fitted {kind!r} model ({type(model).__name__}) has no `arch` dict; give it one, from "
+                        "which the component's build_model(kind, arch) rebuilds it")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / f"{kind}.pt")
+    return {"file": f"{kind}.pt", "arch": arch}
 
 
 def _fsync(path: Path) -> None:

@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     perf.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop (median reported)")
     perf.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     perf.add_argument("--device", default="auto")
-    protect = commands.add_parser("protect", help="encrypt a folder of images with a trained generator (fast "
-                                  "encryption, ConfounderGAN §4.3): one forward pass per batch, no labels")
-    protect.add_argument("--protection", default="confoundergan", help="the protection that trained the generator")
-    protect.add_argument("--generator", required=True,
-                         help="a key under <results>/cache/generator/ (records: protect_info.generator) or a path")
+    protect = commands.add_parser("protect", help="encrypt a folder of images with a protection's fitted models "
+                                  "(fast encryption, ConfounderGAN §4.3): one forward pass per batch, no labels")
+    protect.add_argument("--model", "--generator", dest="model", required=True,
+                         help="the protected set whose models encrypt: a key under <results>/cache/protected/ "
+                              "(records: protection_key) or its folder")
+    protect.add_argument("--protection", help="check that this protection made the models (default: any that "
+                                              "declares encrypts_unseen)")
     protect.add_argument("--input", type=Path, required=True, help="folder of .png/.jpg images (one size)")
     protect.add_argument("--output", type=Path, required=True, help="folder for the protected PNGs (same names)")
     protect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `bench list | head`: the reader left; exit quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -139,7 +144,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
 def cmd_protect(args: argparse.Namespace) -> int:
     from bench.encrypt import protect_folder
 
-    print(protect_folder(args.protection, args.generator, args.input, args.output, results=args.results,
+    print(protect_folder(args.model, args.input, args.output, results=args.results, protection=args.protection,
                          device=args.device, batch_size=args.batch_size))
     return 0
 
@@ -180,13 +185,36 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{kind}:")
         for name in registry.names():
             cls = registry.get(name)
-            stage = f" [{cls.stage} stage]" if kind == "countermeasures" else ""
-            print(f"  {name}{stage}: {describe_params(cls) or '(no parameters)'}")
+            print(f"  {name}: {describe_params(cls) or '(no parameters)'}")
             print(f"      follows: {cls.paper or '—'}")
+            if kind != "datasets":
+                print(f"      capabilities: {describe_capabilities(cls)}")
             if kind == "victims":
                 model = cls().build(10, 3, 32)
                 print(f"      parameters at 3×32×32, 10 classes: {sum(p.numel() for p in model.parameters()):,}")
     return 0
+
+
+def describe_capabilities(cls: type) -> str:
+    """One line of what a component declares it needs and offers (``bench.components``)."""
+    caps = cls.capabilities()
+    parts = [f"stages: {'+'.join(caps['stages']) or 'none'}"] if "stages" in caps else []
+    parts.append("needs labels" if caps["needs_labels"] else "no labels")
+    if caps["surrogate_param"]:
+        parts.append(f"trains a surrogate victim (parameter {caps['surrogate_param']})")
+    if caps["pretrained"]:
+        parts.append(f"pretrained weights: {', '.join(caps['pretrained'])}")
+    if caps["fits"]:
+        parts.append(f"fits models: {', '.join(caps['fits'])}")
+    if caps.get("encrypts_unseen"):
+        parts.append("encrypts unseen images without labels (ood mix, bench protect)")
+    if caps.get("needs_models"):
+        parts.append(f"needs the protection's models: {', '.join(caps['needs_models'])}")
+    if caps.get("reports") == "best":
+        parts.append("reports the best epoch")
+    if caps["expensive_on_cpu"]:
+        parts.append("expensive on CPU")
+    return "; ".join(parts)
 
 
 def component_table(registries: dict, kinds: list[str]) -> str:

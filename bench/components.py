@@ -244,15 +244,16 @@ class Countermeasure(_Declared):
     needs_models: ClassVar[tuple[str, ...]] = ()
     reports: ClassVar[str] = "final"
 
-    def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+    def purify(self, train: ImageSet, *, seed: int, device: torch.device, **needs: Models) -> ImageSet:
         """Data-stage preprocessing of the (protected) train set; the test set is never touched."""
-        return self.fit(train, seed=seed, device=device).data if DATA in self.stages else train
+        return self.fit(train, seed=seed, device=device, **needs).data if DATA in self.stages else train
 
-    def fit(self, train: ImageSet, *, seed: int, device: torch.device) -> Fitted:
-        """The purified set and the models fitted on the way (none unless overridden)."""
-        return Fitted(self.purify(train, seed=seed, device=device))
+    def fit(self, train: ImageSet, *, seed: int, device: torch.device, **needs: Models) -> Fitted:
+        """The purified set and the models fitted on the way (none unless overridden). ``needs`` is
+        ``models=`` for a countermeasure that declares ``needs_models``, and empty otherwise."""
+        return Fitted(self.purify(train, seed=seed, device=device, **needs))
 
-    def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
+    def train_hooks(self, num_classes: int, image_size: int, **needs: Models) -> TrainHooks:
         """Train-stage changes to the training loop (none unless ``"train"`` is a stage)."""
         return TrainHooks()
 

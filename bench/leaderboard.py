@@ -1,4 +1,5 @@
-"""Leaderboards from records: one table per dataset × victim (× recipe × poison ratio), in DH Table I's
+"""Leaderboards from records, a pure step over them (no torch, no plugins: a record carries all the
+leaderboard reads): one table per dataset × victim (× recipe × poison ratio), in DH Table I's
 layout: rows = protections (clean first), columns = countermeasures, then ``Mean`` and ``Max`` over the
 countermeasures; mean ± std over seeds where there are several. Written as CSV and Markdown.
 
@@ -11,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from bench.components import COUNTERMEASURES
 from bench.records import RecordLog
 
 GROUP = ("dataset", "victim", "recipe", "poison_ratio")
@@ -37,64 +38,100 @@ class Table:
 
 def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | None = None,
                  metric: str = "final", mix_recipes: bool = False) -> list[Table]:
-    """Pivot the latest record of each cell into tables; ``metric`` is ``final`` or ``best`` (oracle early stop).
-
-    Records of different recipes go to different tables unless ``mix_recipes`` (then the title names them all).
+    """Pivot the latest record of each cell into tables; ``metric`` is one of ``METRICS`` (``best``: oracle early
+    stop). Records of different recipes go to different tables unless ``mix_recipes`` (the title names them all).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    latest = {r["cell"]: r for r in records if "cell" in r}
-    if not latest:
+    frame = latest_positions(records)
+    if frame.empty:
         return []
+    if mix_recipes:
+        frame["recipe"] = "+".join(sorted(frame["recipe"].unique()))
+    frame["value"] = cell_values(frame, metric)
+    frame["protection"] = row_labels(frame)
+    frame, by_ratio = ratio_columns(frame)
+    ratios = not by_ratio and frame["poison_ratio"].nunique() > 1
+    return [pivot(group, keys, order or {}, metric, by_ratio, ratios)
+            for keys, group in frame.groupby(list(GROUP), sort=False)]
+
+
+def latest_positions(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per table position: the latest record of each cell key, and where a matrix edited between runs
+    left several keys at one position (same labels and seed), the newest of them."""
+    latest = {r["cell"]: r for r in records if "cell" in r}
     frame = pd.DataFrame(list(latest.values()))
-    # A matrix edited between runs leaves records of cells that share a table position (same labels and seed)
-    # but not the key: the newest one stands for that position.
+    if frame.empty:
+        return frame
     position = [c for c in (*GROUP, "mix", "protection", "countermeasure", "seed") if c in frame]
     recency = frame["finished_at"] if "finished_at" in frame else pd.Series(range(len(frame)), index=frame.index)
     frame = frame.loc[recency.sort_values(kind="stable").index].drop_duplicates(position, keep="last")
     frame["recipe"] = frame.get("recipe", pd.Series(dtype=object)).fillna("?")
-    if mix_recipes:
-        frame["recipe"] = "+".join(sorted(frame["recipe"].unique()))
+    return frame
+
+
+def cell_values(frame: pd.DataFrame, metric: str) -> pd.Series:
+    """Each row's number in percent: ``metric``, or the best epoch where the record's countermeasure reports it
+    (``countermeasure_reports = "best"``: early_stop); NaN for failed cells."""
     column = f"test_acc_{metric}" if metric in ("final", "best") else metric
-    frame["value"] = pd.to_numeric(frame[column] if column in frame else None, errors="coerce") * 100
-    best = frame.get("countermeasure_name", pd.Series(index=frame.index, dtype=object)).map(_reports_best)
+    value = pd.to_numeric(frame[column] if column in frame else None, errors="coerce") * 100
+    reports = frame.get("countermeasure_reports", pd.Series(index=frame.index, dtype=object))
+    if reports.isna().any():
+        warnings.warn(f"{int(reports.isna().sum())} record(s) carry no countermeasure_reports (written by an older "
+                      "bench): their columns show the final epoch even for a countermeasure that reports its best "
+                      "(early_stop); rerun those cells into a fresh --results folder to refresh them", stacklevel=2)
+    best = reports == "best"
     if "test_acc_best" in frame and best.any():  # oracle early stopping: the best epoch, whatever the metric
-        frame.loc[best, "value"] = pd.to_numeric(frame.loc[best, "test_acc_best"], errors="coerce") * 100
-    frame.loc[frame["status"] != "ok", "value"] = float("nan")
+        value[best] = pd.to_numeric(frame.loc[best, "test_acc_best"], errors="coerce") * 100
+    value[frame["status"] != "ok"] = float("nan")
+    return value
+
+
+def row_labels(frame: pd.DataFrame) -> pd.Series:
+    """``protection``, or ``protection [mix]`` for cells with another train-set mix than ``protected``."""
     mix = frame["mix"].fillna("protected") if "mix" in frame else pd.Series("protected", index=frame.index)
-    frame["protection"] = frame["protection"].where(mix == "protected", frame["protection"] + " [" + mix + "]")
-    ratios = frame["poison_ratio"].nunique() > 1
-    by_ratio = ratios and frame["countermeasure"].nunique() == 1
-    if by_ratio:  # ConfounderGAN Fig. 5's layout: one column per poison ratio p, a row per series
-        only = frame["countermeasure"].iloc[0]
-        frame["countermeasure"] = "p=" + frame["poison_ratio"].map("{:g}".format) + ("" if only == "none" else f" ({only})")
-        frame["poison_ratio"], ratios = "all", False
-    tables = []
-    for keys, group in frame.groupby(list(GROUP), sort=False):
-        dataset, victim, recipe, ratio = keys
-        stats = group.groupby(["protection", "countermeasure"], sort=False)["value"].agg(["mean", "std", "count"])
-        failed = group[group["status"] != "ok"].groupby(["protection", "countermeasure"]).size()
-        rows = _ordered(group["protection"], (order or {}).get("protections"), first="clean")
-        cols = sorted(set(group["countermeasure"]), key=lambda c: float(c[2:].split()[0])) if by_ratio else \
-            _ordered(group["countermeasure"], (order or {}).get("countermeasures"), first="none")
-        mean = stats["mean"].unstack().reindex(index=rows, columns=cols)
-        std = stats["std"].unstack().reindex(index=rows, columns=cols)
-        count = stats["count"].unstack().reindex(index=rows, columns=cols).fillna(0)
-        mean["Mean"], mean["Max"] = mean[cols].mean(axis=1), mean[cols].max(axis=1)
-        display = mean.copy().astype(object)
-        for r in rows:
-            for c in cols:
-                m, s, n = mean.at[r, c], std.at[r, c], count.at[r, c]
-                display.at[r, c] = ("error" if (r, c) in failed.index else "") if pd.isna(m) else (
-                    f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}")
-            for c in ("Mean", "Max"):
-                display.at[r, c] = "" if pd.isna(mean.at[r, c]) else f"{mean.at[r, c]:.2f}"
-        display.index.name = mean.index.name = std.index.name = "protection"
-        suffix = f", poison ratio {ratio:g}" if ratios else ""
-        title = f"{dataset} × {victim} — {METRICS[metric]}, recipe {recipe}{suffix}"
-        slug = _slug(f"{dataset}__{victim}__{recipe}" + (f"__p{ratio:g}" if ratios else ""))
-        tables.append(Table(title, slug, mean, std, display))
-    return tables
+    return frame["protection"].where(mix == "protected", frame["protection"] + " [" + mix + "]")
+
+
+def ratio_columns(frame: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """ConfounderGAN Fig. 5's layout where several poison ratios meet a single countermeasure: a column per ratio
+    p (``p=0.5 …``) and a row per series; returns the frame and whether that layout applies."""
+    if frame["poison_ratio"].nunique() < 2 or frame["countermeasure"].nunique() != 1:
+        return frame, False
+    frame = frame.copy()
+    only = frame["countermeasure"].iloc[0]
+    frame["countermeasure"] = "p=" + frame["poison_ratio"].map("{:g}".format) + ("" if only == "none" else f" ({only})")
+    frame["poison_ratio"] = "all"
+    return frame, True
+
+
+def pivot(group: pd.DataFrame, keys: tuple, order: dict[str, list[str]], metric: str, by_ratio: bool,
+          ratios: bool) -> Table:
+    """One table: protections × countermeasures (clean and none first, else the matrix's order), Mean and Max
+    over the countermeasures, ``mean ± std`` over seeds where there are several, ``error`` for failed cells."""
+    dataset, victim, recipe, ratio = keys
+    stats = group.groupby(["protection", "countermeasure"], sort=False)["value"].agg(["mean", "std", "count"])
+    failed = group[group["status"] != "ok"].groupby(["protection", "countermeasure"]).size()
+    rows = _ordered(group["protection"], order.get("protections"), first="clean")
+    cols = sorted(set(group["countermeasure"]), key=lambda c: float(c[2:].split()[0])) if by_ratio else \
+        _ordered(group["countermeasure"], order.get("countermeasures"), first="none")
+    mean = stats["mean"].unstack().reindex(index=rows, columns=cols)
+    std = stats["std"].unstack().reindex(index=rows, columns=cols)
+    count = stats["count"].unstack().reindex(index=rows, columns=cols).fillna(0)
+    mean["Mean"], mean["Max"] = mean[cols].mean(axis=1), mean[cols].max(axis=1)
+    display = mean.copy().astype(object)
+    for r in rows:
+        for c in cols:
+            m, s, n = mean.at[r, c], std.at[r, c], count.at[r, c]
+            display.at[r, c] = ("error" if (r, c) in failed.index else "") if pd.isna(m) else (
+                f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}")
+        for c in ("Mean", "Max"):
+            display.at[r, c] = "" if pd.isna(mean.at[r, c]) else f"{mean.at[r, c]:.2f}"
+    display.index.name = mean.index.name = std.index.name = "protection"
+    suffix = f", poison ratio {ratio:g}" if ratios else ""
+    title = f"{dataset} × {victim} — {METRICS[metric]}, recipe {recipe}{suffix}"
+    slug = _slug(f"{dataset}__{victim}__{recipe}" + (f"__p{ratio:g}" if ratios else ""))
+    return Table(title, slug, mean, std, display)
 
 
 def markdown(table: Table) -> str:
@@ -134,11 +171,6 @@ def leaderboard(results: Path, matrix_name: str, metric: str = "final",
         flat.drop(columns=[c for c in ("train_acc", "test_acc", "error") if c in flat]).to_csv(out_dir / "records.csv", index=False)
         written.append(out_dir / "records.csv")
     return tables, written
-
-
-def _reports_best(name: Any) -> bool:
-    """Whether a countermeasure's column shows ``test_acc_best`` (``reports = "best"``, e.g. ``early_stop``)."""
-    return isinstance(name, str) and name in COUNTERMEASURES and COUNTERMEASURES.get(name).reports == "best"
 
 
 def _ordered(labels: pd.Series, preferred: list[str] | None, first: str) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
 from bench.data import DATASETS
+from bench.mixes import MIXES
 from bench.registry import ConfigError, Registry
 from bench.recipes import make_recipe
 
@@ -27,13 +28,6 @@ AXES: dict[str, Registry] = {"datasets": DATASETS, "protections": PROTECTIONS,
                              "countermeasures": COUNTERMEASURES, "victims": VICTIMS}
 TOP_LEVEL = {"name", "description", "seeds", "poison_ratio", "mix", "recipe", "exclude", *AXES}
 CELL_KEYS = ("dataset", "protection", "countermeasure", "victim", "seed", "poison_ratio", "mix")
-# How a cell's train set combines the poison_ratio p of each class (protected) with the rest (ConfounderGAN §5.2):
-MIXES = {
-    "protected": "p protected (protection fitted on the whole train set) + (1 − p) clean",
-    "fit_subset": "p protected by a protection fitted on that p only + (1 − p) clean (Fig. 5, Polylines 3–4)",
-    "ood": "p protected as fit_subset + (1 − p) encrypted without labels by the fitted model (Fig. 5, Polyline 5)",
-    "clean_only": "only the (1 − p) clean part; the protection is not used (Fig. 5, Polyline 2)",
-}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,8 @@ fp32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,3 +101,18 @@ class _evaluating:
 
     def __exit__(self, *exc: object) -> None:
         self.model.train(self.was_training)
+
+
+def perturbation_metrics(clean: torch.Tensor, protected: torch.Tensor) -> dict[str, float | None]:
+    """L∞ and mean per-image L2 of ``protected − clean`` in [0, 1] units, and mean per-image PSNR (dB).
+
+    Images left unchanged are left out of the PSNR mean (their PSNR is infinite); ``None`` if all are.
+    """
+    if len(clean) == 0:
+        return {"linf": 0.0, "l2": 0.0, "psnr": None}
+    diff = (protected.double() - clean.double()).flatten(1) / 255
+    mse = diff.pow(2).mean(1)
+    changed = mse > 0
+    psnr = (10 * torch.log10(1 / mse[changed])).mean().item() if changed.any() else None
+    return {"linf": diff.abs().max().item(), "l2": diff.norm(dim=1).mean().item(),
+            "psnr": None if psnr is None or math.isnan(psnr) else psnr}

@@ -1,8 +1,8 @@
-"""The stages of one cell, run in joblib worker processes (or in-process for one job).
+"""The stages of one cell, each a function of one frozen job, run in joblib worker processes (or in-process).
 
-protect (clean train set → protected set, cached) → purify (data-stage countermeasure on the train set with
-``poison_ratio`` of each class protected, cached) → train and evaluate a victim on the clean test set
-(→ one record). Jobs are plain dicts of names and parameters; components are rebuilt from the registries.
+protect (clean train set → protected set and its fitted models, cached) → purify (data-stage countermeasure on
+the train set as the cell's mix assembles it, cached) → train and evaluate a victim on the clean test set
+(→ one record). Components are named by their ``Choice`` and rebuilt from the registries in the worker.
 """
 
 from __future__ import annotations
@@ -17,141 +17,177 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from bench import mixes
+from bench.artifacts import load_models
 from bench.cache import Cache, library_versions
-from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
+from bench.components import COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, ImageSet, Models
 from bench.data import DATASETS
-from bench.metrics import confidence_ascent_ratio, gradient_compression_ratio
-from bench.records import perturbation_metrics
-from bench.recipes import make_recipe
+from bench.matrix import Choice
+from bench.metrics import confidence_ascent_ratio, gradient_compression_ratio, perturbation_metrics
+from bench.planner import Components, Plan
+from bench.recipes import Recipe, make_recipe
 from bench.train import train_and_evaluate
 
-def protect_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Protect the clean train set and cache the result."""
-    cache = Cache(Path(job["cache"]))
-    train = cache.load("dataset", f"{job['dataset_key']}-train")
-    protection = PROTECTIONS.create(job["protection"].name, **job["protection"].kwargs)
+
+@dataclasses.dataclass(frozen=True)
+class ProtectJob:
+    """Protect a dataset's clean train set (on ``fitted_on`` of each class only, when set) into ``key``."""
+
+    cache: Path
+    threads: int
+    key: str
+    dataset_key: str
+    protection: Choice
+    seed: int
+    fitted_on: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PurifyJob:
+    """Apply the plan's data-stage countermeasure to its assembled train set, into ``plan.purify_key``."""
+
+    cache: Path
+    threads: int
+    plan: Plan
+
+    @property
+    def key(self) -> str:
+        return self.plan.purify_key or ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """Train and evaluate the plan's victim; ``upstream_error`` is an earlier stage's traceback, if it failed."""
+
+    cache: Path
+    threads: int
+    plan: Plan
+    matrix: str
+    recipe: dict[str, Any]
+    upstream_error: str | None
+    show_epochs: bool
+
+
+def protect_job(job: ProtectJob, device: torch.device) -> dict[str, Any]:
+    """Protect the clean train set and cache the result with the models the protection fitted."""
+    cache = Cache(job.cache)
+    train = mixes.require(cache, "dataset", f"{job.dataset_key}-train")
+    protection = PROTECTIONS.create(job.protection.name, **job.protection.kwargs)
     start = time.perf_counter()
-    kind = getattr(protection, "artifact", None)  # a model the protection trains and saves beside its poison
-    extra = {"artifacts": cache.path(kind, job["key"])} if kind else {}
-    if job.get("fitted_on") is None:
-        protected = protection.protect(train, seed=job["seed"], device=device, **extra)
-    else:
-        protected = _fit_on_subset(protection, train, job, device, extra)
+    fitted = mixes.fit_protection(protection, train, job.fitted_on, seed=job.seed, device=device)
     seconds = time.perf_counter() - start
-    _check_output(train, protected, f"protection {job['protection'].label}")
-    cache.save("protected", job["key"], protected, {"spec": protection.spec(), "seed": job["seed"],
-                                                    "seconds": seconds, "device": str(device), "info": protected.info,
-                                                    **perturbation_metrics(train.images, protected.images)})
+    _check_output(train, fitted.data, f"protection {job.protection.label}")
+    if sorted(fitted.models) != sorted(protection.fits):
+        raise RuntimeError(f"protection {protection.name} declares fits = {protection.fits} but returned models "
+                           f"{sorted(fitted.models)}")
+    cache.save("protected", job.key, fitted.data, {"spec": protection.spec(), "seed": job.seed, "seconds": seconds,
+                                                   "device": str(device), "info": fitted.data.info,
+                                                   **perturbation_metrics(train.images, fitted.data.images)},
+               models=fitted.models)
     return {"seconds": seconds}
 
 
-def purify_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Apply a data-stage countermeasure to the (partly) protected train set and cache the result."""
-    cache = Cache(Path(job["cache"]))
-    _, train, _ = training_set(cache, job)
-    countermeasure = COUNTERMEASURES.create(job["countermeasure"].name, **job["countermeasure"].kwargs)
+def purify_job(job: PurifyJob, device: torch.device) -> dict[str, Any]:
+    """Apply a data-stage countermeasure to the cell's (partly) protected train set and cache the result."""
+    cache = Cache(job.cache)
+    train = mixes.assemble(cache, job.plan.source).train
+    countermeasure = COUNTERMEASURES.create(job.plan.cell.countermeasure.name, **job.plan.cell.countermeasure.kwargs)
     start = time.perf_counter()
-    purified = countermeasure.purify(train, seed=job["seed"], device=device)
+    fitted = countermeasure.fit(train, seed=job.plan.cell.seed, device=device,
+                                **_models_for(countermeasure, cache, job.plan, device))
     seconds = time.perf_counter() - start
-    _check_output(train, purified, f"countermeasure {job['countermeasure'].label}")
-    cache.save("purified", job["key"], purified, {"spec": countermeasure.spec(), "seconds": seconds,
-                                                  "device": str(device), "info": purified.info})
+    _check_output(train, fitted.data, f"countermeasure {job.plan.cell.countermeasure.label}")
+    cache.save("purified", job.key, fitted.data, {"spec": countermeasure.spec(), "seed": job.plan.cell.seed,
+                                                  "seconds": seconds, "device": str(device), "info": fitted.data.info},
+               models=fitted.models)
     return {"seconds": seconds}
 
 
-def train_job(job: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def train_job(job: TrainJob, device: torch.device) -> dict[str, Any]:
     """Train and evaluate one cell; always returns a record (status ``error`` with the traceback on failure)."""
-    plan = job["plan"]
-    record: dict[str, Any] = {**plan, "device": str(device), "threads": job["threads"], "status": "ok",
+    record: dict[str, Any] = {**describe(job), "device": str(device), "threads": job.threads, "status": "ok",
                               "error": None, "versions": library_versions(), "seconds": {}}
     try:
-        if job["upstream_error"]:
-            raise RuntimeError(f"an earlier stage failed:\n{job['upstream_error']}")
-        cache = Cache(Path(job["cache"]))
+        if job.upstream_error:
+            raise RuntimeError(f"an earlier stage failed:\n{job.upstream_error}")
+        cache = Cache(job.cache)
         start = time.perf_counter()
-        clean, train, mask = training_set(cache, job)
-        if mask.any():  # clean vs protected, over the protected images
-            record.update(perturbation_metrics(clean.images[mask], train.images[mask]))
-        protected = train
-        if job["purify_key"]:
-            train = _require(cache, "purified", job["purify_key"])
-        test = _require(cache, "dataset", f"{job['dataset_key']}-test")
+        sets = mixes.assemble(cache, job.plan.source)
+        train = mixes.require(cache, "purified", job.plan.purify_key) if job.plan.purify_key else sets.train
+        test = mixes.require(cache, "dataset", f"{job.plan.dataset_key}-test")
         record["seconds"]["load"] = time.perf_counter() - start
-        for stage, kind, key in (("protect", "protected", job["protection_key"]), ("purify", "purified", job["purify_key"])):
-            if key:
-                manifest = cache.manifest(kind, key)
-                record["seconds"][stage] = manifest["seconds"]
-                record[f"{stage}_info"] = manifest.get("info", {})
-        victim = VICTIMS.create(plan["victim_name"], **plan["victim_params"])
-        countermeasure = COUNTERMEASURES.create(plan["countermeasure_name"], **plan["countermeasure_params"])
-        recipe = make_recipe(**job["recipe"]).for_victim(victim.name)
-        record["recipe"], record["recipe_params"] = recipe.name, dataclasses.asdict(recipe)
-        augment = DATASETS.get(plan["dataset_name"]).augment if recipe.augment == "dataset" else recipe.augment
-        hooks = countermeasure.train_hooks(train.num_classes, train.size) if countermeasure.stage == "train" else None
-        torch.manual_seed(plan["seed"])
+        seconds, reports = stage_reports(cache, job.plan)
+        record["seconds"].update(seconds)
+        record.update(reports)
+        if sets.mask.any():  # clean vs protected, over the protected images
+            record.update(perturbation_metrics(sets.clean.images[sets.mask], sets.train.images[sets.mask]))
+        built = Components.of(job.plan.cell)
+        recipe = make_recipe(**job.recipe).for_victim(built.victim.name)
+        record.update(recipe=recipe.name, recipe_params=dataclasses.asdict(recipe))
         start = time.perf_counter()
-        model = victim.build(train.num_classes, train.channels, train.size)
-        with tqdm(total=None if recipe.iterations else recipe.epochs, desc="  epochs", leave=False,
-                  file=sys.stderr, disable=not job["show_epochs"]) as bar:
-            result = train_and_evaluate(model, train, test, recipe, seed=plan["seed"], device=device, augment=augment,
-                                        hooks=hooks, on_epoch=lambda e, tr, te: (bar.update(), bar.set_postfix(test=f"{te:.3f}")))
+        result = _train(job, built, recipe, train, test, device)
         record["seconds"]["train"] = time.perf_counter() - start
-        record.update({"test_acc_final": result["final"], "test_acc_best": result["best"],
-                       "best_epoch": result["best_epoch"], "train_acc": result["train_acc"],
-                       "test_acc": result["test_acc"], "images_per_s": result["images_per_s"], "augment": augment,
-                       "precision": result["precision"], "steps": result["steps"]})
-        if mask.any() and job["protection_key"]:
-            record.update(gradient_metrics(result["model"], clean, protected, mask, device))
+        record.update({k: v for k, v in result.items() if k != "model"})
+        if sets.mask.any() and job.plan.protection_key:
+            record.update(gradient_metrics(result["model"], sets.clean, sets.train, sets.mask, device))
     except Exception:
         record.update(status="error", error=traceback.format_exc())
     record["finished_at"] = time.time()
     return record
 
 
-def class_mask(data: ImageSet, ratio: float, seed: int) -> torch.Tensor:
-    """A seeded random ``ratio`` of each class (the protected part of a cell's train set)."""
-    mask = torch.zeros(len(data), dtype=torch.bool)
-    gen = torch.Generator().manual_seed(seed)
-    for c in range(data.num_classes):
-        members = torch.nonzero(data.labels == c).flatten()
-        members = members[torch.randperm(len(members), generator=gen)]
-        mask[members[: round(ratio * len(members))]] = True
-    return mask
+def describe(job: TrainJob) -> dict[str, Any]:
+    """A record's identity: its key, matrix, labels, components (name, params, declared stages and reports)."""
+    cell, plan = job.plan.cell, job.plan
+    info: dict[str, Any] = {"cell": plan.cell_key, "matrix": job.matrix, "seed": cell.seed,
+                            "poison_ratio": cell.poison_ratio, "mix": cell.mix, "protection_key": plan.protection_key}
+    for axis in ("dataset", "protection", "countermeasure", "victim"):
+        choice = getattr(cell, axis)
+        info.update({axis: choice.label, f"{axis}_name": choice.name, f"{axis}_params": choice.kwargs})
+    countermeasure = COUNTERMEASURES.get(cell.countermeasure.name)
+    info.update(countermeasure_stage="+".join(sorted(countermeasure.stages)) or "none",
+                countermeasure_reports=countermeasure.reports)
+    return info
 
 
-def training_set(cache: Cache, job: dict[str, Any]) -> tuple[ImageSet, ImageSet, torch.Tensor]:
-    """Clean train set, the cell's train set as its ``mix`` says (``bench.matrix.MIXES``), and the mask of the
-    protected images in the clean set's indexing (for ``clean_only`` the train set is the clean rest)."""
-    clean = _require(cache, "dataset", f"{job['dataset_key']}-train")
-    mix = job.get("mix", "protected")
-    mask = class_mask(clean, job["poison_ratio"], job["seed"])
-    if mix == "clean_only":
-        return clean, clean.subset(torch.nonzero(~mask).flatten()), torch.zeros(len(clean), dtype=torch.bool)
-    if not job["protection_key"]:
-        return clean, clean, torch.ones(len(clean), dtype=torch.bool)
-    protected = _require(cache, "protected", job["protection_key"])
-    if mix == "ood":  # the fitted part and the rest, encrypted out of distribution: all of it is changed
-        return clean, clean.with_images(protected.images), torch.ones(len(clean), dtype=torch.bool)
-    mixed = torch.where(mask[:, None, None, None], protected.images, clean.images)
-    return clean, clean.with_images(mixed), mask
+def stage_reports(cache: Cache, plan: Plan) -> tuple[dict[str, float], dict[str, Any]]:
+    """What the protect and purify stages reported in their manifests: their seconds, and their info and fitted
+    models (``protect_info``, ``protect_models`` …)."""
+    seconds, reports = {}, {}
+    for stage, kind, key in (("protect", "protected", plan.protection_key), ("purify", "purified", plan.purify_key)):
+        if key:
+            manifest = cache.manifest(kind, key)
+            seconds[stage] = manifest["seconds"]
+            reports.update({f"{stage}_info": manifest.get("info", {}),
+                            f"{stage}_models": sorted(manifest.get("models", {}))})
+    return seconds, reports
 
 
-def _fit_on_subset(protection: Any, train: ImageSet, job: dict[str, Any], device: torch.device,
-                   extra: dict[str, Any]) -> ImageSet:
-    """Fit the protection on the ``fitted_on`` ratio of each class only (ConfounderGAN §5.2); a protection with a
-    saved model also encrypts the rest without labels (out of distribution), others leave it clean."""
-    mask = class_mask(train, job["fitted_on"], job["seed"])
-    fitted = protection.protect(train.subset(torch.nonzero(mask).flatten()), seed=job["seed"], device=device, **extra)
-    images = train.images.clone()
-    images[mask] = fitted.images
-    info = {**fitted.info, "fitted_on": int(mask.sum()), "encrypted_unseen": 0}
-    if extra and (~mask).any():
-        from bench.encrypt import encrypt, load_generator
+def _train(job: TrainJob, built: Components, recipe: Recipe, train: ImageSet, test: ImageSet,
+           device: torch.device) -> dict[str, Any]:
+    """Build the victim and train it with the countermeasure's hooks, showing epochs where asked."""
+    countermeasure, cell = built.countermeasure, job.plan.cell
+    augment = DATASETS.get(cell.dataset.name).augment if recipe.augment == "dataset" else recipe.augment
+    hooks = countermeasure.train_hooks(train.num_classes, train.size, **_models_for(
+        countermeasure, Cache(job.cache), job.plan, device)) if TRAIN in countermeasure.stages else None
+    torch.manual_seed(cell.seed)
+    model = built.victim.build(train.num_classes, train.channels, train.size)
+    with tqdm(total=None if recipe.iterations else recipe.epochs, desc="  epochs", leave=False, file=sys.stderr,
+              disable=not job.show_epochs) as bar:
+        result = train_and_evaluate(model, train, test, recipe, seed=cell.seed, device=device, augment=augment,
+                                    hooks=hooks, on_epoch=lambda e, tr, te: (bar.update(), bar.set_postfix(test=f"{te:.3f}")))
+    return {"test_acc_final": result["final"], "test_acc_best": result["best"], "best_epoch": result["best_epoch"],
+            "train_acc": result["train_acc"], "test_acc": result["test_acc"], "images_per_s": result["images_per_s"],
+            "augment": augment, "precision": result["precision"], "steps": result["steps"], "model": result["model"]}
 
-        model, _ = load_generator(str(extra["artifacts"]), protection.name, Path(job["cache"]).parent, device)
-        images[~mask] = encrypt(model, train.images[~mask], device=device)
-        info["encrypted_unseen"] = int((~mask).sum())
-    return train.with_images(images, **info)
+
+def _models_for(countermeasure: Any, cache: Cache, plan: Plan, device: torch.device) -> dict[str, Models]:
+    """``{"models": …}`` for a countermeasure that declares ``needs_models`` (the planner checked that the cell's
+    protection fits them), else nothing: only such countermeasures take the keyword."""
+    if not countermeasure.needs_models:
+        return {}
+    assert plan.protection_key is not None, "the planner refuses needs_models without a protection"
+    return {"models": load_models(cache.path("protected", plan.protection_key), countermeasure.needs_models, device)}
 
 
 def gradient_metrics(model: torch.nn.Module, clean: ImageSet, protected: ImageSet, mask: torch.Tensor,
@@ -162,13 +198,6 @@ def gradient_metrics(model: torch.nn.Module, clean: ImageSet, protected: ImageSe
     index = index[torch.linspace(0, len(index) - 1, min(limit, len(index))).long()]
     args = (model, clean.images[index], protected.images[index], clean.labels[index], device)
     return {"car": confidence_ascent_ratio(*args), "gcr": gradient_compression_ratio(*args)}
-
-
-def _require(cache: Cache, kind: str, key: str) -> ImageSet:
-    data = cache.load(kind, key)
-    if data is None:
-        raise RuntimeError(f"cache entry {kind}/{key} is missing or corrupted; rerun to rebuild it")
-    return data
 
 
 def _check_output(before: ImageSet, after: ImageSet, what: str) -> None:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.components import PROTECTIONS, ImageSet, Protection
-from bench.encrypt import encrypt, save_generator
+from bench.components import PROTECTIONS, Fitted, ImageSet, Models, Protection
 from protections import _surrogate as S
 
 LR = 0.025  # App. G.3: generator (cosine) and discriminator (constant)
@@ -22,6 +20,22 @@ def _descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+
+
+@torch.no_grad()
+def encrypt(generator: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """uint8 N×C×H×W → uint8 clip(x + G(x)) on the CPU, batch-wise in fp32. The change is rounded in integer
+    pixel units and clamped to ±⌊ε⌋, so |x′ − x| ≤ ε holds exactly whatever the float arithmetic."""
+    bound = math.floor(float(generator.arch["epsilon"]) + 1e-6)
+    out = torch.empty_like(images, device="cpu")
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        delta = generator(batch.float().div(255))
+        if not torch.isfinite(delta).all():
+            raise RuntimeError("the generator produced non-finite noise; it is broken: retrain it")
+        step = delta.mul(255).round().clamp(-bound, bound).to(torch.int16)
+        out[start:start + batch_size] = (batch.to(torch.int16) + step).clamp(0, 255).to(torch.uint8).cpu()
+    return out
 
 
 def _block(conv: nn.Module) -> nn.Sequential:
@@ -77,8 +91,10 @@ class ConfounderGAN(Protection):
     clamped to ±⌊ε⌋ levels (``bench.encrypt.encrypt``, shared with ``bench protect``). Inside that box the
     hinge pulls the noise energy towards c = ``hinge_ratio``·ε·√(C·H·W), the L2 norm of noise of RMS
     ``hinge_ratio``·ε. ε as §5.1: 8 for 32×32 sets (SVHN, CIFAR-10), 16 otherwise (ImageNet25, medical).
-    ``epochs`` per App. G.3: 200 SVHN/CIFAR-10/Keratitis, 100 BloodMNIST, 400 ISIC, 5000 ImageNet25. With
-    ``artifacts`` (a cache folder, see ``bench.encrypt``) the generator is saved for fast encryption.
+    ``epochs`` per App. G.3: 200 SVHN/CIFAR-10/Keratitis, 100 BloodMNIST, 400 ISIC, 5000 ImageNet25. ``fit``
+    returns the generator (``fits = ("generator",)``); the harness saves it beside the poison (``bench.artifacts``)
+    and ``encrypt`` protects unseen images with it, without labels (§4.3 Fig. 3(b): the ``ood`` mix of §5.2.2,
+    ``bench protect``).
 
     Unstated in the paper, chosen here: c (``hinge_ratio``), widths (``width``), kernels, per-image norms
     (InstanceNorm in G, GroupNorm in D: an image's noise never depends on its batch), batch 128, no weight
@@ -98,11 +114,14 @@ class ConfounderGAN(Protection):
         surrogate_epochs: f's pretraining epochs.
 
     ``info``: f's clean accuracy, its accuracy on G(x) alone (final, and per epoch measured on the fly) and
-    on the published set, final-epoch mean losses, the ``generator`` key, seconds.
+    on the published set, final-epoch mean losses, seconds.
     """
 
     paper: ClassVar[str] = "ConfounderGAN §4.3, Alg. 1, Eq. 2–5, App. G.3 (ε: §5.1)"
-    artifact: ClassVar[str] = "generator"
+    fits: ClassVar[tuple[str, ...]] = ("generator",)
+    encrypts_unseen: ClassVar[bool] = True
+    surrogate_param: ClassVar[str | None] = "surrogate"
+    expensive_on_cpu: ClassVar[bool] = True
     epsilon: float = 8.0
     epochs: int = 200
     alpha: float = 0.001
@@ -120,16 +139,21 @@ class ConfounderGAN(Protection):
             raise ValueError("confoundergan needs surrogate_epochs ≥ 1, alpha ≥ 0 and hinge_ratio ≥ 0")
 
     @classmethod
-    def build_generator(cls, arch: dict[str, Any]) -> Generator:
+    def build_model(cls, kind: str, arch: dict[str, Any]) -> Generator:
+        if kind != "generator":
+            raise ValueError(f"confoundergan fits a generator, not a {kind!r} model")
         return Generator(arch["channels"], arch["size"], arch["width"], arch["epsilon"])
 
-    def protect(self, train: ImageSet, *, seed: int, device: torch.device, artifacts: Path | None = None) -> ImageSet:
+    def encrypt(self, models: Models, images: torch.Tensor, *, device: torch.device) -> torch.Tensor:
+        return encrypt(models["generator"], images, device=device, batch_size=max(self.batch_size, 256))
+
+    def fit(self, train: ImageSet, *, seed: int, device: torch.device) -> Fitted:
         start = time.perf_counter()
         f, clean_accuracy = S.pretrain(self.surrogate, train, seed=seed, device=device, epochs=self.surrogate_epochs)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         x, y = S.to_float(train, device), train.labels.to(device)
-        G = self.build_generator({"channels": train.channels, "size": train.size, "width": self.width,
+        G = self.build_model("generator", {"channels": train.channels, "size": train.size, "width": self.width,
                                   "epsilon": self.epsilon}).to(device)
         D = Discriminator(train.channels, self.width).to(device)
         opt_g, opt_d = (torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9) for m in (G, D))
@@ -165,7 +189,7 @@ class ConfounderGAN(Protection):
             history.append(totals[4].item())
         G.eval()
         means = (totals[:4] / per_epoch).tolist() if self.epochs else [None] * 4
-        published = encrypt(G, train.images, device=device, batch_size=max(self.batch_size, 256))
+        published = self.encrypt(Models({"generator": G}), train.images, device=device)
         with torch.no_grad():
             noise = torch.cat([G(x[i]) for i in S.batches(len(x), 256, device)])  # f on G(x) alone, as Eq. 3
         info: dict[str, Any] = {
@@ -173,7 +197,4 @@ class ConfounderGAN(Protection):
             "noise_accuracy_per_epoch": history, "protected_accuracy": S.accuracy(f, S.to_float(
                 train.with_images(published), device), y),
             **dict(zip(("generator_loss", "discriminator_loss", "confounder_loss", "hinge_loss"), means))}
-        if artifacts is not None:
-            save_generator(Path(artifacts), G, {"protection": self.spec(), "seed": seed, "info": info})
-            info["generator"] = Path(artifacts).name
-        return train.with_images(published, **info, seconds=time.perf_counter() - start)
+        return Fitted(train.with_images(published, **info, seconds=time.perf_counter() - start), Models({"generator": G}))

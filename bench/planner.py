@@ -1,0 +1,141 @@
+"""Planning a matrix before anything runs: each cell's cache keys, and every capability check.
+
+A cell is refused here (``ConfigError``: ``bench run`` exits 2, naming the cell and the reason) when it asks a
+component for something it has not declared: an ``ood`` mix with a protection that cannot encrypt unseen
+images, a countermeasure that needs a model its protection does not fit, a surrogate that is not a victim,
+pretrained weights that are not on this machine. Components that are expensive on a CPU are warned about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from bench import mixes
+from bench.cache import Cache, make_key
+from bench.components import COUNTERMEASURES, DATA, PROTECTIONS, VICTIMS, Countermeasure, Protection, Victim
+from bench.data import DATASETS, fingerprint
+from bench.matrix import Cell
+from bench.recipes import make_recipe
+from bench.registry import ConfigError
+
+MAX_LISTED = 10  # refused cells named in one error
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A cell with its cache keys (``protection_key``/``purify_key`` are ``None`` where a stage is the
+    identity) and the source its train set is assembled from."""
+
+    cell: Cell
+    source: mixes.TrainSource
+    purify_key: str | None
+    cell_key: str
+    protection_fits: tuple[str, ...] = ()  # the models its protected set must hold
+
+    @property
+    def dataset_key(self) -> str:
+        return self.source.dataset_key
+
+    @property
+    def protection_key(self) -> str | None:
+        return self.source.protection_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """The cell's components, built from their choices."""
+
+    protection: Protection
+    countermeasure: Countermeasure
+    victim: Victim
+
+    @classmethod
+    def of(cls, cell: Cell) -> Components:
+        return cls(PROTECTIONS.create(cell.protection.name, **cell.protection.kwargs),
+                   COUNTERMEASURES.create(cell.countermeasure.name, **cell.countermeasure.kwargs),
+                   VICTIMS.create(cell.victim.name, **cell.victim.kwargs))
+
+
+def prepare_dataset(cache: Cache, choice: Any) -> str:
+    """Load a dataset once, key it by its spec and content, and store train/test in the cache for workers."""
+    dataset = DATASETS.create(choice.name, **choice.kwargs)
+    train, test = dataset.load()
+    key = make_key({"dataset": dataset.spec(), "content": fingerprint(train, test)})
+    for split, data in (("train", train), ("test", test)):
+        if not cache.valid("dataset", f"{key}-{split}"):
+            cache.save("dataset", f"{key}-{split}", data, {"spec": dataset.spec(), "split": split})
+    return key
+
+
+def plan_cells(cells: list[Cell], dataset_keys: dict[Any, str], recipe: dict[str, Any], device: str,
+               warn: Callable[[str], None]) -> list[Plan]:
+    """Check and plan every cell; one ConfigError lists the refused cells (up to ``MAX_LISTED``)."""
+    refused, warned, plans = [], set(), []
+    for cell in cells:
+        built = Components.of(cell)
+        reasons = missing_capabilities(cell, built)
+        if reasons:
+            refused.append(f"{_describe(cell)}: {'; '.join(reasons)}")
+            continue
+        for component in (built.protection, built.countermeasure, built.victim):
+            if device == "cpu" and component.expensive_on_cpu and component.name not in warned:
+                warned.add(component.name)
+                warn(f"bench: note: {component.name} is expensive on a CPU (declared expensive_on_cpu); its cells "
+                     "may take hours at full size")
+        plans.append(plan_cell(cell, dataset_keys[cell.dataset], recipe, built))
+    if refused:
+        more = f"\n  … and {len(refused) - MAX_LISTED} more" if len(refused) > MAX_LISTED else ""
+        raise ConfigError(f"{len(refused)} cell(s) ask for what their components cannot do:\n  "
+                          + "\n  ".join(refused[:MAX_LISTED]) + more
+                          + "\nexclude such combinations with [[exclude]] tables, or choose other components")
+    return plans
+
+
+def missing_capabilities(cell: Cell, built: Components) -> list[str]:
+    """Every reason this cell cannot run as declared (empty when it can)."""
+    protection, countermeasure = type(built.protection), type(built.countermeasure)
+    reasons = [r for r in [mixes.missing_capability(cell.mix, protection)] if r]
+    if countermeasure.needs_models:
+        offered = set(protection.fits) if mixes.uses_protection(cell.mix) else set()
+        lacking = [k for k in countermeasure.needs_models if k not in offered]
+        if lacking:
+            why = "mix 'clean_only' uses no protection" if not mixes.uses_protection(cell.mix) else \
+                f"{protection.name} fits {', '.join(protection.fits) or 'no model'}"
+            reasons.append(f"{countermeasure.name} needs the protection's {', '.join(lacking)} model (needs_models), "
+                           f"but {why}")
+    for component in (built.protection, built.countermeasure, built.victim):
+        param = component.surrogate_param
+        if param is not None and getattr(component, param) not in VICTIMS:
+            reasons.append(f"{component.name}'s {param} = {getattr(component, param)!r} is not a registered victim "
+                           f"(victims: {', '.join(VICTIMS.names())})")
+        reasons += [weights.missing() for weights in component.pretrained_needed() if weights.locate() is None]
+    return reasons
+
+
+def plan_cell(cell: Cell, dataset_key: str, recipe: dict[str, Any], built: Components | None = None) -> Plan:
+    """The cell's cache keys, from everything that determines each stage's output."""
+    built = built or Components.of(cell)
+    reason = mixes.missing_capability(cell.mix, type(built.protection))
+    if reason:
+        raise ConfigError(f"{_describe(cell)}: {reason}")
+    protection, countermeasure, victim = built.protection, built.countermeasure, built.victim
+    ratio = mixes.fitted_on(cell.mix, cell.poison_ratio)
+    protection_key = None if protection.identity or not mixes.uses_protection(cell.mix) else make_key(
+        {"dataset": dataset_key, "protection": protection.spec(), "seed": cell.seed,
+         **({"fitted_on": ratio} if ratio is not None else {})})
+    source = mixes.TrainSource(dataset_key, protection_key, cell.poison_ratio, cell.seed, cell.mix)
+    spec = {"dataset": dataset_key, "protection": protection_key, "poison_ratio": cell.poison_ratio,
+            "seed": cell.seed, **({"mix": cell.mix} if cell.mix != "protected" else {}),
+            # clean_only ignores the protection, but each row of a table is its own cell
+            **({"unused_protection": protection.spec()} if not mixes.uses_protection(cell.mix) else {})}
+    purify_key = make_key({**spec, "countermeasure": countermeasure.spec()}) if DATA in countermeasure.stages else None
+    cell_key = make_key({**spec, "countermeasure": countermeasure.spec(), "victim": victim.spec(),
+                         "recipe": dataclasses.asdict(make_recipe(**recipe))})
+    return Plan(cell, source, purify_key, cell_key, protection.fits if protection_key else ())
+
+
+def _describe(cell: Cell) -> str:
+    labels = cell.labels()
+    return "cell " + " × ".join(labels[k] for k in ("dataset", "protection", "countermeasure", "victim")) + \
+        f" (seed {labels['seed']}, poison_ratio {labels['poison_ratio']}, mix {labels['mix']})"
