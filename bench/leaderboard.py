@@ -74,7 +74,8 @@ def cell_values(frame: pd.DataFrame, metric: str) -> pd.Series:
     """Each row's number in percent: ``metric``, or the best epoch where the record's countermeasure reports it
     (``countermeasure_reports = "best"``: early_stop); NaN for failed cells."""
     column = f"test_acc_{metric}" if metric in ("final", "best") else metric
-    value = pd.to_numeric(frame[column] if column in frame else None, errors="coerce") * 100
+    value = pd.to_numeric(frame[column], errors="coerce") * 100 if column in frame else \
+        pd.Series(float("nan"), index=frame.index)
     reports = frame.get("countermeasure_reports", pd.Series(index=frame.index, dtype=object))
     if reports.isna().any():
         warnings.warn(f"{int(reports.isna().sum())} record(s) carry no countermeasure_reports (written by an older "

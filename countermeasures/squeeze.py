@@ -54,7 +54,7 @@ class Grayscale(Countermeasure):
             return train
         rgb = train.images.to(torch.int64)
         luma = (rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16
-        return train.with_images(luma[:, None].expand(-1, 3, -1, -1))
+        return train.with_images(luma[:, None].expand(-1, 3, -1, -1).to(torch.uint8))  # luma ≤ 255
 
 
 @COUNTERMEASURES.register("bdr")
@@ -75,4 +75,4 @@ class BitDepthReduction(Countermeasure):
     def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
         levels = 2 ** self.bits - 1
         x = train.images.double() / 255
-        return train.with_images(((x * levels).round() / levels * 255).round())
+        return train.with_images(((x * levels).round() / levels * 255).round().to(torch.uint8))

@@ -13,7 +13,8 @@ import torch
 
 from bench.cache import Cache, make_key
 from bench.components import ImageSet
-from bench.records import RecordLog, perturbation_metrics
+from bench.metrics import perturbation_metrics
+from bench.records import RecordLog
 
 # ------------------------------------------------------------------ make_key
 

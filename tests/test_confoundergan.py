@@ -17,17 +17,18 @@ from PIL import Image
 from torch import nn
 
 from bench import metrics
+from bench.artifacts import load_models
+from bench.cache import Cache
 from bench.cli import main
 from bench.components import PROTECTIONS, VICTIMS, ImageSet
 from bench.data import DATASETS
-from bench.encrypt import encrypt, load_generator
 from bench.recipes import make_recipe
 from bench.train import train_and_evaluate
 from protections import _surrogate as S
-from protections.confoundergan import Discriminator, Generator
+from protections.confoundergan import Discriminator, Generator, encrypt
+from tests.conftest import require_cifar10_jpeg
 
 CPU = torch.device("cpu")
-CIFAR10_JPEG = Path("/work/shared/data/cifar10_jpeg75.npz")
 CHEAP = dict(surrogate="cnn", surrogate_epochs=1, epochs=1, width=8, batch_size=64)
 
 
@@ -148,7 +149,7 @@ def test_rejects_bad_parameters():
             PROTECTIONS.create("confoundergan", **params)
 
 
-# ------------------------------------------------------------------ saved generator and `bench protect`
+# ------------------------------------------------------------------ the fitted generator and `bench protect`
 
 
 def write_pngs(folder: Path, images: torch.Tensor, suffix: str = ".png") -> list[str]:
@@ -167,19 +168,28 @@ def read_pngs(folder: Path, names: list[str]) -> torch.Tensor:
 
 
 def trained(tmp_path: Path, data: ImageSet, key: str = "abc123", **params) -> tuple[ImageSet, Path]:
-    """Protect ``data`` saving the generator where the protect stage would put it; returns (output, results)."""
+    """Fit on ``data`` and cache the protected set with its generator as the protect stage does (under ``key``);
+    returns (protected set, results folder)."""
     results = tmp_path / "results"
-    out = PROTECTIONS.create("confoundergan", **{**CHEAP, **params}).protect(
-        data, seed=0, device=CPU, artifacts=results / "cache" / "generator" / key)
-    return out, results
+    protection = PROTECTIONS.create("confoundergan", **{**CHEAP, **params})
+    fitted = protection.fit(data, seed=0, device=CPU)
+    Cache(results / "cache").save("protected", key, fitted.data, {"spec": protection.spec(), "seed": 0}, fitted.models)
+    return fitted.data, results
 
 
 @pytest.fixture(scope="module")
 def rgb() -> ImageSet:
-    if CIFAR10_JPEG.is_file():
-        return DATASETS.create("cifar10-jpeg", path=str(CIFAR10_JPEG), per_class=3, test_per_class=1).load()[0]
-    gen = torch.Generator().manual_seed(0)
-    return ImageSet(torch.randint(0, 256, (30, 3, 32, 32), generator=gen, dtype=torch.uint8), torch.arange(30) % 10, 10)
+    """30 real CIFAR-10 photographs (3 per class)."""
+    return DATASETS.create("cifar10-jpeg", path=str(require_cifar10_jpeg()), per_class=3, test_per_class=1).load()[0]
+
+
+def test_fit_returns_the_generator_that_made_the_poison(digits):
+    """``protect`` is ``fit``'s data; the returned generator re-encrypts the train set into the same bytes."""
+    protection = PROTECTIONS.create("confoundergan", **CHEAP)
+    fitted = protection.fit(digits, seed=0, device=CPU)
+    assert list(fitted.models) == ["generator"] and fitted.models["generator"].arch["channels"] == 1
+    assert torch.equal(protection.encrypt(fitted.models, digits.images, device=CPU), fitted.data.images)
+    assert torch.equal(protection.protect(digits, seed=0, device=CPU).images, fitted.data.images)
 
 
 @pytest.mark.parametrize("kind", ["rgb", "digits"])
@@ -187,12 +197,13 @@ def test_bench_protect_round_trip(kind, rgb, digits, tmp_path, capsys):
     """The saved generator re-encrypts the training images as PNGs like the protection did, within ε."""
     data = rgb if kind == "rgb" else digits
     out, results = trained(tmp_path, data)
-    assert out.info["generator"] == "abc123"
-    manifest = json.loads((results / "cache" / "generator" / "abc123" / "manifest.json").read_text())
-    assert manifest["arch"] == {"channels": data.channels, "size": data.size, "width": 8, "epsilon": 8.0}
-    assert manifest["protection"]["name"] == "confoundergan" and manifest["seed"] == 0
+    manifest = json.loads((results / "cache" / "protected" / "abc123" / "manifest.json").read_text())
+    assert manifest["models"]["generator"]["arch"] == {"channels": data.channels, "size": data.size, "width": 8,
+                                                       "epsilon": 8.0}
+    assert manifest["spec"]["name"] == "confoundergan" and manifest["seed"] == 0
+    assert manifest["sha256"]["generator.pt"]
     names = write_pngs(tmp_path / "in", data.images)
-    code = main(["protect", "--generator", "abc123", "--input", str(tmp_path / "in"), "--output",
+    code = main(["protect", "--model", "abc123", "--input", str(tmp_path / "in"), "--output",
                  str(tmp_path / "out"), "--results", str(results), "--device", "cpu", "--batch-size", "16"])
     assert code == 0 and "images/s" in capsys.readouterr().out
     protected = read_pngs(tmp_path / "out", names)
@@ -203,10 +214,10 @@ def test_bench_protect_round_trip(kind, rgb, digits, tmp_path, capsys):
 
 
 def test_bench_protect_reads_jpeg_and_paths(rgb, tmp_path, capsys):
-    """JPEG inputs become PNGs of the same stem; --generator also takes the generator's folder."""
+    """JPEG inputs become PNGs of the same stem; --generator (--model's old name) also takes the entry's folder."""
     _, results = trained(tmp_path, rgb)
     names = write_pngs(tmp_path / "in", rgb.images[:5], suffix=".jpg")
-    folder = results / "cache" / "generator" / "abc123"
+    folder = results / "cache" / "protected" / "abc123"
     assert main(["protect", "--generator", str(folder), "--input", str(tmp_path / "in"), "--output",
                  str(tmp_path / "out"), "--device", "cpu"]) == 0
     capsys.readouterr()
@@ -231,13 +242,13 @@ def test_encrypt_holds_the_bound_exactly():
 
 def test_generator_ignores_batch_size(digits, tmp_path):
     _, results = trained(tmp_path, digits)
-    generator, _ = load_generator("abc123", "confoundergan", results, CPU)
+    generator = load_models(results / "cache" / "protected" / "abc123", ("generator",), CPU)["generator"]
     full = encrypt(generator, digits.images, device=CPU, batch_size=64)
     assert (change(full, encrypt(generator, digits.images, device=CPU, batch_size=7)).abs() > 0).float().mean() < 0.01
 
 
 def run_protect(tmp_path: Path, results: Path, source: Path, *extra: str, generator: str = "abc123") -> int:
-    return main(["protect", "--generator", generator, "--input", str(source), "--output", str(tmp_path / "out"),
+    return main(["protect", "--model", generator, "--input", str(source), "--output", str(tmp_path / "out"),
                  "--results", str(results), "--device", "cpu", *extra])
 
 
@@ -249,10 +260,13 @@ def test_bench_protect_errors(digits, rgb, tmp_path, capsys):
     cases = {
         "missing": (tmp_path / "nowhere", (), "abc123", "no such folder"),
         "empty": (tmp_path / "empty", (), "abc123", "no .png/.jpg/.jpeg images"),
-        "unknown key": (grey, (), "feedbeef", "no generator 'feedbeef'"),
+        "unknown key": (grey, (), "feedbeef", "no model entry 'feedbeef'"),
+        "cannot encrypt": (grey, (), "cwn1", "'cwn' cannot encrypt unseen images"),
         "other protection": (grey, ("--protection", "em"), "abc123", "pass --protection confoundergan"),
         "device": (grey, ("--device", "tpu"), "abc123", "expected auto, cpu, cuda"),
     }
+    cwn = PROTECTIONS.create("cwn")
+    Cache(results / "cache").save("protected", "cwn1", cwn.protect(digits, seed=0, device=CPU), {"spec": cwn.spec()})
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
     mixed = tmp_path / "mixed"
@@ -261,7 +275,7 @@ def test_bench_protect_errors(digits, rgb, tmp_path, capsys):
     cases["mixed sizes"] = (mixed, (), "abc123", "mixes image sizes")
     colour = tmp_path / "colour"
     write_pngs(colour, rgb.images[:2])
-    cases["other size"] = (colour, (), "abc123", "trained on 1×16×16 images but")
+    cases["other size"] = (colour, (), "abc123", "fitted on 1×16×16 images but")
     clash = tmp_path / "clash"
     write_pngs(clash, digits.images[:1])
     write_pngs(clash, digits.images[:1], suffix=".jpg")
@@ -277,27 +291,31 @@ def test_bench_protect_errors(digits, rgb, tmp_path, capsys):
 
 def test_corrupted_generator_is_refused(digits, tmp_path, capsys):
     _, results = trained(tmp_path, digits)
-    weights = results / "cache" / "generator" / "abc123" / "generator.pt"
+    weights = results / "cache" / "protected" / "abc123" / "generator.pt"
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     write_pngs(tmp_path / "in", digits.images[:2])
     assert run_protect(tmp_path, results, tmp_path / "in") == 2
     assert "checksum" in capsys.readouterr().err
 
 
-def test_protect_stage_saves_the_generator_under_the_protection_key(tmp_path):
-    """A matrix cell's protect stage saves the generator under the poison's key (cache/generator/<key>)."""
+def test_protect_stage_saves_the_generator_beside_its_poison(tmp_path):
+    """A matrix cell's protect stage saves the generator in the protected set's cache entry (its key is the
+    protection key), where load_models verifies it; a truncated model makes the entry invalid."""
     from bench import stages
-    from bench.cache import Cache
     from bench.matrix import Choice
-    from bench.scheduler import prepare_dataset
+    from bench.planner import prepare_dataset
 
     cache = Cache(tmp_path / "cache")
     dataset_key = prepare_dataset(cache, Choice("digits", (("per_class", 4),), "digits"))
     choice = Choice("confoundergan", tuple(CHEAP.items()), "confoundergan")
-    stages.protect_job({"cache": str(cache.root), "key": "k1", "dataset_key": dataset_key, "protection": choice,
-                        "seed": 0}, CPU)
-    assert (cache.path("generator", "k1") / "manifest.json").is_file()
-    assert cache.manifest("protected", "k1")["info"]["generator"] == "k1"
+    stages.protect_job(stages.ProtectJob(cache.root, 1, "k1", dataset_key, choice, 0, None), CPU)
+    assert cache.valid("protected", "k1", ("generator",)) and not cache.valid("protected", "k1", ("authorized",))
+    assert cache.manifest("protected", "k1")["models"]["generator"]["file"] == "generator.pt"
+    generator = load_models(cache.path("protected", "k1"), ("generator",), CPU)["generator"]
+    assert not generator.training and not any(p.requires_grad for p in generator.parameters())
+    weights = cache.path("protected", "k1") / "generator.pt"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    assert not cache.valid("protected", "k1") and not cache.path("protected", "k1").exists()
 
 
 # ------------------------------------------------------------------ CAR and GCR (App. A)
@@ -374,12 +392,11 @@ def victim_accuracy(train: ImageSet, test: ImageSet) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CIFAR10_JPEG.is_file(), reason="needs the CIFAR-10 JPEG copy (../shared/data)")
 def test_victim_learns_less_from_protected_cifar():
     """1,000 real CIFAR-10 images: a victim trained on ConfounderGAN's output scores far below one trained on
     clean data and one trained on random noise of the same budget (the ε of §5.1 for non-32×32 sets, so
     that 20 generator epochs on a CPU suffice; measured: clean 0.34, random 0.32, confoundergan 0.12)."""
-    train, test = DATASETS.create("cifar10-jpeg", path=str(CIFAR10_JPEG), per_class=100, test_per_class=50).load()
+    train, test = DATASETS.create("cifar10-jpeg", path=str(require_cifar10_jpeg()), per_class=100, test_per_class=50).load()
     protected = PROTECTIONS.create("confoundergan", surrogate="cnn", surrogate_epochs=10, epochs=20, width=16,
                                    batch_size=64, epsilon=16.0).protect(train, seed=0, device=CPU)
     noisy = PROTECTIONS.create("random_noise", epsilon=16.0).protect(train, seed=0, device=CPU)

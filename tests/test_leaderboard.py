@@ -8,17 +8,18 @@ import statistics
 import pandas as pd
 import pytest
 
+from tests.conftest import REPO
 from bench.leaderboard import build_tables, markdown, write_tables
 
 
 def rec(protection: str, countermeasure: str, acc: float | None = 0.5, *, seed: int = 0, best: float | None = None,
         status: str = "ok", dataset: str = "digits", victim: str = "cnn", recipe: str = "quick",
-        ratio: float = 1.0) -> dict:
+        ratio: float = 1.0, reports: str = "final") -> dict:
     """A record as the runner writes it (accuracies in [0, 1])."""
     ok = status == "ok"
     return {"cell": f"{dataset}|{victim}|{recipe}|{ratio}|{protection}|{countermeasure}|{seed}", "status": status,
             "dataset": dataset, "victim": victim, "recipe": recipe, "poison_ratio": ratio, "protection": protection,
-            "countermeasure": countermeasure, "seed": seed, "test_acc_final": acc if ok else None,
+            "countermeasure": countermeasure, "countermeasure_reports": reports, "seed": seed, "test_acc_final": acc if ok else None,
             "test_acc_best": (best if best is not None else acc) if ok else None,
             "error": None if ok else "RuntimeError: boom"}
 
@@ -175,6 +176,38 @@ def test_ratios_with_one_countermeasure_are_columns():
     table = only_table(records)
     assert list(table.mean.columns) == ["p=0.5", "p=0.9", "Mean", "Max"]
     assert table.mean.at["em", "p=0.9"] == pytest.approx(30) and table.mean.at["clean [clean_only]", "p=0.5"] == pytest.approx(50)
+
+
+def test_a_countermeasure_that_reports_best_shows_its_best_epoch_from_the_record_alone():
+    """The record says what its column shows (countermeasure_reports), so no registry is consulted: a name no
+    plugin registers still gets its best epoch."""
+    records = [rec("cwp", "none", 0.10, best=0.30), rec("cwp", "my_stop", 0.10, best=0.45, reports="best")]
+    table = only_table(records)
+    assert table.mean.at["cwp", "none"] == pytest.approx(10) and table.mean.at["cwp", "my_stop"] == pytest.approx(45)
+
+
+def test_records_without_reports_warn_and_show_the_final_epoch():
+    old = rec("cwp", "early_stop", 0.10, best=0.45)
+    del old["countermeasure_reports"]
+    with pytest.warns(UserWarning, match="1 record.*countermeasure_reports"):
+        table = only_table([old])
+    assert table.mean.at["cwp", "early_stop"] == pytest.approx(10)
+
+
+def test_leaderboard_is_a_pure_step_over_records(tmp_path):
+    """Building leaderboards imports neither torch nor any plugin, so a broken plugin cannot stop it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from pathlib import Path; from bench.leaderboard import leaderboard; "
+            f"run = Path({str(tmp_path)!r}) / 'runs' / 'm'; run.mkdir(parents=True); "
+            f"(run / 'records.jsonl').write_text(json.dumps({rec('clean', 'none')!r}) + '\\n'); "
+            f"tables, _ = leaderboard(Path({str(tmp_path)!r}), 'm'); "
+            "assert len(tables) == 1, tables; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.split('.')[0] in ('protections', 'countermeasures', 'victims')]; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
 
 
 def test_metric_best_uses_best_accuracy():

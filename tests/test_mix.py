@@ -11,8 +11,8 @@ from bench.leaderboard import build_tables
 from bench.matrix import expand, parse_matrix
 from bench.records import RecordLog
 from bench.registry import ConfigError
-from bench.scheduler import plan_cell, prepare_dataset
-from bench.stages import class_mask, training_set
+from bench.mixes import TrainSource, assemble, class_mask
+from bench.planner import plan_cell, plan_cells, prepare_dataset
 from tests.conftest import tiny_matrix
 
 GAN = "{ surrogate = \"cnn\", surrogate_epochs = 1, epochs = 1, width = 8 }"
@@ -49,8 +49,10 @@ def test_keys_per_mix(tmp_path):
     assert plans["cwn", "clean_only"].protection_key is None
     assert plans["cwn", "fit_subset"].protection_key != plans["cwn", "protected"].protection_key
     assert len({p.cell_key for p in plans.values()}) == len(plans)
-    with pytest.raises(ConfigError, match="mix 'ood'.*cwn.*exclude"):
+    with pytest.raises(ConfigError, match="mix 'ood'.*encrypts_unseen.*cwn cannot"):
         plan_cell(cells["cwn", "ood"], key, {"name": "quick"})
+    with pytest.raises(ConfigError, match=r"(?s)1 cell.*cwn × none × cnn.*mix ood.*encrypts_unseen.*\[\[exclude\]\]"):
+        plan_cells(list(cells.values()), {cells["cwn", "ood"].dataset: key}, {"name": "quick"}, "cpu", print)
 
 
 def test_class_mask_takes_the_ratio_of_every_class():
@@ -100,16 +102,16 @@ mix = "clean_only"
     cache = Cache(results / "cache")
     sets = {}
     for mix in ("fit_subset", "ood", "clean_only"):
-        protection_key = None if mix == "clean_only" else by["confoundergan", mix, 0.5]["protect_info"]["generator"]
-        job = {"dataset_key": _dataset_key(cache), "protection_key": protection_key, "poison_ratio": 0.5, "seed": 0,
-               "mix": mix}
-        sets[mix] = training_set(cache, job)
-    clean, fit, mask = sets["fit_subset"]
+        protection_key = by["clean" if mix == "clean_only" else "confoundergan", mix, 0.5]["protection_key"]
+        assert (protection_key is None) == (mix == "clean_only")
+        sets[mix] = assemble(cache, TrainSource(_dataset_key(cache), protection_key, 0.5, 0, mix))
+    clean, fit, mask = sets["fit_subset"].clean, sets["fit_subset"].train, sets["fit_subset"].mask
     assert torch.equal(fit.images[~mask], clean.images[~mask]) and not torch.equal(fit.images[mask], clean.images[mask])
-    _, ood_set, _ = sets["ood"]
+    ood_set = sets["ood"].train
     assert torch.equal(ood_set.images[mask], fit.images[mask])
     assert (ood_set.images[~mask] != clean.images[~mask]).flatten(1).any(1).float().mean() > 0.9
-    _, rest, _ = sets["clean_only"]
+    assert ood["protect_models"] == ["generator"]
+    rest = sets["clean_only"].train
     assert len(rest) == 50 and torch.equal(rest.images, clean.images[~mask])
     (table,) = build_tables(records)
     assert list(table.mean.columns) == ["p=0.5", "p=0.7", "Mean", "Max"]

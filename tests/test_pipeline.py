@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,7 @@ from bench.components import COUNTERMEASURES, Countermeasure, ImageSet
 class Invert(Countermeasure):
     """Test plugin."""
     paper: ClassVar[str] = "test plugin"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
     strength: int = 255
 
     def purify(self, train: ImageSet, *, seed, device) -> ImageSet:
@@ -256,8 +258,8 @@ def test_device_queue_gives_each_parallel_job_its_own_device():
     from conftest import hold_device
 
     results = []
-    _parallel(_call, hold_device, [{"i": i, "threads": 1} for i in range(4)], 2, device_queue(["cuda:0", "cuda:1"]),
-              results.append)
+    jobs = [types.SimpleNamespace(i=i, threads=1) for i in range(4)]
+    _parallel(_call, hold_device, jobs, 2, device_queue(["cuda:0", "cuda:1"]), results.append)
     assert len(results) == 4 and {r["device"] for r in results} == {"cuda:0", "cuda:1"}
     assert len({r["pid"] for r in results}) == 2, "two worker processes ran the jobs"
     for a in results:
