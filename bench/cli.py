@@ -218,10 +218,11 @@ def describe_capabilities(cls: type) -> str:
 
 
 def component_table(registries: dict, kinds: list[str]) -> str:
-    """A Markdown table of components: kind, name, parameters with defaults, and the paper each follows."""
-    lines = ["| kind | name | parameters (defaults) | follows |", "|---|---|---|---|"]
+    """A Markdown table of components: kind, name, parameters with defaults, capabilities, the paper each follows."""
+    lines = ["| kind | name | parameters (defaults) | capabilities | follows |", "|---|---|---|---|---|"]
     for kind in kinds:
         for name in registries[kind].names():
             cls = registries[kind].get(name)
-            lines.append(f"| {kind[:-1]} | `{name}` | {describe_params(cls) or '—'} | {cls.paper or '—'} |")
+            caps = describe_capabilities(cls) if kind != "datasets" else "—"
+            lines.append(f"| {kind[:-1]} | `{name}` | {describe_params(cls) or '—'} | {caps} | {cls.paper or '—'} |")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from bench import mixes
 from bench.artifacts import load_models
 from bench.cache import Cache, library_versions
-from bench.components import COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, ImageSet, Models
+from bench.components import COUNTERMEASURES, PROTECTIONS, TRAIN, Fitted, ImageSet, Models
 from bench.data import DATASETS
 from bench.matrix import Choice
 from bench.metrics import confidence_ascent_ratio, gradient_compression_ratio, perturbation_metrics
@@ -77,9 +77,7 @@ def protect_job(job: ProtectJob, device: torch.device) -> dict[str, Any]:
     fitted = mixes.fit_protection(protection, train, job.fitted_on, seed=job.seed, device=device)
     seconds = time.perf_counter() - start
     _check_output(train, fitted.data, f"protection {job.protection.label}")
-    if sorted(fitted.models) != sorted(protection.fits):
-        raise RuntimeError(f"protection {protection.name} declares fits = {protection.fits} but returned models "
-                           f"{sorted(fitted.models)}")
+    _check_models(protection, fitted)
     cache.save("protected", job.key, fitted.data, {"spec": protection.spec(), "seed": job.seed, "seconds": seconds,
                                                    "device": str(device), "info": fitted.data.info,
                                                    **perturbation_metrics(train.images, fitted.data.images)},
@@ -97,6 +95,7 @@ def purify_job(job: PurifyJob, device: torch.device) -> dict[str, Any]:
                                 **_models_for(countermeasure, cache, job.plan, device))
     seconds = time.perf_counter() - start
     _check_output(train, fitted.data, f"countermeasure {job.plan.cell.countermeasure.label}")
+    _check_models(countermeasure, fitted)
     cache.save("purified", job.key, fitted.data, {"spec": countermeasure.spec(), "seed": job.plan.cell.seed,
                                                   "seconds": seconds, "device": str(device), "info": fitted.data.info},
                models=fitted.models)
@@ -198,6 +197,11 @@ def gradient_metrics(model: torch.nn.Module, clean: ImageSet, protected: ImageSe
     index = index[torch.linspace(0, len(index) - 1, min(limit, len(index))).long()]
     args = (model, clean.images[index], protected.images[index], clean.labels[index], device)
     return {"car": confidence_ascent_ratio(*args), "gcr": gradient_compression_ratio(*args)}
+
+
+def _check_models(component: Any, fitted: Fitted) -> None:
+    if sorted(fitted.models) != sorted(component.fits):
+        raise RuntimeError(f"{component.name} declares fits = {component.fits} but returned models {sorted(fitted.models)}")
 
 
 def _check_output(before: ImageSet, after: ImageSet, what: str) -> None:

@@ -88,7 +88,7 @@ class ConfounderGAN(Protection):
     cosine for G, constant for D; α = 0.001. Published: clip(x + G(x)) as 8-bit pixels, labels not needed.
 
     L∞ and hinge: G ends in ε·tanh, so ‖G(x)‖∞ ≤ ε by construction, and the written change (rounded) is
-    clamped to ±⌊ε⌋ levels (``bench.encrypt.encrypt``, shared with ``bench protect``). Inside that box the
+    clamped to ±⌊ε⌋ levels (this module's ``encrypt``, shared with ``bench protect``). Inside that box the
     hinge pulls the noise energy towards c = ``hinge_ratio``·ε·√(C·H·W), the L2 norm of noise of RMS
     ``hinge_ratio``·ε. ε as §5.1: 8 for 32×32 sets (SVHN, CIFAR-10), 16 otherwise (ImageNet25, medical).
     ``epochs`` per App. G.3: 200 SVHN/CIFAR-10/Keratitis, 100 BloodMNIST, 400 ISIC, 5000 ImageNet25. ``fit``

@@ -3,6 +3,7 @@ protocol across stages, and the traps that once gave wrong results without an er
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import ClassVar
@@ -179,7 +180,7 @@ def test_a_broken_plugin_fails_every_registry_call_naming_the_file(tmp_path):
             "    else:\n"
             "        print('answered')\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          env={**__import__("os").environ, "BENCH_PLUGINS": str(plugins), "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "BENCH_PLUGINS": str(plugins), "PYTHONPATH": str(REPO)})
     lines = proc.stdout.splitlines()
     assert len(lines) == 3 and all(line.startswith("refused:") for line in lines), proc.stdout + proc.stderr
     assert all(f"{plugins / 'halfway.py'}:2" in line and "half-written plugin" in line for line in lines)
@@ -200,7 +201,8 @@ def test_a_broken_plugin_fails_bench_commands_with_exit_2(tmp_path, args):
 
 NEEDS_GENERATOR = '''
 from typing import ClassVar
-from bench.components import COUNTERMEASURES, Countermeasure, Pretrained
+import torch
+from bench.components import COUNTERMEASURES, Countermeasure, Fitted, Models, Pretrained
 
 
 @COUNTERMEASURES.register("regenerate_test")
@@ -214,6 +216,25 @@ class Regenerate(Countermeasure):
     def purify(self, train, *, seed, device, models):
         generator = models["generator"]
         return train.with_images(train.images, generator_arch=generator.arch, generator_training=generator.training)
+
+
+@COUNTERMEASURES.register("denoise_test")
+class Denoise(Countermeasure):
+    """Fits a (stand-in) denoiser in its data stage; the harness keeps it beside the purified set."""
+    paper: ClassVar[str] = "test plugin"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
+    fits: ClassVar[tuple[str, ...]] = ("denoiser",)
+
+    @classmethod
+    def build_model(cls, kind, arch):
+        net = torch.nn.Conv2d(arch["channels"], arch["channels"], 3, padding=1)
+        net.arch = arch
+        return net
+
+    def fit(self, train, *, seed, device):
+        torch.manual_seed(seed)
+        net = self.build_model("denoiser", {"channels": train.channels})
+        return Fitted(train.with_images(train.images, fitted=True), Models({"denoiser": net}))
 
 
 @COUNTERMEASURES.register("weights_test")
@@ -271,6 +292,20 @@ def test_a_countermeasure_gets_the_protections_fitted_model(tmp_path):
     assert record["protect_models"] == ["generator"] and record["protection_key"]
 
 
+def test_a_countermeasure_fitting_a_model_keeps_it_beside_its_purified_set(tmp_path):
+    proc = plan(tmp_path, "denoise_test", exclude="[[exclude]]\nprotection = \"confoundergan\"", dry_run=False)
+    assert proc.returncode == 0, proc.stderr
+    (record,) = records(tmp_path / "r")
+    assert record["purify_models"] == ["denoiser"] and record["purify_info"] == {"fitted": True}
+    (entry,) = (tmp_path / "r" / "cache" / "purified").iterdir()
+    code = ("import torch; from pathlib import Path; from bench.artifacts import load_models; "
+            f"net = load_models(Path({str(entry)!r}), ('denoiser',), torch.device('cpu'))['denoiser']; "
+            "print(type(net).__name__, net.arch)")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "BENCH_PLUGINS": str(tmp_path / "plugins"), "PYTHONPATH": str(REPO)})
+    assert loaded.stdout.strip() == "Conv2d {'channels': 1}", loaded.stderr
+
+
 def test_a_surrogate_that_is_no_victim_is_refused_at_planning(tmp_path):
     proc = plan(tmp_path, "none", surrogate="resnet1B")
     assert proc.returncode == 2
@@ -307,5 +342,5 @@ def test_bench_list_shows_capabilities():
 def test_a_piped_cli_exits_quietly_when_the_reader_leaves():
     """`bench list | head` used to end in a BrokenPipeError traceback."""
     proc = subprocess.run(f"{sys.executable} -m bench list protections | head -1", shell=True, cwd=REPO,
-                          capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout == "protections:\n" and proc.stderr == ""
