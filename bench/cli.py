@@ -7,6 +7,7 @@ naming the file, the key and close matches, before anything runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -201,7 +202,8 @@ def describe_capabilities(cls: type) -> str:
     parts = [f"stages: {'+'.join(caps['stages']) or 'none'}"] if "stages" in caps else []
     parts.append("needs labels" if caps["needs_labels"] else "no labels")
     if caps["surrogate_param"]:
-        parts.append(f"trains a surrogate victim (parameter {caps['surrogate_param']})")
+        default = {f.name: f.default for f in dataclasses.fields(cls)}[caps["surrogate_param"]]
+        parts.append(f"trains a surrogate victim (parameter {caps['surrogate_param']}, default {default})")
     if caps["pretrained"]:
         parts.append(f"pretrained weights: {', '.join(caps['pretrained'])}")
     if caps["fits"]:

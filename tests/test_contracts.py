@@ -245,12 +245,12 @@ class NeedsWeights(Countermeasure):
 
 CELLS = """
 seeds = [0]
-[recipe]
-name = "quick"
-epochs = 1
 [datasets.digits]
-per_class = 10
 test_per_class = 5
+per_class = 10
+[recipe]
+epochs = 1
+name = "quick"
 [protections]
 cwn = {{}}
 confoundergan = {{ surrogate = "{surrogate}", surrogate_epochs = 1, epochs = 1, width = 8 }}
@@ -334,7 +334,7 @@ def test_bench_list_shows_capabilities():
     lines = proc.stdout.splitlines()
     at = lines.index(next(line for line in lines if line.startswith("  confoundergan:")))
     assert "fits models: generator" in lines[at + 2] and "encrypts unseen images" in lines[at + 2]
-    assert "trains a surrogate victim (parameter surrogate)" in lines[at + 2]
+    assert "trains a surrogate victim (parameter surrogate, default resnet18)" in lines[at + 2]
     proc = run_subprocess(["list", "countermeasures"], REPO)
     assert "stages: data" in proc.stdout and "stages: train" in proc.stdout and "reports the best epoch" in proc.stdout
 
