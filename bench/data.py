@@ -37,18 +37,18 @@ def data_root(root: str) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset(Component):
-    """A dataset. ``per_class``/``test_per_class`` keep the first n images of each class (0 = all).
+    """A dataset. ``per_class``/``test_per_class`` keep the first n ≥ 1 images of each class (unset: every image).
 
     ``augment`` names the standard train augmentation the papers use for it (see ``bench.train``).
     """
 
-    per_class: int = 0
-    test_per_class: int = 0
+    per_class: int | None = None
+    test_per_class: int | None = None
     augment: ClassVar[str] = "crop_flip"
 
     def __post_init__(self) -> None:
-        if self.per_class < 0 or self.test_per_class < 0:
-            raise ValueError("per_class and test_per_class must be ≥ 0 (0 keeps every image)")
+        for key in ("per_class", "test_per_class"):
+            _check_per_class(getattr(self, key), key)
 
     def load_full(self) -> tuple[ImageSet, ImageSet]:
         raise NotImplementedError
@@ -68,9 +68,15 @@ class Dataset(Component):
 DATASETS: Registry[Dataset] = Registry("dataset", Dataset)
 
 
-def balanced_subset(data: ImageSet, per_class: int) -> ImageSet:
-    """The first ``per_class`` images of every class, in dataset order (0 keeps everything)."""
-    if per_class == 0:
+def _check_per_class(per_class: int | None, field: str = "per_class") -> None:
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"{field} must be ≥ 1, got {per_class}: omit it to keep every image")
+
+
+def balanced_subset(data: ImageSet, per_class: int | None) -> ImageSet:
+    """The first ``per_class`` images of every class, in dataset order (None keeps everything)."""
+    _check_per_class(per_class)
+    if per_class is None:
         return data
     keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:per_class] for c in range(data.num_classes)])
     return data.subset(keep.sort().values)
@@ -163,7 +169,7 @@ class Cifar10Jpeg(Dataset):
         sets = []
         for split, per_class in (("train", self.per_class), ("test", self.test_per_class)):
             labels = torch.from_numpy(arrays[f"{split}_labels"].astype(np.int64))
-            index = torch.cat([torch.nonzero(labels == c).flatten()[:per_class or None] for c in range(10)]).sort().values
+            index = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)]).sort().values
             blob, offsets = arrays[f"{split}_jpeg"], arrays[f"{split}_offsets"]
             images = np.stack([np.asarray(Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
                                for i in index.tolist()])

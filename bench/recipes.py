@@ -17,7 +17,7 @@ Override = tuple[tuple[str, Any], ...]
 class Recipe:
     """Optimiser, schedule, budget, augmentation and precision of victim training.
 
-    Budget: ``epochs``, or ``iterations`` optimiser steps when > 0 (DH counts iterations).
+    Budget: ``epochs``, or ``iterations`` ≥ 1 optimiser steps where set (DH counts iterations; unset: ``epochs``).
     ``schedule``: ``cosine`` (no restart), ``step`` (× ``gamma`` at each epoch in ``milestones``),
     ``triangle`` (linear warm-up over ``warmup`` of the steps, then linear decay to 0), ``constant``.
     ``augment``: ``dataset`` (the dataset's standard one), ``crop_flip``, ``crop``, ``flip``, ``rrc_flip``
@@ -29,7 +29,7 @@ class Recipe:
     source: str = "bench: a small budget for CPU runs and tests (not a paper's recipe)"
     optimizer: str = "sgd"
     epochs: int = 10
-    iterations: int = 0
+    iterations: int | None = None
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
@@ -54,8 +54,10 @@ class Recipe:
         for field, allowed in self.choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"recipe {field} {getattr(self, field)!r} is not one of {allowed}")
-        if self.epochs < 1 or self.iterations < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("recipe needs epochs ≥ 1, iterations ≥ 0, batch_size ≥ 1 and lr > 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("recipe needs epochs ≥ 1, batch_size ≥ 1 and lr > 0")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"recipe iterations must be ≥ 1, got {self.iterations}: omit it to budget by epochs")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.warmup < 1:
             raise ValueError("recipe label_smoothing and warmup must be in [0, 1)")
 

@@ -124,7 +124,7 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
     train, test = train.to(device), test.to(device)
     optimizer = _optimizer(recipe, net)
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
-    total_steps = recipe.iterations or recipe.epochs * steps_per_epoch
+    total_steps = recipe.iterations if recipe.iterations is not None else recipe.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe, total_steps, steps_per_epoch))
     curves: dict[str, list[float]] = {"train_acc": [], "test_acc": []}

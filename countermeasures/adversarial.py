@@ -21,11 +21,13 @@ class AdversarialTraining(Countermeasure):
 
     DH §IV-A5 (after REM, Fu et al. 2022): L∞ ε = 8/255 and L2 ε = 1, PGD-10 with step 2/255, random start.
     Images are in [0, 1] (DH's [−0.5, 0.5] has the same scale). Parameters: ``norm`` ("linf" or "l2");
-    ``epsilon`` (0: the paper's 8/255 for linf, 1.0 for l2; in [0, 1] image units, so a linf budget of 4/255
-    is written 0.0157); ``steps`` (10); ``step_size`` (0: 2.5·ε/steps, the rule of Madry Lab's robustness
-    library, giving DH's 2/255 for linf and 0.25 = ε/4 for l2, where DH's literal 2/255 could move an L2
-    example by at most 0.08 of its budget of 1 in ten steps); ``random_start`` (uniform in the L∞ ball; for L2
-    a Gaussian direction scaled to a uniform fraction of ε, as torchattacks' PGDL2).
+    ``epsilon`` (unset: the paper's 8/255 for linf, 1.0 for l2; in [0, 1] image units, so a linf budget of 4/255
+    is written 0.0157; 0 is a zero budget: the batch is trained on as it is, with no attack passes);
+    ``steps`` (10); ``step_size`` (unset: 2.5·ε/steps, the rule of Madry Lab's robustness library, giving DH's
+    2/255 for linf and 0.25 = ε/4 for l2, where DH's literal 2/255 could move an L2 example by at most 0.08 of
+    its budget of 1 in ten steps; if given, > 0: a zero step would leave the examples at their random start);
+    ``random_start`` (uniform in the L∞ ball; for L2 a Gaussian direction scaled to a uniform fraction of ε, as
+    torchattacks' PGDL2).
 
     As in REM's and Madry's code the model is put in eval mode for the attack (batch-norm statistics are
     neither used per batch nor updated) and restored after it; the inner loss is cross-entropy against the
@@ -38,19 +40,21 @@ class AdversarialTraining(Countermeasure):
     stages: ClassVar[frozenset[str]] = frozenset({"train"})
     needs_labels: ClassVar[bool] = True  # the PGD attack ascends the loss of the true labels
     norm: str = "linf"
-    epsilon: float = 0.0
+    epsilon: float | None = None
     steps: int = 10
-    step_size: float = 0.0
+    step_size: float | None = None
     random_start: bool = True
 
     def __post_init__(self) -> None:
-        _ops.require(self.norm in DEFAULT_EPSILON and self.epsilon >= 0 and self.steps >= 1 and self.step_size >= 0,
-                     self, "norm 'linf' or 'l2', epsilon ≥ 0, steps ≥ 1 and step_size ≥ 0")
+        _ops.require(self.norm in DEFAULT_EPSILON and (self.epsilon is None or self.epsilon >= 0) and self.steps >= 1
+                     and (self.step_size is None or self.step_size > 0), self,
+                     "norm 'linf' or 'l2', epsilon ≥ 0, steps ≥ 1 and step_size > 0 (omit epsilon or step_size for "
+                     "the paper's)")
 
     def budget(self) -> tuple[float, float]:
-        """(ε, step) in [0, 1] image units, the paper's defaults filled in."""
-        epsilon = self.epsilon or DEFAULT_EPSILON[self.norm]
-        return epsilon, self.step_size or 2.5 * epsilon / self.steps
+        """(ε, step) in [0, 1] image units, the paper's defaults filled in where unset."""
+        epsilon = DEFAULT_EPSILON[self.norm] if self.epsilon is None else self.epsilon
+        return epsilon, 2.5 * epsilon / self.steps if self.step_size is None else self.step_size
 
     def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
         def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -62,8 +66,10 @@ class AdversarialTraining(Countermeasure):
         """PGD examples for ``x`` (float [0, 1]) against ``model``: within ε of ``x`` in ``norm``, in [0, 1]."""
         epsilon, step = self.budget()
         x = x.detach()
+        if epsilon == 0:  # a zero budget: the input itself, without spending steps + 1 passes to find it
+            return x
         delta = torch.zeros_like(x)
-        if self.random_start and epsilon > 0:
+        if self.random_start:
             if self.norm == "linf":
                 delta = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * epsilon
             else:

@@ -23,10 +23,11 @@ _check, _mix = _ops.require, _ops.mix_labels
 
 @COUNTERMEASURES.register("vanilla")
 class Vanilla(Countermeasure):
-    """The papers' basic augmentation: random crop after ``pad``-px zero padding (0: size/8, i.e. 4 px on
+    """The papers' basic augmentation: random crop after ``pad``-px zero padding (unset: size/8, i.e. 4 px on
     32×32: DH §IV-A5, ConfounderGAN G.6 'RC') and/or a horizontal flip with probability 1/2 ('RHF').
 
-    ``crop = false`` gives ConfounderGAN's RHF, ``flip = false`` its RC, both (default) RHF+RC. On CIFAR this
+    ``crop = false`` gives ConfounderGAN's RHF, ``flip = false`` its RC, both (default) RHF+RC. ``pad`` ≥ 1: a
+    crop without padding is the identity, so ``pad = 0`` is rejected (``crop = false`` says that). On CIFAR this
     *is* bench's standard augmentation, so DH Table I's 'Vanilla' column is the ``none`` countermeasure under
     ``augment = "dataset"``; ``vanilla`` on top of it would crop and flip twice. Use it with a recipe's
     ``augment = "none"`` (ConfounderGAN Table 2). DH's ImageNet vanilla is the standard ``rrc_flip``.
@@ -36,13 +37,14 @@ class Vanilla(Countermeasure):
     stages: ClassVar[frozenset[str]] = frozenset({"train"})
     crop: bool = True
     flip: bool = True
-    pad: int = 0
+    pad: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.pad >= 0, self, "pad ≥ 0")
+        _check(self.pad is None or self.pad >= 1, self,
+               "pad ≥ 1 (omit it for size/8; a crop without padding is the identity: write crop = false)")
 
     def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
-        pad = self.pad or max(1, image_size // 8)
+        pad = max(1, image_size // 8) if self.pad is None else self.pad
 
         def transform(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Batch:
             x = random_crop(x, pad, gen) if self.crop else x
@@ -53,19 +55,21 @@ class Vanilla(Countermeasure):
 
 @COUNTERMEASURES.register("cutout")
 class Cutout(Countermeasure):
-    """Cutout (DeVries & Taylor 2017): a ``length``-sided square (0: half the side: 16 px on 32×32, 112 on
+    """Cutout (DeVries & Taylor 2017): a ``length``-sided square (unset: half the side: 16 px on 32×32, 112 on
     224×224, DH §IV-A5; 16 px in ConfounderGAN G.6) zeroed at a uniform centre per image, clipped at the border.
+    ``length`` ≥ 1: a 0-px square cuts nothing (that is the ``none`` countermeasure), so 0 is rejected.
     Deviation: zero is black (the batch is not normalised yet); DeVries zeroed the normalised tensor (mean)."""
 
     paper: ClassVar[str] = "DeVries & Taylor 2017; DH §IV-A5 (16 / 112 px); ConfounderGAN App. G.6 (16 px)"
     stages: ClassVar[frozenset[str]] = frozenset({"train"})
-    length: int = 0
+    length: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.length >= 0, self, "length ≥ 0")
+        _check(self.length is None or self.length >= 1, self,
+               "length ≥ 1 (omit it for half the side; a 0-px square cuts nothing: use the none countermeasure)")
 
     def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
-        length = self.length or image_size // 2
+        length = max(1, image_size // 2) if self.length is None else self.length
         return TrainHooks(batch_transform=lambda x, y, gen: (_ops.cutout(x, length, gen), y))
 
 
@@ -125,19 +129,20 @@ class FastAutoAugment(Countermeasure):
     sharpness, rotations and cutout', without probabilities or magnitudes. Chosen: contrast, brightness,
     sharpness (Pillow enhance factors uniform in [0.1, 1.9]) and rotation (uniform in ±30°), each applied to an
     image with probability ``p`` (0.5), in that order (the ranges of Fast AutoAugment's search space, Lim et al.
-    2019); then Cutout of ``cutout`` px (0: half the side, 16 on 32×32) on every image, as Fast AutoAugment's
-    CIFAR pipeline adds Cutout-16 after its policy."""
+    2019); then Cutout of ``cutout`` px (unset: half the side, 16 on 32×32) on every image, as Fast AutoAugment's
+    CIFAR pipeline adds Cutout-16 after its policy; ``cutout = 0`` is the policy alone, without Cutout."""
 
     paper: ClassVar[str] = "ConfounderGAN App. G.6 (FA); Lim et al. 2019 (Fast AutoAugment) ranges"
     stages: ClassVar[frozenset[str]] = frozenset({"train"})
     p: float = 0.5
-    cutout: int = 0
+    cutout: int | None = None
 
     def __post_init__(self) -> None:
-        _check(0 <= self.p <= 1 and self.cutout >= 0, self, "p in [0, 1] and cutout ≥ 0")
+        _check(0 <= self.p <= 1 and (self.cutout is None or self.cutout >= 0), self,
+               "p in [0, 1] and cutout ≥ 0 (omit it for half the side; 0: no Cutout)")
 
     def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
-        length = self.cutout or image_size // 2
+        length = max(1, image_size // 2) if self.cutout is None else self.cutout
         ops = ((_ops.contrast, 0.1, 1.9), (_ops.brightness, 0.1, 1.9), (_ops.sharpness, 0.1, 1.9),
                (_ops.rotate, -30, 30))
 
@@ -145,6 +150,6 @@ class FastAutoAugment(Countermeasure):
             for op, low, high in ops:
                 apply = _ops.per_image(_ops.draw(x.shape[0], gen, x.device) < self.p)
                 x = torch.where(apply, op(x, _ops.draw(x.shape[0], gen, x.device, low, high)), x)
-            return _ops.cutout(x, length, gen), y
+            return (_ops.cutout(x, length, gen) if length else x), y
 
         return TrainHooks(batch_transform=transform)

@@ -26,7 +26,8 @@ class ErrorMinimizingNoise(Protection):
     Defaults as the official code (HanxunH/Unlearnable-Examples): ε = 8/255, 20 steps of 0.8/255, 10 model
     steps (SGD lr 0.1, momentum 0.9, wd 5e-4, grad-norm clip 5), stop error 0.01, ResNet-18, uniform random
     start. ``mode="classwise"``: one δ per class, updated to the class mean of the batch's δ after each step
-    (official scripts use 1 step per batch: ``steps=0`` picks 20 sample-wise, 1 class-wise). ConfounderGAN
+    (official scripts use 1 step per batch: ``steps`` unset picks 20 sample-wise, 1 class-wise; ``steps`` ≥ 1,
+    as zero steps would never update the noise from its random start). ConfounderGAN
     App. G.4's variant: ``step_size=0.765`` (lr 0.003 in [0, 1] units), ``model_lr=0.003``, 20/10 steps,
     stop 0.01. Avoids two pitfalls of the reference code: noise is added before clamping to [0, 1] (never
     after quantising), and sample-wise noise is indexed by sample. Budgets in 1/255 pixel units.
@@ -37,7 +38,7 @@ class ErrorMinimizingNoise(Protection):
     expensive_on_cpu: ClassVar[bool] = True
     mode: str = "samplewise"
     epsilon: float = 8.0
-    steps: int = 0
+    steps: int | None = None
     step_size: float = 0.8
     model_steps: int = 10
     model_lr: float = 0.1
@@ -51,6 +52,9 @@ class ErrorMinimizingNoise(Protection):
             raise ValueError(f"em mode must be 'samplewise' or 'classwise', got {self.mode!r}")
         if not 0 <= self.epsilon <= 255 or self.max_rounds < 1 or self.batch_size < 1:
             raise ValueError("em needs 0 ≤ epsilon ≤ 255 (1/255 units), max_rounds ≥ 1 and batch_size ≥ 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"em needs steps ≥ 1, got {self.steps} (with no step the noise never leaves its random "
+                             "start); omit steps for the official 20 sample-wise, 1 class-wise")
 
     def protect(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
         start = time.perf_counter()
@@ -59,7 +63,7 @@ class ErrorMinimizingNoise(Protection):
         x, y = S.to_float(train, device), train.labels.to(device)
         eps, step = self.epsilon / 255, self.step_size / 255
         classwise = self.mode == "classwise"
-        steps = self.steps or (1 if classwise else 20)
+        steps = (1 if classwise else 20) if self.steps is None else self.steps
         rows = train.num_classes if classwise else len(train)
         noise = ((torch.rand((rows, *x.shape[1:]), generator=gen) * 2 - 1) * eps).to(device)
         delta = lambda idx: S.project(x[idx], noise[y[idx]] if classwise else noise[idx], eps)  # noqa: E731

@@ -96,8 +96,9 @@ def test_digits_deterministic(digits_default):
         assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
 
 
-@pytest.mark.parametrize("train_n, test_n", [(5, 0), (5, 3), (1, 1), (0, 2)])
+@pytest.mark.parametrize("train_n, test_n", [(5, None), (5, 3), (1, 1), (None, 2)])
 def test_digits_per_class(train_n, test_n, digits_default):
+    """n images of each class; None (unset) keeps every image."""
     train, test = DATASETS.create("digits", per_class=train_n, test_per_class=test_n).load()
     full_train, full_test = digits_default
     assert per_class(train) == ([train_n] * 10 if train_n else per_class(full_train))
@@ -130,9 +131,12 @@ def test_balanced_subset_keeps_first_per_class_in_dataset_order(labels, n, kept)
     assert subset.num_classes == data.num_classes
 
 
-def test_balanced_subset_zero_keeps_everything():
+def test_balanced_subset_none_keeps_everything_and_zero_is_rejected():
     data = toy([2, 0, 1])
-    assert balanced_subset(data, 0) is data
+    assert balanced_subset(data, None) is data
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="omit it to keep every image"):
+            balanced_subset(data, n)
 
 
 # ------------------------------------------------------------------ missing data
