@@ -1,4 +1,5 @@
-"""Shared helpers: tiny matrices on embedded data, and running the CLI in-process or as a subprocess."""
+"""Shared helpers: tiny matrices on embedded data, running the CLI in-process or as a subprocess, and finding the
+CIFAR-10 JPEG copy (tests that need real RGB photographs skip without it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,27 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def cifar10_jpeg_path() -> Path | None:
+    """The CIFAR-10 JPEG copy where ``cifar10-jpeg`` finds it ($BENCH_CIFAR10_JPEG, the data root, ../shared/data
+    beside the repository), or None."""
+    from bench.data import Cifar10Jpeg
+
+    return next((path for path in Cifar10Jpeg().candidates() if path.is_file()), None)
+
+
+CIFAR10_JPEG_MISSING = ("needs cifar10_jpeg75.npz (the CIFAR-10 JPEG q75 copy, ../shared/data/README.md): set "
+                        "$BENCH_CIFAR10_JPEG to its path, or place it in the data root or ../shared/data/")
+requires_cifar10_jpeg = pytest.mark.skipif(cifar10_jpeg_path() is None, reason=CIFAR10_JPEG_MISSING)
+
+
+def require_cifar10_jpeg() -> Path:
+    """The copy's path; skips the calling test (or fixture) without it."""
+    path = cifar10_jpeg_path()
+    if path is None:
+        pytest.skip(CIFAR10_JPEG_MISSING)
+    return path
 
 TINY = """
 description = "tiny test matrix"

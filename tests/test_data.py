@@ -16,9 +16,7 @@ import bench.data
 from bench.components import ImageSet
 from bench.data import CIFAR10_JPEG_ENV, DATA_ROOT_ENV, DATASETS, balanced_subset, data_root, fingerprint
 from bench.registry import ConfigError
-
-CIFAR10_JPEG = Path("/work/shared/data/cifar10_jpeg75.npz")
-needs_cifar = pytest.mark.skipif(not CIFAR10_JPEG.is_file(), reason=f"{CIFAR10_JPEG} not present")
+from conftest import cifar10_jpeg_path, requires_cifar10_jpeg
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +187,20 @@ def test_cifar10_jpeg_env_var_pointing_nowhere(tmp_path, monkeypatch):
     assert str(tmp_path / "absent.npz") in str(info.value)
 
 
+def test_tests_find_the_copy_as_the_dataset_does(tmp_path, monkeypatch):
+    """tests/conftest.py's cifar10_jpeg_path follows Cifar10Jpeg's search: the env var first, then the data root."""
+    monkeypatch.setattr(bench.data, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "root"))
+    monkeypatch.delenv(CIFAR10_JPEG_ENV, raising=False)
+    assert cifar10_jpeg_path() is None
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "cifar10_jpeg75.npz").touch()
+    assert cifar10_jpeg_path() == tmp_path / "root" / "cifar10_jpeg75.npz"
+    (tmp_path / "elsewhere.npz").touch()
+    monkeypatch.setenv(CIFAR10_JPEG_ENV, str(tmp_path / "elsewhere.npz"))
+    assert cifar10_jpeg_path() == tmp_path / "elsewhere.npz"
+
+
 def test_data_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "env"))
     assert data_root(str(tmp_path / "given")) == tmp_path / "given"
@@ -216,21 +228,24 @@ def test_content_fields_are_in_the_spec():
 # ------------------------------------------------------------------ cifar10-jpeg (development copy)
 
 
-@needs_cifar
+@requires_cifar10_jpeg
 def test_cifar10_jpeg_balanced_subset():
-    train, test = DATASETS.create("cifar10-jpeg", path=str(CIFAR10_JPEG), per_class=10, test_per_class=5).load()
+    train, test = DATASETS.create("cifar10-jpeg", path=str(cifar10_jpeg_path()), per_class=10, test_per_class=5).load()
     assert tuple(train.images.shape) == (100, 3, 32, 32) and tuple(test.images.shape) == (50, 3, 32, 32)
     assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
     assert per_class(train) == [10] * 10 and per_class(test) == [5] * 10
     assert train.num_classes == test.num_classes == 10
 
 
-@needs_cifar
-def test_cifar10_jpeg_matches_independent_decoding(monkeypatch):
+@requires_cifar10_jpeg
+def test_cifar10_jpeg_matches_independent_decoding(tmp_path, monkeypatch):
     """Found through the env var; the first image of each class decodes as Pillow decodes it."""
-    monkeypatch.setenv(CIFAR10_JPEG_ENV, str(CIFAR10_JPEG))
+    path = cifar10_jpeg_path()
+    monkeypatch.setenv(CIFAR10_JPEG_ENV, str(path))
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
+    monkeypatch.setattr(bench.data, "REPO_ROOT", tmp_path / "repo")  # only the env var can find it
     train, _ = DATASETS.create("cifar10-jpeg", per_class=1, test_per_class=1).load()
-    arrays = np.load(CIFAR10_JPEG)
+    arrays = np.load(path)
     labels, blob, offsets = arrays["train_labels"], arrays["train_jpeg"], arrays["train_offsets"]
     firsts = sorted(int(np.flatnonzero(labels == c)[0]) for c in range(10))
     assert train.labels.tolist() == [int(labels[i]) for i in firsts]
@@ -239,10 +254,10 @@ def test_cifar10_jpeg_matches_independent_decoding(monkeypatch):
         assert torch.equal(image, torch.from_numpy(decoded.copy()).permute(2, 0, 1))
 
 
-@needs_cifar
+@requires_cifar10_jpeg
 def test_cifar10_jpeg_found_in_data_root(tmp_path, monkeypatch):
     monkeypatch.delenv(CIFAR10_JPEG_ENV, raising=False)
-    (tmp_path / "cifar10_jpeg75.npz").symlink_to(CIFAR10_JPEG)
+    (tmp_path / "cifar10_jpeg75.npz").symlink_to(cifar10_jpeg_path())
     monkeypatch.setattr(bench.data, "REPO_ROOT", tmp_path / "repo")
     train, test = DATASETS.create("cifar10-jpeg", root=str(tmp_path), per_class=1, test_per_class=1).load()
     assert len(train) == 10 and len(test) == 10
