@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     perf.add_argument("what", choices=("train",))
     perf.add_argument("--victims", default="resnet18,cnn", help="comma-separated victims (default: resnet18,cnn)")
     perf.add_argument("--dataset", default="cifar10-jpeg")
-    perf.add_argument("--per-class", type=int, default=100, help="train images per class (default: 100)")
+    perf.add_argument("--per-class", type=int, default=100, help="train images per class, ≥ 1 (default: 100)")
     perf.add_argument("--epochs", type=int, default=2)
     perf.add_argument("--batch-size", type=int, default=128)
     perf.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop (median reported)")

@@ -13,6 +13,7 @@ import difflib
 import fnmatch
 import itertools
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,8 @@ def _is_sweep(cls: type, key: str, value: Any) -> bool:
     if not isinstance(value, list):
         return False
     hint = typing.get_type_hints(cls).get(key)
-    tuple_typed = typing.get_origin(hint) is tuple
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    tuple_typed = any(typing.get_origin(option) is tuple for option in options)  # also ``tuple[...] | None``
     return not tuple_typed or (bool(value) and all(isinstance(v, list) for v in value))
 
 

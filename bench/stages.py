@@ -171,7 +171,7 @@ def _train(job: TrainJob, built: Components, recipe: Recipe, train: ImageSet, te
         countermeasure, Cache(job.cache), job.plan, device)) if TRAIN in countermeasure.stages else None
     torch.manual_seed(cell.seed)
     model = built.victim.build(train.num_classes, train.channels, train.size)
-    with tqdm(total=None if recipe.iterations else recipe.epochs, desc="  epochs", leave=False, file=sys.stderr,
+    with tqdm(total=None if recipe.iterations is not None else recipe.epochs, desc="  epochs", leave=False, file=sys.stderr,
               disable=not job.show_epochs) as bar:
         result = train_and_evaluate(model, train, test, recipe, seed=cell.seed, device=device, augment=augment,
                                     hooks=hooks, on_epoch=lambda e, tr, te: (bar.update(), bar.set_postfix(test=f"{te:.3f}")))
