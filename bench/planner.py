@@ -68,28 +68,27 @@ def prepare_dataset(cache: Cache, choice: Any) -> str:
     return key
 
 
-def plan_cells(cells: list[Cell], dataset_keys: dict[Any, str], recipe: dict[str, Any], device: str,
-               warn: Callable[[str], None]) -> list[Plan]:
-    """Check and plan every cell; one ConfigError lists the refused cells (up to ``MAX_LISTED``)."""
-    refused, warned, plans = [], set(), []
+def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None]) -> list[Components]:
+    """Every cell's components, once each cell's needs are met (before any data is loaded); one ConfigError
+    lists the refused cells (up to ``MAX_LISTED``). Notes components expensive on a CPU through ``warn``."""
+    refused, warned, built = [], set(), []
     for cell in cells:
-        built = Components.of(cell)
-        reasons = missing_capabilities(cell, built)
+        components = Components.of(cell)
+        reasons = missing_capabilities(cell, components)
         if reasons:
             refused.append(f"{_describe(cell)}: {'; '.join(reasons)}")
-            continue
-        for component in (built.protection, built.countermeasure, built.victim):
+        for component in (components.protection, components.countermeasure, components.victim):
             if device == "cpu" and component.expensive_on_cpu and component.name not in warned:
                 warned.add(component.name)
                 warn(f"bench: note: {component.name} is expensive on a CPU (declared expensive_on_cpu); its cells "
                      "may take hours at full size")
-        plans.append(plan_cell(cell, dataset_keys[cell.dataset], recipe, built))
+        built.append(components)
     if refused:
         more = f"\n  … and {len(refused) - MAX_LISTED} more" if len(refused) > MAX_LISTED else ""
         raise ConfigError(f"{len(refused)} cell(s) ask for what their components cannot do:\n  "
                           + "\n  ".join(refused[:MAX_LISTED]) + more
                           + "\nexclude such combinations with [[exclude]] tables, or choose other components")
-    return plans
+    return built
 
 
 def missing_capabilities(cell: Cell, built: Components) -> list[str]:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from bench import mixes
 from bench.cache import Cache
 from bench.matrix import Matrix, expand, select
-from bench.planner import plan_cells, prepare_dataset
+from bench.planner import check_cells, plan_cell, prepare_dataset
 from bench.records import RecordLog
 from bench.stages import ProtectJob, PurifyJob, TrainJob, protect_job, purify_job, train_job
 from bench.train import keep_freed_memory
@@ -51,9 +51,10 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     cells = select(expand(matrix), list(options.only))
     cache = Cache(options.results / "cache")
     log = RecordLog(options.results / "runs" / matrix.name / "records.jsonl")
-    dataset_keys = {choice: prepare_dataset(cache, choice) for choice in {c.dataset for c in cells}}
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
-    plans = plan_cells(cells, dataset_keys, matrix.recipe, device.split(":")[0], lambda line: print(line, file=sys.stderr))
+    built = check_cells(cells, device.split(":")[0], lambda line: print(line, file=sys.stderr))
+    dataset_keys = {choice: prepare_dataset(cache, choice) for choice in {c.dataset for c in cells}}
+    plans = [plan_cell(cell, dataset_keys[cell.dataset], matrix.recipe, b) for cell, b in zip(cells, built)]
     recorded = log.latest()
     if options.dry_run:
         for p in plans:

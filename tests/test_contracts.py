@@ -275,7 +275,7 @@ def plan(tmp_path, countermeasure: str, exclude: str = "", surrogate: str = "cnn
 
 def test_a_countermeasure_needing_a_model_the_protection_lacks_is_refused_at_planning(tmp_path):
     proc = plan(tmp_path, "regenerate_test")
-    assert proc.returncode == 2 and not (tmp_path / "r" / "cache" / "protected").exists()
+    assert proc.returncode == 2 and not (tmp_path / "r" / "cache").exists(), "refused before loading any data"
     assert "cell digits × cwn × regenerate_test × cnn" in proc.stderr
     assert "needs the protection's generator model (needs_models), but cwn fits no model" in proc.stderr
     assert "confoundergan × regenerate_test" not in proc.stderr

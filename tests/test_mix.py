@@ -12,7 +12,7 @@ from bench.matrix import expand, parse_matrix
 from bench.records import RecordLog
 from bench.registry import ConfigError
 from bench.mixes import TrainSource, assemble, class_mask
-from bench.planner import plan_cell, plan_cells, prepare_dataset
+from bench.planner import check_cells, plan_cell, prepare_dataset
 from tests.conftest import tiny_matrix
 
 GAN = "{ surrogate = \"cnn\", surrogate_epochs = 1, epochs = 1, width = 8 }"
@@ -52,7 +52,7 @@ def test_keys_per_mix(tmp_path):
     with pytest.raises(ConfigError, match="mix 'ood'.*encrypts_unseen.*cwn cannot"):
         plan_cell(cells["cwn", "ood"], key, {"name": "quick"})
     with pytest.raises(ConfigError, match=r"(?s)1 cell.*cwn × none × cnn.*mix ood.*encrypts_unseen.*\[\[exclude\]\]"):
-        plan_cells(list(cells.values()), {cells["cwn", "ood"].dataset: key}, {"name": "quick"}, "cpu", print)
+        check_cells(list(cells.values()), "cpu", print)
 
 
 def test_class_mask_takes_the_ratio_of_every_class():
