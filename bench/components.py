@@ -154,7 +154,9 @@ class _Declared(Component):
     surrogate_param: ClassVar[str | None] = None  # the parameter naming a surrogate victim it trains
     pretrained: ClassVar[tuple[Pretrained, ...]] = ()  # weights it loads (see ``pretrained_needed``)
     fits: ClassVar[tuple[str, ...]] = ()  # kinds of model its data stage fits, saved beside its output
+    needs_models: ClassVar[tuple[str, ...]] = ()  # kinds of model of the cell's protection it takes (``models=``)
     expensive_on_cpu: ClassVar[bool] = False  # the planner warns when such a cell will run on a CPU
+    model_methods: ClassVar[tuple[str, ...]] = ()  # the methods that take ``models`` when ``needs_models`` is set
 
     def pretrained_needed(self) -> tuple[Pretrained, ...]:
         """The weights these parameters need (a documented alternative may need none)."""
@@ -172,13 +174,19 @@ class _Declared(Component):
             raise TypeError(f"surrogate_param {cls.surrogate_param!r} is not a parameter")
         if bool(cls.fits) != _overrides(cls, "build_model"):
             raise TypeError(f"declares fits = {cls.fits} but does not override build_model, or the reverse")
+        if cls.needs_models and not cls.model_methods:
+            raise TypeError("only countermeasures and victims take a protection's models (needs_models)")
+        for method in cls.model_methods:
+            if cls.needs_models and _overrides(cls, method) and \
+                    "models" not in inspect.signature(getattr(cls, method)).parameters:
+                raise TypeError(f"declares needs_models = {cls.needs_models}, so {method} must take a keyword 'models'")
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
         """The declared capabilities as a JSON-ready dict (``bench list``, records)."""
         return {"needs_labels": cls.needs_labels, "surrogate_param": cls.surrogate_param,
                 "pretrained": [p.name for p in cls.pretrained], "fits": list(cls.fits),
-                "expensive_on_cpu": cls.expensive_on_cpu}
+                "needs_models": list(cls.needs_models), "expensive_on_cpu": cls.expensive_on_cpu}
 
 
 def _overrides(cls: type, method: str) -> bool:
@@ -241,8 +249,8 @@ class Countermeasure(_Declared):
 
     needs_labels: ClassVar[bool] = False  # its own work uses the labels (training the victim always does)
     stages: ClassVar[frozenset[str]] = frozenset()
-    needs_models: ClassVar[tuple[str, ...]] = ()
     reports: ClassVar[str] = "final"
+    model_methods: ClassVar[tuple[str, ...]] = ("purify", "fit", "train_hooks")
 
     def purify(self, train: ImageSet, *, seed: int, device: torch.device, **needs: Models) -> ImageSet:
         """Data-stage preprocessing of the (protected) train set; the test set is never touched."""
@@ -273,20 +281,19 @@ class Countermeasure(_Declared):
             raise TypeError(f"overrides fit but declares no fits (or declares fits = {cls.fits} without fit)")
         if cls.reports not in ("final", "best"):
             raise TypeError(f"reports must be 'final' or 'best', got {cls.reports!r}")
-        for method in ("purify", "fit", "train_hooks"):
-            if cls.needs_models and _overrides(cls, method) and "models" not in inspect.signature(getattr(cls, method)).parameters:
-                raise TypeError(f"declares needs_models = {cls.needs_models}, so {method} must take a keyword 'models'")
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
-        return {**super().capabilities(), "stages": sorted(cls.stages), "needs_models": list(cls.needs_models),
-                "reports": cls.reports}
+        return {**super().capabilities(), "stages": sorted(cls.stages), "reports": cls.reports}
 
 
 class Victim(_Declared):
-    """A network architecture trained on the (protected, purified) train set."""
+    """A network architecture trained on the (protected, purified) train set. With ``needs_models`` (e.g. a
+    victim that starts from a protection's authorized network), ``build`` takes a keyword ``models``."""
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    model_methods: ClassVar[tuple[str, ...]] = ("build",)
+
+    def build(self, num_classes: int, in_channels: int, image_size: int, **needs: Models) -> nn.Module:
         raise NotImplementedError
 
 

@@ -93,15 +93,15 @@ def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None]) -> 
 
 def missing_capabilities(cell: Cell, built: Components) -> list[str]:
     """Every reason this cell cannot run as declared (empty when it can)."""
-    protection, countermeasure = type(built.protection), type(built.countermeasure)
+    protection = type(built.protection)
     reasons = [r for r in [mixes.missing_capability(cell.mix, protection)] if r]
-    if countermeasure.needs_models:
-        offered = set(protection.fits) if mixes.uses_protection(cell.mix) else set()
-        lacking = [k for k in countermeasure.needs_models if k not in offered]
+    offered = set(protection.fits) if mixes.uses_protection(cell.mix) else set()
+    for component in (built.countermeasure, built.victim):
+        lacking = [k for k in component.needs_models if k not in offered]
         if lacking:
             why = "mix 'clean_only' uses no protection" if not mixes.uses_protection(cell.mix) else \
                 f"{protection.name} fits {', '.join(protection.fits) or 'no model'}"
-            reasons.append(f"{countermeasure.name} needs the protection's {', '.join(lacking)} model (needs_models), "
+            reasons.append(f"{component.name} needs the protection's {', '.join(lacking)} model (needs_models), "
                            f"but {why}")
     for component in (built.protection, built.countermeasure, built.victim):
         param = component.surrogate_param

@@ -170,7 +170,8 @@ def _train(job: TrainJob, built: Components, recipe: Recipe, train: ImageSet, te
     hooks = countermeasure.train_hooks(train.num_classes, train.size, **_models_for(
         countermeasure, Cache(job.cache), job.plan, device)) if TRAIN in countermeasure.stages else None
     torch.manual_seed(cell.seed)
-    model = built.victim.build(train.num_classes, train.channels, train.size)
+    model = built.victim.build(train.num_classes, train.channels, train.size,
+                               **_models_for(built.victim, Cache(job.cache), job.plan, device))
     with tqdm(total=None if recipe.iterations is not None else recipe.epochs, desc="  epochs", leave=False, file=sys.stderr,
               disable=not job.show_epochs) as bar:
         result = train_and_evaluate(model, train, test, recipe, seed=cell.seed, device=device, augment=augment,
@@ -180,13 +181,13 @@ def _train(job: TrainJob, built: Components, recipe: Recipe, train: ImageSet, te
             "augment": augment, "precision": result["precision"], "steps": result["steps"], "model": result["model"]}
 
 
-def _models_for(countermeasure: Any, cache: Cache, plan: Plan, device: torch.device) -> dict[str, Models]:
-    """``{"models": …}`` for a countermeasure that declares ``needs_models`` (the planner checked that the cell's
-    protection fits them), else nothing: only such countermeasures take the keyword."""
-    if not countermeasure.needs_models:
+def _models_for(component: Any, cache: Cache, plan: Plan, device: torch.device) -> dict[str, Models]:
+    """``{"models": …}`` for a countermeasure or victim that declares ``needs_models`` (the planner checked that
+    the cell's protection fits them), else nothing: only such components take the keyword."""
+    if not component.needs_models:
         return {}
     assert plan.protection_key is not None, "the planner refuses needs_models without a protection"
-    return {"models": load_models(cache.path("protected", plan.protection_key), countermeasure.needs_models, device)}
+    return {"models": load_models(cache.path("protected", plan.protection_key), component.needs_models, device)}
 
 
 def gradient_metrics(model: torch.nn.Module, clean: ImageSet, protected: ImageSet, mask: torch.Tensor,

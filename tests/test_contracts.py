@@ -202,7 +202,18 @@ def test_a_broken_plugin_fails_bench_commands_with_exit_2(tmp_path, args):
 NEEDS_GENERATOR = '''
 from typing import ClassVar
 import torch
-from bench.components import COUNTERMEASURES, Countermeasure, Fitted, Models, Pretrained
+from bench.components import COUNTERMEASURES, VICTIMS, Countermeasure, Fitted, Models, Pretrained, Victim
+
+
+@VICTIMS.register("from_generator_test")
+class FromGenerator(Victim):
+    """A victim built from the protection's generator (a stand-in for UGE's authorized network)."""
+    paper: ClassVar[str] = "test plugin"
+    needs_models: ClassVar[tuple[str, ...]] = ("generator",)
+
+    def build(self, num_classes, in_channels, image_size, *, models):
+        assert not models["generator"].training
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * image_size ** 2, num_classes))
 
 
 @COUNTERMEASURES.register("regenerate_test")
@@ -256,18 +267,18 @@ cwn = {{}}
 confoundergan = {{ surrogate = "{surrogate}", surrogate_epochs = 1, epochs = 1, width = 8 }}
 [countermeasures]
 {countermeasure} = {{}}
-[victims.cnn]
-width = 8
+[victims]
+{victim}
 {exclude}
 """
 
 
 def plan(tmp_path, countermeasure: str, exclude: str = "", surrogate: str = "cnn", env: dict | None = None,
-         dry_run: bool = True) -> subprocess.CompletedProcess:
+         dry_run: bool = True, victim: str = "cnn = { width = 8 }") -> subprocess.CompletedProcess:
     plugins = tmp_path / "plugins"
     plugins.mkdir(exist_ok=True)
     (plugins / "needs.py").write_text(NEEDS_GENERATOR)
-    text = CELLS.format(countermeasure=countermeasure, exclude=exclude, surrogate=surrogate)
+    text = CELLS.format(countermeasure=countermeasure, exclude=exclude, surrogate=surrogate, victim=victim)
     matrix = tiny_matrix(tmp_path, "needs", text=text)
     return run_subprocess(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1",
                            *(["--dry-run"] if dry_run else [])], tmp_path, {"BENCH_PLUGINS": str(plugins), **(env or {})})
@@ -290,6 +301,28 @@ def test_a_countermeasure_gets_the_protections_fitted_model(tmp_path):
     assert record["purify_info"] == {"generator_arch": {"channels": 1, "size": 16, "width": 8, "epsilon": 8.0},
                                      "generator_training": False}
     assert record["protect_models"] == ["generator"] and record["protection_key"]
+
+
+def test_a_victim_may_start_from_the_protections_model(tmp_path):
+    """A victim that needs the protection's generator is refused with cwn and built from it with confoundergan."""
+    refused = plan(tmp_path, "none", victim="from_generator_test = {}")
+    assert refused.returncode == 2 and "cwn × none × from_generator_test" in refused.stderr
+    assert "from_generator_test needs the protection's generator model" in refused.stderr
+    proc = plan(tmp_path, "none", victim="from_generator_test = {}", exclude="[[exclude]]\nprotection = \"cwn\"",
+                dry_run=False)
+    assert proc.returncode == 0, proc.stderr
+    (record,) = records(tmp_path / "r")
+    assert record["status"] == "ok" and record["victim"] == "from_generator_test"
+
+
+def test_a_protection_cannot_need_models():
+    with pytest.raises(TypeError, match="only countermeasures and victims"):
+        @Registry("protection", Protection).register("needy_test")
+        class Needy(Protection):
+            needs_models: ClassVar[tuple[str, ...]] = ("generator",)
+
+            def protect(self, train, *, seed, device):
+                return train
 
 
 def test_a_countermeasure_fitting_a_model_keeps_it_beside_its_purified_set(tmp_path):
