@@ -190,7 +190,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"      follows: {cls.paper or '—'}")
             if kind != "datasets":
                 print(f"      capabilities: {describe_capabilities(cls)}")
-            if kind == "victims":
+            if kind == "victims" and not cls.needs_models:  # one built from a protection's models has no count alone
                 model = cls().build(10, 3, 32)
                 print(f"      parameters at 3×32×32, 10 classes: {sum(p.numel() for p in model.parameters()):,}")
     return 0
