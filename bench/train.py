@@ -107,7 +107,8 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
     Args:
         augment: the resolved standard augmentation (see ``bench.augment.KINDS``).
         hooks: a train-stage countermeasure's changes to the loop.
-        evaluate_every_epoch: False evaluates only after the last epoch (for timing).
+        evaluate_every_epoch: False evaluates only after the last epoch (for timing); else every
+            ``recipe.eval_every`` epochs and after the last.
         on_epoch: called with (epoch, train accuracy, test accuracy) for progress display.
 
     Returns:
@@ -163,8 +164,9 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
         train_seconds += time.perf_counter() - start
         curves["train_acc"].append(correct / min(len(train), (step - epoch * steps_per_epoch) * recipe.batch_size))
         last = epoch == epochs - 1
+        due = evaluate_every_epoch and (epoch + 1) % recipe.eval_every == 0
         curves["test_acc"].append(evaluate(forward, test, recipe.eval_batch_size, precision)
-                                  if evaluate_every_epoch or last else float("nan"))
+                                  if due or last else float("nan"))
         if on_epoch:
             on_epoch(epoch + 1, curves["train_acc"][-1], curves["test_acc"][-1])
     tested = [a for a in curves["test_acc"] if not math.isnan(a)]
