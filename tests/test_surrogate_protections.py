@@ -62,10 +62,13 @@ def test_em_samplewise_noise_follows_each_sample(digits):
 
 
 def test_em_classwise_is_one_pattern_per_class():
-    """Class-wise EM on mid-grey images (nothing clips): identical change within a class, different across."""
+    """Class-wise EM on mid-grey images (nothing clips): identical change within a class, different across.
+    From the official zero start every input of this constant set is the same, which the cnn maps to all-zero
+    activations (ReLU'(0) = 0): the noise would never move, so the random start gives the inputs their spread."""
     images = torch.full((20, 1, 8, 8), 128, dtype=torch.uint8)
     data = ImageSet(images, torch.arange(20) % 4, 4)
-    out = PROTECTIONS.create("em", mode="classwise", surrogate="cnn", max_rounds=2).protect(data, seed=0, device=CPU)
+    out = PROTECTIONS.create("em", mode="classwise", surrogate="cnn", max_rounds=2, random_start=True).protect(
+        data, seed=0, device=CPU)
     d = change(out, data)
     for c in range(4):
         members = torch.nonzero(data.labels == c).flatten()
@@ -113,8 +116,13 @@ CASES = [  # (protection, params, data, least drop in test accuracy); measured d
     # Digits are coarse 17-level images that ε = 8/255 barely moves (EM's surrogate fits them cleanly in two
     # rounds and stops), so TAP runs at 32/255 there: 0.95 → 0.40.
     ("tap", dict(surrogate="cnn", surrogate_epochs=10, steps=30, tau=0.1, epsilon=32), "digits", 0.3),
-    ("em", dict(surrogate="cnn", mode="classwise"), "cifar", 0.08),  # 0.36 → 0.23 in ~25 s
-    pytest.param("em", dict(surrogate="cnn"), "cifar", 0.08, marks=pytest.mark.slow),  # 0.36 → 0.20 in ~50 s
+    # Class-wise EM at the pre-issue-14 settings (batch 128, updates on the whole set, random start), which stop
+    # in fewer, cheaper rounds here; the official ones (batch 512, 20 % subset, zero start) are the slow case.
+    ("em", dict(surrogate="cnn", mode="classwise", batch_size=128, subset=1.0, random_start=True), "cifar", 0.08),
+    # Measured on a loaded 2-core CPU: 0.37 → 0.23 in ~60 s (above); official class-wise 0.37 → 0.28 in ~110 s,
+    # sample-wise 0.37 → 0.21 in ~270 s (at batch 128 and a random start it was 0.36 → 0.20 in ~50 s unloaded).
+    pytest.param("em", dict(surrogate="cnn", mode="classwise"), "cifar", 0.08, marks=pytest.mark.slow),
+    pytest.param("em", dict(surrogate="cnn"), "cifar", 0.08, marks=pytest.mark.slow),
 ]
 
 
