@@ -17,6 +17,7 @@ from bench.components import PROTECTIONS, ImageSet
 from bench.data import DATASETS
 from bench.registry import ConfigError
 from protections import _surrogate as S
+from protections import tap as T
 
 CPU = torch.device("cpu")
 
@@ -48,9 +49,10 @@ def rows(images: torch.Tensor) -> list[bytes]:
 
 
 def test_defaults_are_the_official():
-    """EM: ``--train_batch_size 512``, zero start (no ``--random_start``), class-wise 20 % subset."""
-    em = PROTECTIONS.create("em")
+    """EM: ``--train_batch_size 512``, zero start (no ``--random_start``), class-wise 20 % subset; TAP: 8 restarts."""
+    em, tap = PROTECTIONS.create("em"), PROTECTIONS.create("tap")
     assert em.batch_size == 512 and em.random_start is False and em.subset is None
+    assert tap.restarts == 8 and tap.augment is True and tap.batch_size == 512
 
 
 @pytest.mark.parametrize("params, match", [({"subset": 0.0}, "omit it"), ({"subset": 1.5}, "omit it"),
@@ -58,6 +60,12 @@ def test_defaults_are_the_official():
 def test_em_bad_subset_is_rejected(params, match):
     with pytest.raises(ConfigError, match=match):
         PROTECTIONS.create("em", **params)
+
+
+@pytest.mark.parametrize("restarts", [0, -1])
+def test_tap_needs_a_restart(restarts):
+    with pytest.raises(ConfigError, match="restarts ≥ 1.*omit them"):
+        PROTECTIONS.create("tap", restarts=restarts)
 
 
 # ------------------------------------------------------------------ EM: start and batch
@@ -132,3 +140,69 @@ def test_em_classwise_subset_is_seeded_and_settable(digits, monkeypatch):
     size = sum(round(0.2 * n) for n in Counter(data.labels.tolist()).values())
     assert first == again and first != other and len(other) == len(first) == size
     assert whole == sorted(rows(S.to_float(data, CPU)))
+
+
+# ------------------------------------------------------------------ TAP: restarts and augmentation
+
+
+def tap(**params) -> T.TargetedAdversarialPoisoning:
+    cheap = dict(surrogate="cnn", surrogate_epochs=2, steps=3, tau=0.2, epsilon=32)
+    return PROTECTIONS.create("tap", **{**cheap, **params})
+
+
+def test_tap_keeps_the_restart_with_the_lowest_loss(digits, monkeypatch):
+    """The kept poison set is the run whose target loss is lowest (the official argmin over runs)."""
+    data = digits.subset(torch.arange(200))
+    runs: list[torch.Tensor] = []
+    fake = iter([3.0, 1.0, 2.0])
+    real = T.TargetedAdversarialPoisoning._run
+
+    def run(self, *args):
+        noise, _ = real(self, *args)
+        runs.append(noise.clone())
+        return noise, next(fake)
+
+    monkeypatch.setattr(T.TargetedAdversarialPoisoning, "_run", run)
+    out = tap(restarts=3).protect(data, seed=0, device=CPU)
+    assert out.info["restart_losses"] == [3.0, 1.0, 2.0] and out.info["restart_kept"] == 1
+    assert len(runs) == 3 and not torch.equal(runs[0], runs[1])
+    assert torch.equal(out.images, S.publish(data, S.to_float(data, CPU), runs[1]).images)
+
+
+def test_tap_restarts_are_at_least_as_good_as_one(digits):
+    """Same seed: the first of 4 runs is the single run, and the kept loss is the least of the 4."""
+    data = digits.subset(torch.arange(200))
+    one, four = (tap(restarts=r).protect(data, seed=0, device=CPU).info for r in (1, 4))
+    assert len(four["restart_losses"]) == 4 and four["restart_losses"][0] == one["restart_losses"][0]
+    assert four["restart_losses"][four["restart_kept"]] == min(four["restart_losses"]) <= one["restart_losses"][0]
+    assert len(set(four["restart_losses"])) > 1, "every restart draws a fresh start"
+
+
+def test_tap_translation_is_sub_pixel_within_an_eighth_and_fills_with_the_mean():
+    """The official ``RandomTransform`` (CIFAR-10 size 32: shift 8, i.e. up to ±4 px): on a vertical ramp (which the
+    left-right mirror leaves alone) each image moves by one uniform, mostly fractional offset of at most 4 px; a
+    constant image of the fill value is unchanged; gradients reach the input."""
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 32, 1).expand(256, 1, 32, 32).clone().requires_grad_(True)
+    fill = torch.tensor([0.3])
+    out = T.translate_flip(ramp, fill, torch.Generator().manual_seed(0))
+    moved = ((out - ramp) * 31)[:, 0, 5:27, 5:27].detach()  # away from the border: the offset in pixels
+    offset = moved.mean((1, 2))
+    assert torch.allclose(moved, offset.view(-1, 1, 1).expand_as(moved), atol=1e-4)
+    assert offset.abs().max() <= 4 + 1e-4 and offset.abs().max() > 3.5 and offset.std() > 1.5
+    assert ((offset - offset.round()).abs() > 0.05).float().mean() > 0.8, "offsets are sub-pixel, not integer"
+    assert torch.autograd.grad(out.sum(), ramp)[0].abs().sum() > 0
+    constant = torch.full((8, 1, 32, 32), 0.3)
+    assert torch.allclose(T.translate_flip(constant, fill, torch.Generator().manual_seed(1)), constant, atol=1e-6)
+
+
+def test_tap_attacks_through_the_translation(digits, monkeypatch):
+    """``augment=True`` (default) feeds the surrogate translated images; ``augment=False`` the poisons themselves."""
+    data = digits.subset(torch.arange(100))
+    calls = []
+    real = T.translate_flip
+    monkeypatch.setattr(T, "translate_flip", lambda *a: calls.append(1) or real(*a))
+    tap(restarts=1, steps=2).protect(data, seed=0, device=CPU)
+    assert len(calls) == 2
+    calls.clear()
+    tap(restarts=1, steps=2, augment=False).protect(data, seed=0, device=CPU)
+    assert not calls

@@ -88,8 +88,8 @@ def test_tap_pushes_towards_the_target_class(digits):
     """Against its own surrogate, TAP's images are classified as (y + 1) mod K far more often than clean ones
     (under 10 %). Digits are coarse, high-contrast images: ε = 8/255 barely moves them, so ε = 32/255 here."""
     train = digits[0]
-    out = PROTECTIONS.create("tap", surrogate="cnn", surrogate_epochs=5, steps=20, tau=0.1, epsilon=32).protect(
-        train, seed=0, device=CPU)
+    out = PROTECTIONS.create("tap", surrogate="cnn", surrogate_epochs=5, steps=20, tau=0.1, epsilon=32,
+                             restarts=1).protect(train, seed=0, device=CPU)
     assert out.info["surrogate_clean_accuracy"] > 0.6
     assert out.info["target_accuracy"] > 0.3
     assert change(out, train).abs().max() <= 32
@@ -114,8 +114,8 @@ def cifar_subset() -> tuple[ImageSet, ImageSet]:
 
 CASES = [  # (protection, params, data, least drop in test accuracy); measured drops in the comments
     # Digits are coarse 17-level images that ε = 8/255 barely moves (EM's surrogate fits them cleanly in two
-    # rounds and stops), so TAP runs at 32/255 there: 0.95 → 0.40.
-    ("tap", dict(surrogate="cnn", surrogate_epochs=10, steps=30, tau=0.1, epsilon=32), "digits", 0.3),
+    # rounds and stops), so TAP runs at 32/255 there: 0.95 → 0.41.
+    ("tap", dict(surrogate="cnn", surrogate_epochs=10, steps=30, tau=0.1, epsilon=32, restarts=1), "digits", 0.3),
     # Class-wise EM at the pre-issue-14 settings (batch 128, updates on the whole set, random start), which stop
     # in fewer, cheaper rounds here; the official ones (batch 512, 20 % subset, zero start) are the slow case.
     ("em", dict(surrogate="cnn", mode="classwise", batch_size=128, subset=1.0, random_start=True), "cifar", 0.08),
