@@ -11,40 +11,87 @@ from bench.components import PROTECTIONS, ImageSet, Protection
 from protections.ar import publish
 
 CHUNK = 4096  # images per batch when summing class statistics
+CLASS_SEP = 10.0  # the official make_classification(class_sep=10.)
+
+
+def lsp_patterns(labels: torch.Tensor, num_classes: int, channels: int, size: int, grid: int, mode: str,
+                 seed: int) -> torch.Tensor:
+    """Unit-L2 LSP patterns, N×C×S×S (one per image) for "samplewise", K×C×S×S for "classwise".
+
+    "samplewise" (official ``synthetic_perturbations/cifar_train.py``): ``make_classification`` points,
+    one Gaussian cluster per class (``n_features = n_informative`` = grid²·C, ``n_redundant=0``,
+    ``n_repeated=0``, ``class_sep=10``, ``flip_y=0``, ``n_clusters_per_class=1``; ``random_state=seed``),
+    K × (largest class) points so that every class has one for each of its images; the i-th image of a
+    class takes the class's i-th point, as the official ``simple_data[simple_label == label][:count]``.
+    A point is reshaped grid×grid×C (HWC, as the official) and each value fills a patch: repeated
+    ⌈S/grid⌉ times along both axes, cropped to S×S, then normalised (official ``normalize_l2norm``
+    after upsampling). "classwise": one standard Gaussian grid per class (torch, seeded), the same steps.
+    """
+    patch = math.ceil(size / grid)
+    if mode == "samplewise":
+        from sklearn.datasets import make_classification
+
+        features, counts = grid * grid * channels, torch.bincount(labels, minlength=num_classes)
+        points, point_labels = make_classification(
+            n_samples=num_classes * int(counts.max()), n_features=features, n_informative=features, n_redundant=0,
+            n_repeated=0, n_classes=num_classes, n_clusters_per_class=1, class_sep=CLASS_SEP, flip_y=0.0,
+            random_state=seed)
+        point_labels = torch.from_numpy(point_labels)
+        drawn = torch.bincount(point_labels, minlength=num_classes)
+        if (drawn < counts).any():
+            raise RuntimeError(f"lsp: make_classification gave {drawn.tolist()} points per class for {counts.tolist()}")
+        by_class = torch.argsort(point_labels, stable=True)  # each class's points in the order drawn
+        in_order = torch.argsort(labels, stable=True)  # each class's images in data set order
+        rank = torch.empty_like(labels)  # an image's index among its class's images
+        rank[in_order] = torch.arange(len(labels)) - (torch.cumsum(counts, 0) - counts)[labels[in_order]]
+        chosen = by_class[(torch.cumsum(drawn, 0) - drawn)[labels] + rank]
+        low = torch.from_numpy(points).float()[chosen].view(-1, grid, grid, channels).permute(0, 3, 1, 2)
+    else:
+        low = torch.randn((num_classes, channels, grid, grid), generator=torch.Generator().manual_seed(seed))
+    patterns = low.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :size, :size]
+    return patterns / patterns.flatten(1).norm(dim=1)[:, None, None, None]
 
 
 @PROTECTIONS.register("lsp")
 class LinearSeparablePerturbation(Protection):
     """LSP / synthetic noise (Yu et al., KDD 2022, "Availability Attacks Create Shortcuts", Alg. 1;
-    APBench ``attack/lsp_poisons.py``): per class one Gaussian pattern of ``grid``×``grid`` values per
-    channel, each value filling a patch (the paper: 8-px patches on 32×32, a 4×4 grid; 4-px patches on
-    16×16), nearest-upsampled (repeat, then crop to the image size as the official code does), scaled to
-    L2 = (``l2_per_pixel``/255)·√d in [0, 1] units, d = C·H·W (the official ``linf = 6/255``), added to
-    every image of the class, rounded and clamped to [0, 255].
+    official dayu11/Availability-Attacks-Create-Shortcuts ``synthetic_perturbations/cifar_train.py``, also
+    APBench ``attack/lsp_poisons.py``): every image gets its own pattern, drawn from a Gaussian cluster of
+    its class (``make_classification``, ``class_sep=10``, all grid²·C features informative: linearly
+    separable by class), a ``grid``×``grid`` value per channel each filling a patch (the paper: 8-px
+    patches on 32×32, a 4×4 grid; 4-px patches on 16×16), scaled to L2 = (``l2_per_pixel``/255)·√d in
+    [0, 1] units, d = C·H·W (the official ``comput_l2norm_lim(linf=6/255)``), before clipping; added,
+    rounded and clamped to [0, 255] (``lsp_patterns``). ``mode="classwise"`` (not the official): one
+    pattern per class, shared by all its images.
 
-    Deviation: the official code draws a separate pattern for every image with sklearn's
-    ``make_classification`` (a Gaussian cluster per class, ``class_sep=10``, all 48 features informative)
-    and normalises each; here every image of a class gets one class pattern (class-wise, the shortcut the
-    paper describes). The official code truncates to uint8 after clipping; this rounds.
+    Deviations: K × (largest class) cluster points are drawn (the official: the data set's size, twice
+    for SVHN), the same when classes are balanced, and any channel count works (the official is RGB);
+    the official truncates to uint8 after clipping, this rounds. Numbers follow scikit-learn's
+    ``make_classification`` for a seed (scikit-learn 1.9 here).
     """
 
     paper: ClassVar[str] = "Yu et al. 2022 (LSP / synthetic noise) Alg. 1"
+    version: ClassVar[int] = 2
+    mode: str = "samplewise"
     l2_per_pixel: float = 6.0
     grid: int = 4
 
     def __post_init__(self) -> None:
+        if self.mode not in ("samplewise", "classwise"):
+            raise ValueError(f"lsp mode must be 'samplewise' (the official) or 'classwise', got {self.mode!r}")
         if self.l2_per_pixel < 0 or self.grid < 1:
             raise ValueError(f"lsp needs l2_per_pixel ≥ 0 and grid ≥ 1, got {self.l2_per_pixel}, {self.grid}")
 
     def protect(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
-        gen = torch.Generator().manual_seed(seed)
         size, dim = train.size, train.images[0].numel()
-        patch = math.ceil(size / self.grid)
-        low = torch.randn((train.num_classes, train.channels, self.grid, self.grid), generator=gen)
-        patterns = low.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[..., :size, :size]
+        if self.mode == "samplewise" and 2 ** (self.grid ** 2 * train.channels) < train.num_classes:
+            raise ValueError(f"lsp: {train.num_classes} classes need 2^(grid²·C) ≥ {train.num_classes} cluster "
+                             f"vertices (make_classification), got grid={self.grid}; raise grid")
+        patterns = lsp_patterns(train.labels, train.num_classes, train.channels, size, self.grid, self.mode, seed)
         budget = self.l2_per_pixel * math.sqrt(dim)  # pixel units
-        patterns = patterns * (budget / patterns.flatten(1).norm(dim=1))[:, None, None, None]
-        return publish(train, patterns.to(device)[train.labels.to(device)], l2_budget=round(budget / 255, 6))
+        patterns = (patterns * budget).to(device)
+        noise = patterns if self.mode == "samplewise" else patterns[train.labels.to(device)]
+        return publish(train, noise, l2_budget=round(budget / 255, 6))
 
 
 @PROTECTIONS.register("ops")

@@ -84,9 +84,11 @@ def test_real_images_report_their_l2(rgb):
 # ------------------------------------------------------------------ lsp
 
 
-def test_lsp_is_class_wise_and_patchy(rgb):
-    """Every image of a class gets the same change where nothing clipped; classes differ; 8-px patches."""
-    out = PROTECTIONS.create("lsp").protect(rgb, seed=0, device=CPU)
+def test_lsp_classwise_is_class_wise_and_patchy(rgb):
+    """mode="classwise": every image of a class gets the same change where nothing clipped; classes differ;
+    8-px patches."""
+    lsp = PROTECTIONS.create("lsp", mode="classwise")
+    out = lsp.protect(rgb, seed=0, device=CPU)
     change, free = delta(out, rgb), (out.images > 0) & (out.images < 255)
     members = [torch.nonzero(rgb.labels == c).flatten().tolist() for c in range(rgb.num_classes)]
     for first, *others in members:
@@ -94,13 +96,24 @@ def test_lsp_is_class_wise_and_patchy(rgb):
             both = free[first] & free[other]
             assert both.float().mean() > 0.5 and torch.equal(change[first][both], change[other][both])
     flat = grey(3, 32)
-    pattern = delta(PROTECTIONS.create("lsp").protect(flat, seed=0, device=CPU), flat)
+    pattern = delta(lsp.protect(flat, seed=0, device=CPU), flat)
     assert not torch.equal(pattern[0], pattern[1])
     patches = pattern[0].view(3, 4, 8, 4, 8)
     assert (patches == patches[:, :, :1, :, :1]).all(), "not constant on 8×8 patches"
-    greys = grey(1, 16)  # a 4×4 grid of 4-px patches at 16×16
-    patches = delta(PROTECTIONS.create("lsp").protect(greys, seed=0, device=CPU), greys)[0].view(1, 4, 4, 4, 4)
-    assert (patches == patches[:, :, :1, :, :1]).all()
+
+
+def test_lsp_default_is_sample_wise_and_patchy():
+    """The default (the official): images of one class get different changes; 8-px patches on 32×32, 4-px
+    patches on 16×16 (a 4×4 grid)."""
+    flat = grey(3, 32)
+    pattern = delta(PROTECTIONS.create("lsp").protect(flat, seed=0, device=CPU), flat)
+    same_class = torch.nonzero(flat.labels == flat.labels[0]).flatten()
+    assert len(same_class) > 1 and not torch.equal(pattern[same_class[0]], pattern[same_class[1]])
+    patches = pattern.view(-1, 3, 4, 8, 4, 8)
+    assert (patches == patches[:, :, :, :1, :, :1]).all(), "not constant on 8×8 patches"
+    greys = grey(1, 16)
+    patches = delta(PROTECTIONS.create("lsp").protect(greys, seed=0, device=CPU), greys).view(-1, 1, 4, 4, 4, 4)
+    assert (patches == patches[:, :, :, :1, :, :1]).all()
 
 
 # ------------------------------------------------------------------ ar
