@@ -135,10 +135,11 @@ def test_ar_fill_matches_the_raster_recursion():
 
 @pytest.mark.parametrize("rule, total", [("bounded", "sum"), ("contractive", "abs")])
 def test_ar_coefficient_rules(rule, total):
-    coef, drawn = find_processes(30, 32, 4, rule, torch.Generator().manual_seed(0))
-    assert coef.shape == (30, 8) and drawn >= 30 and coef.isfinite().all()
-    sums = coef.sum(1) if total == "sum" else coef.abs().sum(1)
-    assert torch.allclose(sums, torch.full((30,), 1.0 if total == "sum" else 0.99), atol=1e-5)
+    found = find_processes(30, 3, rule, 3.0 if rule == "bounded" else 0.0, torch.Generator().manual_seed(0))
+    coef = found.coefficients
+    assert coef.shape == (30, 3, 8) and found.draws >= 90 and coef.isfinite().all()
+    sums = coef.sum(-1) if total == "sum" else coef.abs().sum(-1)
+    assert torch.allclose(sums, torch.full((30, 3), 1.0 if total == "sum" else 0.99, dtype=torch.float64), atol=1e-5)
 
 
 def test_ar_is_sample_wise(rgb):
@@ -228,7 +229,8 @@ def test_ops_constant_pixels_and_seed():
 # ------------------------------------------------------------------ behaviour (slow)
 # On real digits (50 per class, cnn, quick recipe) none of the three lowers clean test accuracy much (0.95 →
 # ar 0.94, lsp 0.95, ops 0.82; also with all 1,438 images or 40 epochs): the digits are learned as fast as
-# any shortcut. CIFAR-10 is where these papers measure, so the check runs on its JPEG copy.
+# any shortcut (again after issue 14's official LSP draw and AR search, with victim_accuracy below: 0.90 clean →
+# ar 0.90, lsp 0.90). CIFAR-10 is where these papers measure, so the check runs on its JPEG copy.
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +258,7 @@ def clean_accuracy(cifar) -> float:
 @pytest.mark.parametrize("name", ["ar", "lsp", "ops"])
 def test_victim_learns_less_from_protected_data(name, cifar, clean_accuracy):
     """Real CIFAR-10 subset, cnn, quick recipe for 20 epochs, crop+flip: clean test accuracy drops by > 0.1
-    (measured: clean 0.59; ar 0.20, lsp 0.40, ops 0.25; ~45 s per model on a free core)."""
+    (measured: clean 0.59; ar 0.10, lsp 0.42, ops 0.25; ~45 s per model on a free core)."""
     train, test = cifar
     protected = victim_accuracy(PROTECTIONS.create(name).protect(train, seed=0, device=CPU), test)
     print(f"{name}: clean {clean_accuracy:.3f} protected {protected:.3f}")
