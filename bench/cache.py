@@ -37,10 +37,11 @@ def make_key(spec: Any) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions that can change numbers: recorded in manifests and records."""
+    import sklearn
     import torchvision
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__}
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "scikit-learn": sklearn.__version__}  # sklearn draws LSP's patterns
 
 
 def _sha256(path: Path) -> str:
