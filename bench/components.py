@@ -4,10 +4,9 @@ Flow of one cell: dataset → ``Protection.fit`` (``protect``, plus any model it
 stage (``purify``) → a victim from ``Victim.build`` trained by ``bench.train`` (with the countermeasure's
 train-stage ``TrainHooks``) → record.
 
-Capabilities are typed class attributes (in the spirit of torchattacks' ``supported_mode``): what a component
-needs (labels, a surrogate victim, pretrained weights, a protection's model) and offers (models it fits, the
-encryption of unseen images, which stages it changes). Registration checks them against the methods a class
-overrides (``check_declaration``); the planner checks them against each cell before anything runs.
+Capabilities are typed class attributes: what a component needs (labels, a surrogate victim, pretrained weights,
+a protection's model) and offers (models it fits, encryption of unseen images, the stages it changes). They are
+checked against the methods a class overrides at registration, and against each cell by the planner.
 """
 
 from __future__ import annotations
@@ -78,7 +77,7 @@ class ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes, self.info)
 
 
-Generator = torch.Generator
+Generator = torch.Generator  # the type of every hook's ``gen``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +173,8 @@ class _Declared(Component):
             raise TypeError(f"surrogate_param {cls.surrogate_param!r} is not a parameter")
         if bool(cls.fits) != _overrides(cls, "build_model"):
             raise TypeError(f"declares fits = {cls.fits} but does not override build_model, or the reverse")
+        if issubclass(cls, (Protection, Countermeasure)) and bool(cls.fits) != _overrides(cls, "fit"):
+            raise TypeError(f"overrides fit but declares no fits (or declares fits = {cls.fits} without fit)")
         if cls.needs_models and not cls.model_methods:
             raise TypeError("only countermeasures and victims take a protection's models (needs_models)")
         for method in cls.model_methods:
@@ -227,8 +228,6 @@ class Protection(_Declared):
         super().check_declaration()
         if _overrides(cls, "protect") == _overrides(cls, "fit"):
             raise TypeError("must override exactly one of protect (no models) and fit (with models)")
-        if bool(cls.fits) != _overrides(cls, "fit"):
-            raise TypeError(f"overrides fit but declares no fits (or declares fits = {cls.fits} without fit)")
         if cls.encrypts_unseen != _overrides(cls, "encrypt") or (cls.encrypts_unseen and not cls.fits):
             raise TypeError("encrypts_unseen = True needs fits (a model) and an encrypt override, and the reverse")
 
@@ -277,8 +276,6 @@ class Countermeasure(_Declared):
         if _overrides(cls, "train_hooks") != (TRAIN in cls.stages):
             raise TypeError("overrides train_hooks but 'train' is not in its stages" if TRAIN not in cls.stages
                             else "declares the 'train' stage but does not override train_hooks")
-        if bool(cls.fits) != _overrides(cls, "fit"):
-            raise TypeError(f"overrides fit but declares no fits (or declares fits = {cls.fits} without fit)")
         if cls.reports not in ("final", "best"):
             raise TypeError(f"reports must be 'final' or 'best', got {cls.reports!r}")
 

@@ -124,7 +124,7 @@ def train_job(job: TrainJob, device: torch.device) -> dict[str, Any]:
         recipe = make_recipe(**job.recipe).for_victim(built.victim.name)
         record.update(recipe=recipe.name, recipe_params=dataclasses.asdict(recipe))
         start = time.perf_counter()
-        result = _train(job, built, recipe, train, test, device)
+        result = _train(job, cache, built, recipe, train, test, device)
         record["seconds"]["train"] = time.perf_counter() - start
         record.update({k: v for k, v in result.items() if k != "model"})
         if sets.mask.any() and job.plan.protection_key:
@@ -162,16 +162,16 @@ def stage_reports(cache: Cache, plan: Plan) -> tuple[dict[str, float], dict[str,
     return seconds, reports
 
 
-def _train(job: TrainJob, built: Components, recipe: Recipe, train: ImageSet, test: ImageSet,
+def _train(job: TrainJob, cache: Cache, built: Components, recipe: Recipe, train: ImageSet, test: ImageSet,
            device: torch.device) -> dict[str, Any]:
     """Build the victim and train it with the countermeasure's hooks, showing epochs where asked."""
     countermeasure, cell = built.countermeasure, job.plan.cell
     augment = DATASETS.get(cell.dataset.name).augment if recipe.augment == "dataset" else recipe.augment
     hooks = countermeasure.train_hooks(train.num_classes, train.size, **_models_for(
-        countermeasure, Cache(job.cache), job.plan, device)) if TRAIN in countermeasure.stages else None
+        countermeasure, cache, job.plan, device)) if TRAIN in countermeasure.stages else None
     torch.manual_seed(cell.seed)
     model = built.victim.build(train.num_classes, train.channels, train.size,
-                               **_models_for(built.victim, Cache(job.cache), job.plan, device))
+                               **_models_for(built.victim, cache, job.plan, device))
     with tqdm(total=None if recipe.iterations is not None else recipe.epochs, desc="  epochs", leave=False, file=sys.stderr,
               disable=not job.show_epochs) as bar:
         result = train_and_evaluate(model, train, test, recipe, seed=cell.seed, device=device, augment=augment,
