@@ -5,11 +5,16 @@ countermeasures; mean ± std over seeds where there are several. Written as CSV 
 
 Rows of cells with another train-set ``mix`` than ``protected`` read ``protection [mix]``. Several poison
 ratios with a single countermeasure give ConfounderGAN Fig. 5's layout instead: a column per ratio p.
+
+A matrix's ``[layout]`` (``Layout``, saved in ``runs/<matrix>/matrix.json``) picks other row and column axes
+among protection, countermeasure and victim (those leave the grouping), display names, and the summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import itertools
 import json
 import re
 import warnings
@@ -19,10 +24,65 @@ from typing import Any
 import pandas as pd
 
 from bench.records import RecordLog
+from bench.registry import ConfigError
 
 GROUP = ("dataset", "victim", "recipe", "poison_ratio")
+LAYOUT_AXES = ("protection", "countermeasure", "victim")
+LAYOUT_KEYS = ("rows", "columns", "labels", "summary")
 METRICS = {"final": "test accuracy (%, final)", "best": "test accuracy (%, best)",
            "car": "CAR (%, ConfounderGAN App. A Eq. 6)", "gcr": "GCR (%, ConfounderGAN App. A Eq. 7)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A table layout: row axes (a row's label joins theirs with `` · ``), the column axis, names shown for
+    component labels, and whether Mean and Max columns follow. The default is DH Table I's."""
+
+    rows: tuple[str, ...] = ("protection",)
+    columns: str = "countermeasure"
+    labels: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
+    summary: bool = True
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return (*self.rows, self.columns)
+
+    def name(self, label: str) -> str:
+        """The name shown for a component label."""
+        return self.labels.get(label, label)
+
+    @classmethod
+    def parse(cls, raw: Any) -> Layout:
+        """Validate a ``[layout]`` table (from TOML or matrix.json); a ConfigError names the key and the fix."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"key 'layout': expected a table of {', '.join(LAYOUT_KEYS)}, got {raw!r}")
+        for key in raw:
+            if key not in LAYOUT_KEYS:
+                raise ConfigError(f"key 'layout.{key}': unknown{_hint(key, LAYOUT_KEYS)} (allowed: {', '.join(LAYOUT_KEYS)})")
+        rows, columns = raw.get("rows", list(cls.rows)), raw.get("columns", cls.columns)
+        labels, summary = raw.get("labels", {}), raw.get("summary", True)
+        if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(r, str) for r in rows):
+            raise ConfigError(f"key 'layout.rows': expected a non-empty list of axes, e.g. rows = [\"protection\"], "
+                              f"got {rows!r}")
+        if not isinstance(columns, str):
+            raise ConfigError(f"key 'layout.columns': expected one axis name, e.g. columns = \"victim\", got {columns!r}")
+        for key, axis in [*(("rows", r) for r in rows), ("columns", columns)]:
+            if axis not in LAYOUT_AXES:
+                raise ConfigError(f"key 'layout.{key}': unknown axis {axis!r}{_hint(axis, LAYOUT_AXES)} "
+                                  f"(axes: {', '.join(LAYOUT_AXES)})")
+        if len(set(rows)) < len(rows):
+            raise ConfigError(f"key 'layout.rows': an axis appears twice in {list(rows)}; name each axis once")
+        if columns in rows:
+            free = [a for a in LAYOUT_AXES if a not in rows]
+            fix = f"set columns to {' or '.join(map(repr, free))}" if free else "leave one axis out of rows for columns"
+            default = "" if "columns" in raw else " (columns defaults to 'countermeasure')"
+            raise ConfigError(f"key 'layout.columns': axis {columns!r} is also in rows {list(rows)}{default}; {fix}")
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise ConfigError(f"key 'layout.labels': expected a table of label = \"shown name\" strings, e.g. "
+                              f"{{ none = \"Normal\" }}, got {labels!r}")
+        if not isinstance(summary, bool):
+            raise ConfigError(f"key 'layout.summary': expected true or false, got {summary!r}")
+        return cls(tuple(rows), columns, dict(labels), summary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +97,12 @@ class Table:
 
 
 def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | None = None,
-                 metric: str = "final", mix_recipes: bool = False) -> list[Table]:
+                 metric: str = "final", mix_recipes: bool = False, layout: Layout | None = None) -> list[Table]:
     """Pivot the latest record of each cell into tables; ``metric`` is one of ``METRICS`` (``best``: oracle early
     stop). Records of different recipes go to different tables unless ``mix_recipes`` (the title names them all).
+    ``layout`` (default: ``Layout()``) sets the rows, columns, shown names and summary columns.
     """
+    layout = layout or Layout()
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     frame = latest_positions(records)
@@ -49,11 +111,18 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
     if mix_recipes:
         frame["recipe"] = "+".join(sorted(frame["recipe"].unique()))
     frame["value"] = cell_values(frame, metric)
+    frame, by_ratio = ratio_columns(frame, layout) if layout.columns == "countermeasure" else (frame, False)
+    for axis in layout.axes if layout.labels else ():
+        frame[axis] = frame[axis].map(layout.name)
     frame["protection"] = row_labels(frame)
-    frame, by_ratio = ratio_columns(frame)
     ratios = not by_ratio and frame["poison_ratio"].nunique() > 1
-    return [pivot(group, keys, order or {}, metric, by_ratio, ratios)
-            for keys, group in frame.groupby(list(GROUP), sort=False)]
+    return [pivot(group, keys, order or {}, metric, by_ratio, ratios, layout)
+            for keys, group in frame.groupby(grouping(layout), sort=False)]
+
+
+def grouping(layout: Layout) -> list[str]:
+    """The keys that split records into tables: ``GROUP`` with the axes outside the layout, less those in it."""
+    return [k for k in ("dataset", *LAYOUT_AXES, "recipe", "poison_ratio") if k not in layout.axes]
 
 
 def latest_positions(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -94,44 +163,54 @@ def row_labels(frame: pd.DataFrame) -> pd.Series:
     return frame["protection"].where(mix == "protected", frame["protection"] + " [" + mix + "]")
 
 
-def ratio_columns(frame: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+def ratio_columns(frame: pd.DataFrame, layout: Layout | None = None) -> tuple[pd.DataFrame, bool]:
     """ConfounderGAN Fig. 5's layout where several poison ratios meet a single countermeasure: a column per ratio
     p (``p=0.5 …``) and a row per series; returns the frame and whether that layout applies."""
     if frame["poison_ratio"].nunique() < 2 or frame["countermeasure"].nunique() != 1:
         return frame, False
     frame = frame.copy()
     only = frame["countermeasure"].iloc[0]
-    frame["countermeasure"] = "p=" + frame["poison_ratio"].map("{:g}".format) + ("" if only == "none" else f" ({only})")
+    shown = "" if only == "none" else f" ({(layout or Layout()).name(only)})"
+    frame["countermeasure"] = "p=" + frame["poison_ratio"].map("{:g}".format) + shown
     frame["poison_ratio"] = "all"
     return frame, True
 
 
 def pivot(group: pd.DataFrame, keys: tuple, order: dict[str, list[str]], metric: str, by_ratio: bool,
-          ratios: bool) -> Table:
-    """One table: protections × countermeasures (clean and none first, else the matrix's order), Mean and Max
-    over the countermeasures, ``mean ± std`` over seeds where there are several, ``error`` for failed cells."""
-    dataset, victim, recipe, ratio = keys
-    stats = group.groupby(["protection", "countermeasure"], sort=False)["value"].agg(["mean", "std", "count"])
-    failed = group[group["status"] != "ok"].groupby(["protection", "countermeasure"]).size()
-    rows = _ordered(group["protection"], order.get("protections"), first="clean")
-    cols = sorted(set(group["countermeasure"]), key=lambda c: float(c[2:].split()[0])) if by_ratio else \
-        _ordered(group["countermeasure"], order.get("countermeasures"), first="none")
+          ratios: bool, layout: Layout | None = None) -> Table:
+    """One table: the layout's rows × columns (clean and none first, else the matrix's order), Mean and Max over
+    the columns if ``layout.summary``, ``mean ± std`` over seeds where there are several, ``error`` for failed
+    cells."""
+    layout = layout or Layout()
+    names = dict(zip(grouping(layout), keys))
+    group = group.assign(row=group[list(layout.rows)].agg(" · ".join, axis=1))
+    present = set(group["row"])
+    parts = [_axis_order(group, axis, order, by_ratio, layout) for axis in layout.rows]
+    rows = [r for r in map(" · ".join, itertools.product(*parts)) if r in present]
+    cols = _axis_order(group, layout.columns, order, by_ratio, layout)
+    by = ["row", layout.columns]
+    stats = group.groupby(by, sort=False)["value"].agg(["mean", "std", "count"])
+    failed = group[group["status"] != "ok"].groupby(by).size()
     mean = stats["mean"].unstack().reindex(index=rows, columns=cols)
     std = stats["std"].unstack().reindex(index=rows, columns=cols)
     count = stats["count"].unstack().reindex(index=rows, columns=cols).fillna(0)
-    mean["Mean"], mean["Max"] = mean[cols].mean(axis=1), mean[cols].max(axis=1)
+    summary = ("Mean", "Max") if layout.summary else ()
+    if summary:
+        mean["Mean"], mean["Max"] = mean[cols].mean(axis=1), mean[cols].max(axis=1)
     display = mean.copy().astype(object)
     for r in rows:
         for c in cols:
             m, s, n = mean.at[r, c], std.at[r, c], count.at[r, c]
             display.at[r, c] = ("error" if (r, c) in failed.index else "") if pd.isna(m) else (
                 f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}")
-        for c in ("Mean", "Max"):
+        for c in summary:
             display.at[r, c] = "" if pd.isna(mean.at[r, c]) else f"{mean.at[r, c]:.2f}"
-    display.index.name = mean.index.name = std.index.name = "protection"
-    suffix = f", poison ratio {ratio:g}" if ratios else ""
-    title = f"{dataset} × {victim} — {METRICS[metric]}, recipe {recipe}{suffix}"
-    slug = _slug(f"{dataset}__{victim}__{recipe}" + (f"__p{ratio:g}" if ratios else ""))
+    display.index.name = mean.index.name = std.index.name = " · ".join(layout.rows)
+    grouped = [names[axis] for axis in LAYOUT_AXES if axis in names]
+    suffix = f", poison ratio {names['poison_ratio']:g}" if ratios else ""
+    title = f"{' × '.join([names['dataset'], *grouped])} — {METRICS[metric]}, recipe {names['recipe']}{suffix}"
+    slug = _slug("__".join([names["dataset"], *grouped, names["recipe"]])
+                 + (f"__p{names['poison_ratio']:g}" if ratios else ""))
     return Table(title, slug, mean, std, display)
 
 
@@ -160,11 +239,12 @@ def leaderboard(results: Path, matrix_name: str, metric: str = "final",
     run_dir = results / "runs" / matrix_name
     records = RecordLog(run_dir / "records.jsonl").read()
     resolved = run_dir / "matrix.json"
-    order = None
-    if resolved.is_file():
-        axes = json.loads(resolved.read_text())["axes"]
-        order = {axis: [c["label"] for c in choices] for axis, choices in axes.items()}
-    tables = build_tables(records, order, metric, mix_recipes)
+    order, layout = None, Layout()
+    if resolved.is_file():  # the matrix's order of each axis, and its [layout] (older files have none)
+        saved = json.loads(resolved.read_text())
+        order = {axis: [c["label"] for c in choices] for axis, choices in saved["axes"].items()}
+        layout = Layout.parse(saved.get("layout", {}))
+    tables = build_tables(records, order, metric, mix_recipes, layout)
     out_dir = results / "leaderboards" / matrix_name
     written = write_tables(tables, out_dir, metric)
     if records:  # every cell's latest record, flat (curves left out), for analyses of one's own
@@ -174,10 +254,25 @@ def leaderboard(results: Path, matrix_name: str, metric: str = "final",
     return tables, written
 
 
-def _ordered(labels: pd.Series, preferred: list[str] | None, first: str) -> list[str]:
+def _axis_order(group: pd.DataFrame, axis: str, order: dict[str, list[str]], by_ratio: bool,
+                layout: Layout) -> list[str]:
+    """An axis's shown labels in a table: ratio columns by p, else clean / none first, then the matrix's order."""
+    if axis == "countermeasure" and by_ratio:
+        return sorted(set(group[axis]), key=lambda c: float(c[2:].split()[0]))
+    first = {"protection": "clean", "countermeasure": "none"}.get(axis)
+    preferred = [layout.name(label) for label in order.get(f"{axis}s", [])]
+    return _ordered(group[axis], preferred, layout.name(first) if first else None)
+
+
+def _ordered(labels: pd.Series, preferred: list[str] | None, first: str | None) -> list[str]:
     present = list(dict.fromkeys(labels))
     ordered = [x for x in (preferred or []) if x in present] + [x for x in present if x not in (preferred or [])]
     return sorted(ordered, key=lambda x: x != first)
+
+
+def _hint(key: str, options: Any) -> str:
+    close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 def _slug(text: str) -> str:

@@ -4,6 +4,13 @@ A matrix names datasets, protections, countermeasures and victims (each a table 
 names), seeds, poison ratios, train-set mixes (``mix``, see ``MIXES``) and a recipe. A list-valued parameter is a swept axis
 (``quality = [10, 50]`` → ``jpeg[quality=10]``, ``jpeg[quality=50]``); ``[[exclude]]`` tables drop cells
 whose labels match all their globs. Expansion is ``itertools.product`` over the axes, as Hydra's sweeper.
+
+An optional ``[layout]`` table shapes the leaderboards (``bench.leaderboard.Layout``; default DH Table I's):
+``rows``, a list of axes among protection, countermeasure and victim (default ``["protection"]``; several
+join their labels with `` · ``); ``columns``, one of them not in rows (default ``"countermeasure"``);
+``labels``, names shown for component labels of those axes (``{ none = "Normal" }``; each must be a label of
+the matrix's cells); ``summary``, whether Mean and Max columns follow (default true). The axes it uses leave
+the grouping into tables: ``columns = "victim"`` puts every victim in one table.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
 from bench.data import DATASETS
+from bench.leaderboard import LAYOUT_AXES, Layout
 from bench.mixes import MIXES
 from bench.registry import ConfigError, Registry
 from bench.recipes import make_recipe
@@ -27,7 +35,7 @@ from bench.recipes import make_recipe
 MATRIX_DIR = Path(__file__).parent / "matrices"
 AXES: dict[str, Registry] = {"datasets": DATASETS, "protections": PROTECTIONS,
                              "countermeasures": COUNTERMEASURES, "victims": VICTIMS}
-TOP_LEVEL = {"name", "description", "seeds", "poison_ratio", "mix", "recipe", "exclude", *AXES}
+TOP_LEVEL = {"name", "description", "seeds", "poison_ratio", "mix", "recipe", "exclude", "layout", *AXES}
 CELL_KEYS = ("dataset", "protection", "countermeasure", "victim", "seed", "poison_ratio", "mix")
 
 
@@ -64,7 +72,7 @@ class Cell:
 
 @dataclasses.dataclass(frozen=True)
 class Matrix:
-    """A validated matrix: the axes' variants, seeds, poison ratios, recipe and exclusions."""
+    """A validated matrix: the axes' variants, seeds, poison ratios, recipe, exclusions, mixes, table layout."""
 
     name: str
     source: str
@@ -75,6 +83,7 @@ class Matrix:
     recipe: dict[str, Any]
     exclude: tuple[dict[str, str], ...]
     mixes: tuple[str, ...] = ("protected",)
+    layout: Layout = Layout()
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -138,8 +147,9 @@ def parse_matrix(raw: dict[str, Any], default_name: str, source: str = "<dict>")
             if key not in CELL_KEYS:
                 raise ConfigError(f"key 'exclude[{i}].{key}': unknown{_hint(key, CELL_KEYS)} (allowed: {', '.join(CELL_KEYS)})")
         exclude.append({k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in rule.items()})
-    return Matrix(str(raw.get("name", default_name)), source, str(raw.get("description", "")), axes, seeds, ratios,
-                  recipe, tuple(exclude), mixes)
+    matrix = Matrix(str(raw.get("name", default_name)), source, str(raw.get("description", "")), axes, seeds,
+                    ratios, recipe, tuple(exclude), mixes)
+    return dataclasses.replace(matrix, layout=_layout(raw["layout"], expand(matrix))) if "layout" in raw else matrix
 
 
 def expand(matrix: Matrix) -> list[Cell]:
@@ -190,6 +200,19 @@ def _axis_choices(axis: str, value: Any, registry: Registry) -> list[Choice]:
         except ConfigError as err:
             raise ConfigError(f"key {where!r}: {err}") from err
     return choices
+
+
+def _layout(raw: Any, cells: list[Cell]) -> Layout:
+    """``Layout.parse``, and every ``labels`` key a label of the layout's axes in the expanded cells."""
+    layout = Layout.parse(raw)
+    known = {axis: list(dict.fromkeys(cell.labels()[axis] for cell in cells))
+             for axis in LAYOUT_AXES if axis in layout.axes}
+    for label in layout.labels:
+        if not any(label in labels for labels in known.values()):
+            listing = "; ".join(f"{axis}: {', '.join(labels) or '(no cells)'}" for axis, labels in known.items())
+            raise ConfigError(f"key 'layout.labels': unknown label {label!r}{_hint(label, sum(known.values(), []))} "
+                              f"(labels of the rows' and columns' axes in this matrix's cells: {listing})")
+    return layout
 
 
 def _is_sweep(cls: type, key: str, value: Any) -> bool:

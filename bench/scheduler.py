@@ -105,7 +105,7 @@ def save_resolved(matrix: Matrix, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     resolved = {"name": matrix.name, "source": matrix.source, "description": matrix.description,
                 "seeds": matrix.seeds, "poison_ratio": matrix.poison_ratios, "mix": matrix.mixes, "recipe": matrix.recipe,
-                "exclude": matrix.exclude,
+                "exclude": matrix.exclude, "layout": dataclasses.asdict(matrix.layout),
                 "axes": {axis: [{"label": c.label, "name": c.name, "params": c.kwargs} for c in choices]
                          for axis, choices in matrix.axes.items()}}
     tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from bench.leaderboard import build_tables, markdown, write_tables
+from bench.leaderboard import Layout, build_tables, leaderboard, markdown, write_tables
 
 
 def rec(protection: str, countermeasure: str, acc: float | None = 0.5, *, seed: int = 0, best: float | None = None,
@@ -202,8 +202,9 @@ def test_leaderboard_is_a_pure_step_over_records(tmp_path):
     code = ("import sys, json; from pathlib import Path; from bench.leaderboard import leaderboard; "
             f"run = Path({str(tmp_path)!r}) / 'runs' / 'm'; run.mkdir(parents=True); "
             f"(run / 'records.jsonl').write_text(json.dumps({rec('clean', 'none')!r}) + '\\n'); "
+            "(run / 'matrix.json').write_text(json.dumps({'axes': {}, 'layout': {'summary': False}})); "
             f"tables, _ = leaderboard(Path({str(tmp_path)!r}), 'm'); "
-            "assert len(tables) == 1, tables; "
+            "assert len(tables) == 1 and 'Mean' not in tables[0].mean, tables; "
             "bad = [m for m in sys.modules if m == 'torch' or m.split('.')[0] in ('protections', 'countermeasures', 'victims')]; "
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -250,6 +251,85 @@ def test_order_reorders_rows_and_columns():
 def test_no_records_no_tables():
     assert build_tables([]) == []
     assert build_tables([{"note": "no cell key"}]) == []
+
+
+# ------------------------------------------------------------------ custom layouts (matrix [layout])
+
+UGE = Layout(rows=("protection", "countermeasure"), columns="victim", summary=False,
+             labels={"none": "Normal", "distill": "Distill", "authorized": "Acc. (Authorized)"})
+
+
+def uge_records(seeds: tuple[int, ...] = (0,)) -> list[dict]:
+    """UGE Table 1's shape, listed against the first-ordering rule (uge before clean, distill before none)."""
+    return [rec(p, c, acc + s / 100, victim=v, seed=s) for p, base in (("uge", 0.1), ("clean", 0.8))
+            for c, shift in (("distill", 0.05), ("none", 0.0)) for v, acc in (("cnn", base + shift), ("authorized", 0.9))
+            for s in seeds]
+
+
+def test_custom_layout_pivots_protection_countermeasure_rows_by_victim_columns():
+    table = only_table(uge_records(), layout=UGE)
+    assert list(table.mean.index) == ["clean · Normal", "clean · Distill", "uge · Normal", "uge · Distill"]
+    assert list(table.mean.columns) == list(table.display.columns) == ["cnn", "Acc. (Authorized)"]  # no Mean, Max
+    assert table.mean.index.name == table.display.index.name == "protection · countermeasure"
+    assert table.mean.at["uge · Distill", "cnn"] == pytest.approx(15)
+    assert table.display.at["uge · Normal", "Acc. (Authorized)"] == "90.00"
+    assert table.display.at["clean · Normal", "cnn"] == "80.00"
+    assert "cnn" not in table.title and "authorized" not in table.title and table.slug == "digits__quick"
+    assert table.title.startswith("digits — test accuracy")
+
+
+def test_custom_layout_keeps_seed_statistics_errors_and_the_matrix_order():
+    records = uge_records(seeds=(0, 1)) + [rec("uge", "none", status="error", victim="cnn", seed=s) for s in (0, 1)]
+    order = {"protections": ["uge", "clean"], "countermeasures": ["distill", "none"], "victims": ["authorized", "cnn"]}
+    table = only_table(records, order=order, layout=UGE)
+    assert list(table.mean.index) == ["clean · Normal", "clean · Distill", "uge · Normal", "uge · Distill"]
+    assert list(table.mean.columns) == ["Acc. (Authorized)", "cnn"]  # victims have no first; the matrix's order
+    assert table.display.at["uge · Normal", "cnn"] == "error"
+    assert table.display.at["uge · Distill", "cnn"] == f"15.50 ± {statistics.stdev([15.0, 16.0]):.2f}"
+
+
+def test_layout_axes_leave_the_grouping_and_the_others_join_it():
+    """rows = victim, columns = countermeasure: one table per protection, whose title and slug name it."""
+    tables = build_tables(uge_records(), layout=Layout(rows=("victim",), labels={"authorized": "Auth."}))
+    assert [t.slug for t in tables] == ["digits__uge__quick", "digits__clean__quick"]
+    assert tables[1].title.startswith("digits × clean — ")
+    assert list(tables[1].mean.index) == ["cnn", "Auth."] and tables[1].mean.index.name == "victim"
+    assert list(tables[1].mean.columns) == ["none", "distill", "Mean", "Max"]
+    assert tables[0].mean.at["Auth.", "Max"] == pytest.approx(90)
+
+
+def test_labels_rename_rows_keep_mix_suffix_and_ratio_columns():
+    records = [{**rec("em", "jpeg", acc, ratio=r), "mix": "ood"} for acc, r in ((0.6, 0.5), (0.3, 0.9))]
+    table = only_table(records, layout=Layout(labels={"em": "EM", "jpeg": "JPEG"}, summary=False))
+    assert list(table.mean.index) == ["EM [ood]"]
+    assert list(table.mean.columns) == ["p=0.5 (JPEG)", "p=0.9 (JPEG)"]
+
+
+def test_summary_false_on_the_default_axes_drops_only_mean_and_max():
+    default, bare = only_table(grid_records()), only_table(grid_records(), layout=Layout(summary=False))
+    assert list(bare.mean.columns) == ["none", "jpeg", "bdr"]
+    pd.testing.assert_frame_equal(bare.display, default.display.drop(columns=["Mean", "Max"]))
+
+
+def test_default_layout_is_the_layout_without_one():
+    records = grid_records() + [rec("clean", "none", 0.8, seed=1), rec("cwp", "jpeg", status="error")]
+    assert [markdown(t) for t in build_tables(records, layout=Layout())] == [markdown(t) for t in build_tables(records)]
+
+
+def test_leaderboard_reads_the_layout_from_matrix_json(tmp_path):
+    """``bench leaderboard`` re-renders with the resolved matrix's layout; records carry none."""
+    import dataclasses
+    import json
+
+    run = tmp_path / "runs" / "m"
+    run.mkdir(parents=True)
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uge_records()))
+    axes = {"protections": [{"label": "uge"}, {"label": "clean"}], "victims": [{"label": "authorized"}, {"label": "cnn"}]}
+    (run / "matrix.json").write_text(json.dumps({"axes": axes, "layout": dataclasses.asdict(UGE)}))
+    tables, written = leaderboard(tmp_path, "m")
+    assert len(tables) == 1 and list(tables[0].mean.columns) == ["Acc. (Authorized)", "cnn"]
+    md = tmp_path / "leaderboards" / "m" / "digits__quick.final.md"
+    assert md in written and "clean · Normal" in md.read_text() and "Max" not in md.read_text()
 
 
 # ------------------------------------------------------------------ files

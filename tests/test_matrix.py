@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.leaderboard import Layout
 from bench.matrix import CELL_KEYS, MATRIX_DIR, expand, load_matrix, parse_matrix, select
 from bench.registry import ConfigError
 
@@ -232,6 +233,39 @@ ERRORS = [
     pytest.param(doc(recipe={"epochs": "ten"}), ["'recipe'", "'epochs'"], id="recipe-bad-type"),
     pytest.param(doc(recipe={"epochs": 0}), ["'recipe'", "epochs"], id="recipe-bad-value"),
     pytest.param(doc(recipe={"optimizer": "adamw"}), ["'recipe'", "optimizer"], id="recipe-bad-choice"),
+    pytest.param(doc(layout=["protection"]), ["'layout'", "table"], id="layout-not-table"),
+    pytest.param(doc(layout={"row": ["victim"]}), ["layout.row", "did you mean 'rows'"], id="layout-key-typo"),
+    pytest.param(doc(layout={"rows": "victim"}), ["layout.rows", "list", 'rows = ["protection"]'], id="layout-rows-str"),
+    pytest.param(doc(layout={"rows": []}), ["layout.rows", "non-empty"], id="layout-rows-empty"),
+    pytest.param(doc(layout={"rows": ["protections"]}), ["layout.rows", "'protections'", "did you mean 'protection'",
+                                                          "protection, countermeasure, victim"], id="layout-rows-axis"),
+    pytest.param(doc(layout={"columns": "dataset"}), ["layout.columns", "'dataset'", "protection, countermeasure, victim"],
+                 id="layout-columns-axis"),
+    pytest.param(doc(layout={"columns": ["victim"]}), ["layout.columns", "one axis", 'columns = "victim"'],
+                 id="layout-columns-list"),
+    pytest.param(doc(layout={"rows": ["victim", "victim"], "columns": "protection"}), ["layout.rows", "twice"],
+                 id="layout-rows-twice"),
+    pytest.param(doc(layout={"rows": ["protection", "countermeasure"]}),
+                 ["layout.columns", "'countermeasure' is also in rows", "defaults", "set columns to 'victim'"],
+                 id="layout-columns-default-in-rows"),
+    pytest.param(doc(layout={"rows": ["victim"], "columns": "victim"}), ["layout.columns", "also in rows",
+                                                                         "'protection' or 'countermeasure'"],
+                 id="layout-columns-in-rows"),
+    pytest.param(doc(layout={"rows": ["protection", "countermeasure", "victim"], "columns": "victim"}),
+                 ["layout.columns", "leave one axis out of rows"], id="layout-all-axes-in-rows"),
+    pytest.param(doc(layout={"labels": "Normal"}), ["layout.labels", "table", '{ none = "Normal" }'],
+                 id="layout-labels-not-table"),
+    pytest.param(doc(layout={"labels": {"none": 1}}), ["layout.labels", "strings"], id="layout-label-not-str"),
+    pytest.param(doc(countermeasures=["none", "jpeg"], layout={"labels": {"jpge": "JPEG"}}),
+                 ["layout.labels", "unknown label 'jpge'", "did you mean 'jpeg'", "countermeasure: none, jpeg",
+                  "protection: clean"], id="layout-unknown-label"),
+    pytest.param(doc(victims=["cnn", "resnet18"], layout={"labels": {"resnet18": "ResNet-18"}}),
+                 ["unknown label 'resnet18'", "protection: clean; countermeasure: none)"],
+                 id="layout-label-of-a-grouped-axis"),
+    pytest.param(doc(countermeasures=["none", "jpeg"], exclude=[{"countermeasure": "jpeg"}],
+                     layout={"labels": {"jpeg": "JPEG"}}), ["unknown label 'jpeg'", "countermeasure: none)"],
+                 id="layout-label-of-excluded-cells"),
+    pytest.param(doc(layout={"summary": "no"}), ["layout.summary", "true or false"], id="layout-summary-not-bool"),
 ]
 
 
@@ -241,6 +275,63 @@ def test_parse_errors(raw, fragments):
         parse_matrix(raw, "t")
     for fragment in fragments:
         assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+
+
+# ------------------------------------------------------------------ layout
+
+UGE_DOC = doc(protections=["clean", "cwp"], countermeasures=["none", "jpeg"], victims=["cnn", "resnet18"],
+              layout={"rows": ["protection", "countermeasure"], "columns": "victim", "summary": False,
+                      "labels": {"none": "Normal", "jpeg": "JPEG", "resnet18": "ResNet-18"}})
+
+
+def test_layout_defaults_and_parse():
+    assert parse_matrix(doc(), "t").layout == Layout() == Layout(("protection",), "countermeasure", {}, True)
+    assert parse_matrix(doc(layout={}), "t").layout == Layout()
+    layout = parse_matrix(UGE_DOC, "t").layout
+    assert layout == Layout(("protection", "countermeasure"), "victim", {"none": "Normal", "jpeg": "JPEG",
+                                                                         "resnet18": "ResNet-18"}, False)
+    assert layout.axes == ("protection", "countermeasure", "victim") and layout.name("cwp") == "cwp"
+
+
+def test_layout_round_trips_through_matrix_json_into_the_leaderboard(tmp_path):
+    """save_resolved writes the layout beside the records; leaderboard() reads it back (records carry none)."""
+    import json
+
+    from bench.leaderboard import leaderboard
+    from bench.scheduler import save_resolved
+
+    matrix = parse_matrix(UGE_DOC, "m")
+    run = tmp_path / "runs" / "m"
+    save_resolved(matrix, run / "matrix.json")
+    assert Layout.parse(json.loads((run / "matrix.json").read_text())["layout"]) == matrix.layout
+    records = [{**cell.labels(), "cell": str(i), "status": "ok", "test_acc_final": 0.1 * (i + 1), "recipe": "quick",
+                "countermeasure_reports": "final", "seed": cell.seed, "poison_ratio": cell.poison_ratio}
+               for i, cell in enumerate(expand(matrix))]
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tables, _ = leaderboard(tmp_path, "m")
+    assert len(tables) == 1
+    mean = tables[0].mean
+    assert list(mean.index) == ["clean · Normal", "clean · JPEG", "cwp · Normal", "cwp · JPEG"]
+    assert list(mean.columns) == ["cnn", "ResNet-18"]
+    assert mean.at["cwp · JPEG", "ResNet-18"] == pytest.approx(80)  # cells: victims outermost, then protections
+
+
+@pytest.mark.parametrize("command", ["run", "leaderboard"])
+def test_bad_layout_exits_2(tmp_path, capsys, command):
+    """``bench run`` validates the TOML's layout and ``bench leaderboard`` the resolved one, before anything runs."""
+    import json
+
+    from bench.cli import main
+
+    path = write(tmp_path, VALID + '[layout]\ncolumns = "victims"\n', "bad.toml")
+    if command == "leaderboard":
+        run = tmp_path / "r" / "runs" / "bad"
+        run.mkdir(parents=True)
+        (run / "records.jsonl").write_text("{}\n")
+        (run / "matrix.json").write_text(json.dumps({"axes": {}, "layout": {"columns": "victims"}}))
+    assert main([command, "--matrix", str(path), "--results", str(tmp_path / "r"),
+                 *(["--dry-run"] if command == "run" else [])]) == 2
+    assert "layout.columns" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ files
