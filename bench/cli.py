@@ -212,6 +212,8 @@ def describe_capabilities(cls: type) -> str:
         parts.append("encrypts unseen images without labels (ood mix, bench protect)")
     if caps.get("needs_models"):
         parts.append(f"needs the protection's models: {', '.join(caps['needs_models'])}")
+    if caps.get("uses_models"):
+        parts.append(f"uses the protection's models where it fits them: {', '.join(caps['uses_models'])}")
     if caps.get("reports") == "best":
         parts.append("reports the best epoch")
     if caps["expensive_on_cpu"]:

@@ -1,4 +1,4 @@
-"""The data type every stage exchanges, the contracts of the three plugin families, and what each declares.
+"""The data types every stage exchanges (``bench.exchange``), the contracts of the three plugin families, and what each declares.
 
 Flow of one cell: dataset → ``Protection.fit`` (``protect``, plus any model it fits) → ``Countermeasure``'s data
 stage (``purify``) → a victim from ``Victim.build`` trained by ``bench.train`` (with the countermeasure's
@@ -13,137 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
-from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from bench.exchange import Fitted, Generator, ImageSet, Models, Pretrained, TrainHooks
 from bench.registry import Component, Registry
 
+__all__ = ["COUNTERMEASURES", "DATA", "PROTECTIONS", "TRAIN", "VICTIMS", "Countermeasure", "Fitted", "Generator",
+           "ImageSet", "Models", "Pretrained", "Protection", "TrainHooks", "Victim"]
+
 DATA, TRAIN = "data", "train"
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageSet:
-    """Images as uint8 N×C×H×W (what a real published image is) with int64 labels.
-
-    ``info`` is what the stage that made these images reports about it (a protection's surrogate rounds, an
-    external source's sha256 …); it goes into the cache manifest and the record, never into keys.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_classes: int
-    info: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise TypeError(f"ImageSet images must be uint8 N×C×H×W, got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"{self.images.shape[0]} images but labels of shape {tuple(self.labels.shape)}")
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def channels(self) -> int:
-        return self.images.shape[1]
-
-    @property
-    def size(self) -> int:
-        """Side length (images are square after loading)."""
-        return self.images.shape[-1]
-
-    def with_images(self, images: torch.Tensor, **info: Any) -> ImageSet:
-        """The same labels with other uint8 images (e.g. protected ones), reporting ``info`` about them.
-
-        Never casts: float images in [0, 1] would become zeros and int16 values would wrap around.
-        """
-        if images.dtype != torch.uint8:
-            raise TypeError(f"with_images takes uint8 images, got {images.dtype}: publish 8-bit pixels yourself, e.g. "
-                            "x.mul(255).round().clamp(0, 255).to(torch.uint8) for floats in [0, 1], or "
-                            "x.clamp(0, 255).to(torch.uint8) for integer pixel values")
-        if images.shape != self.images.shape:
-            raise ValueError(f"with_images got shape {tuple(images.shape)} for a set of {tuple(self.images.shape)}")
-        return ImageSet(images.contiguous(), self.labels, self.num_classes, info)
-
-    def subset(self, index: torch.Tensor) -> ImageSet:
-        return ImageSet(self.images[index], self.labels[index], self.num_classes)
-
-    def to(self, device: torch.device | str) -> ImageSet:
-        return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes, self.info)
-
-
-Generator = torch.Generator  # the type of every hook's ``gen``
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainHooks:
-    """How a train-stage countermeasure changes the one training loop (``bench.train``).
-
-    Every hook that draws randomness gets the cell's generator ``gen`` (a CPU ``torch.Generator`` seeded by the
-    cell's seed; derive a device generator from it for large draws). ``batch_transform(x, y, gen) -> (x, y)``: on
-    float batches in [0, 1] after the standard augmentation; may return soft labels N×K (mixup, cutmix).
-    ``attack(model, x, y, gen) -> x``: a per-batch input attack (PGD for adversarial training), run under the
-    loop's autocast. ``loss(model, x, y, gen) -> (loss, logits)``: replaces cross-entropy (UEraser's max over
-    augmented draws, distillation's KL to a teacher). ``epoch_start(epoch, epochs)``: called before each epoch
-    (0-based) with the number of epochs, for hooks that follow the schedule (UEraser's adversarial first part).
-    """
-
-    batch_transform: Callable[[torch.Tensor, torch.Tensor, Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
-    attack: Callable[[nn.Module, torch.Tensor, torch.Tensor, Generator], torch.Tensor] | None = None
-    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
-    epoch_start: Callable[[int, int], None] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Pretrained:
-    """Pretrained weights a component loads: found at ``$env`` (a local path) or, where the hub is reachable,
-    under ``hub_id``. ``files`` says what to place there; the planner refuses a cell whose weights are absent."""
-
-    name: str
-    env: str
-    hub_id: str = ""
-    files: str = ""
-
-    def locate(self) -> Path | None:
-        path = Path(os.environ.get(self.env, "")).expanduser()
-        return path if os.environ.get(self.env) and path.exists() else None
-
-    def missing(self) -> str:
-        return (f"{self.name} weights not found: place {self.files or 'them'} at a path and set ${self.env} to it"
-                + (f" (hub id {self.hub_id}, needs the hub)" if self.hub_id else ""))
-
-
-class Models(Mapping[str, nn.Module]):
-    """Fitted models by kind (``generator``, ``authorized`` …), loaded and verified by the harness."""
-
-    def __init__(self, models: Mapping[str, nn.Module] | None = None) -> None:
-        self._models = dict(models or {})
-
-    def __getitem__(self, kind: str) -> nn.Module:
-        if kind not in self._models:
-            raise KeyError(f"no {kind!r} model here (models: {', '.join(self._models) or 'none'}); declare it in "
-                           "needs_models so that the planner checks the cell's protection fits one")
-        return self._models[kind]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._models)
-
-    def __len__(self) -> int:
-        return len(self._models)
-
-
-@dataclasses.dataclass(frozen=True)
-class Fitted:
-    """What a stage made: the image set and the models it fitted (each an ``nn.Module`` with an ``arch`` dict
-    from which the component's ``build_model(kind, arch)`` rebuilds it)."""
-
-    data: ImageSet
-    models: Models = dataclasses.field(default_factory=Models)
 
 
 class _Declared(Component):
@@ -153,7 +34,8 @@ class _Declared(Component):
     surrogate_param: ClassVar[str | None] = None  # the parameter naming a surrogate victim it trains
     pretrained: ClassVar[tuple[Pretrained, ...]] = ()  # weights it loads (see ``pretrained_needed``)
     fits: ClassVar[tuple[str, ...]] = ()  # kinds of model its data stage fits, saved beside its output
-    needs_models: ClassVar[tuple[str, ...]] = ()  # kinds of model of the cell's protection it takes (``models=``)
+    needs_models: ClassVar[tuple[str, ...]] = ()  # kinds of model of the cell's protection it requires (``models=``)
+    uses_models: ClassVar[tuple[str, ...]] = ()  # kinds it takes where the cell's protection fits them, else goes without
     expensive_on_cpu: ClassVar[bool] = False  # the planner warns when such a cell will run on a CPU
     model_methods: ClassVar[tuple[str, ...]] = ()  # the methods that take ``models`` when ``needs_models`` is set
 
@@ -175,19 +57,26 @@ class _Declared(Component):
             raise TypeError(f"declares fits = {cls.fits} but does not override build_model, or the reverse")
         if issubclass(cls, (Protection, Countermeasure)) and bool(cls.fits) != _overrides(cls, "fit"):
             raise TypeError(f"overrides fit but declares no fits (or declares fits = {cls.fits} without fit)")
-        if cls.needs_models and not cls.model_methods:
-            raise TypeError("only countermeasures and victims take a protection's models (needs_models)")
+        takes = cls.needs_models + cls.uses_models
+        if takes and not cls.model_methods:
+            raise TypeError("only countermeasures and victims take a protection's models (needs_models, uses_models)")
+        if set(cls.needs_models) & set(cls.uses_models):
+            raise TypeError(f"a kind is either needed or used where present: {set(cls.needs_models) & set(cls.uses_models)}")
         for method in cls.model_methods:
-            if cls.needs_models and _overrides(cls, method) and \
-                    "models" not in inspect.signature(getattr(cls, method)).parameters:
-                raise TypeError(f"declares needs_models = {cls.needs_models}, so {method} must take a keyword 'models'")
+            if takes and _overrides(cls, method) and not _takes_models(cls, method):
+                raise TypeError(f"declares needs_models/uses_models = {takes}, so {method} must take a keyword 'models'")
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
         """The declared capabilities as a JSON-ready dict (``bench list``, records)."""
         return {"needs_labels": cls.needs_labels, "surrogate_param": cls.surrogate_param,
                 "pretrained": [p.name for p in cls.pretrained], "fits": list(cls.fits),
-                "needs_models": list(cls.needs_models), "expensive_on_cpu": cls.expensive_on_cpu}
+                "needs_models": list(cls.needs_models), "uses_models": list(cls.uses_models),
+                "expensive_on_cpu": cls.expensive_on_cpu}
+
+
+def _takes_models(cls: type, method: str) -> bool:
+    return "models" in inspect.signature(getattr(cls, method)).parameters
 
 
 def _overrides(cls: type, method: str) -> bool:
@@ -242,7 +131,9 @@ class Countermeasure(_Declared):
     ``"data"``: ``purify`` (or ``fit``, with models) preprocesses the train set once (cached); ``"train"``:
     ``train_hooks`` changes training itself (augmentations, adversarial training …). Both may be declared; none
     (``none``, ``early_stop``) leaves data and training alone. ``needs_models``: kinds of model of the cell's
-    protection it uses; ``purify``/``fit``/``train_hooks`` then take a keyword ``models`` (a ``Models``).
+    protection it requires (``uses_models``: takes where present); ``purify``/``fit``/``train_hooks`` then take a
+    keyword ``models`` (a ``Models``). A countermeasure that ``fits`` models in its data stage and also has the
+    train stage gets them back in ``train_hooks``'s ``models`` (a distillation teacher, fitted and cached once).
     ``reports``: ``"final"`` or ``"best"`` (the leaderboard shows ``test_acc_best`` in its column: early_stop).
     """
 
@@ -276,6 +167,8 @@ class Countermeasure(_Declared):
         if _overrides(cls, "train_hooks") != (TRAIN in cls.stages):
             raise TypeError("overrides train_hooks but 'train' is not in its stages" if TRAIN not in cls.stages
                             else "declares the 'train' stage but does not override train_hooks")
+        if cls.fits and TRAIN in cls.stages and not _takes_models(cls, "train_hooks"):
+            raise TypeError(f"fits {cls.fits} and has the train stage, so train_hooks must take a keyword 'models'")
         if cls.reports not in ("final", "best"):
             raise TypeError(f"reports must be 'final' or 'best', got {cls.reports!r}")
 

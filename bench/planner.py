@@ -32,6 +32,7 @@ class Plan:
     purify_key: str | None
     cell_key: str
     protection_fits: tuple[str, ...] = ()  # the models its protected set must hold
+    purify_fits: tuple[str, ...] = ()  # the models its purified set must hold
 
     @property
     def dataset_key(self) -> str:
@@ -131,7 +132,8 @@ def plan_cell(cell: Cell, dataset_key: str, recipe: dict[str, Any], built: Compo
     purify_key = make_key({**spec, "countermeasure": countermeasure.spec()}) if DATA in countermeasure.stages else None
     cell_key = make_key({**spec, "countermeasure": countermeasure.spec(), "victim": victim.spec(),
                          "recipe": dataclasses.asdict(make_recipe(**recipe))})
-    return Plan(cell, source, purify_key, cell_key, protection.fits if protection_key else ())
+    return Plan(cell, source, purify_key, cell_key, protection.fits if protection_key else (),
+                countermeasure.fits if purify_key else ())
 
 
 def _describe(cell: Cell) -> str:

@@ -76,7 +76,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
                     for p in todo if p.protection_key and not cache.valid("protected", p.protection_key, p.protection_fits)}
     _run_stage("protect", protect_job, list(protect_jobs.values()), options.jobs, devices, failures)
     purify_jobs = {p.purify_key: PurifyJob(cache.root, options.threads, p)
-                   for p in todo if p.purify_key and not cache.valid("purified", p.purify_key)
+                   for p in todo if p.purify_key and not cache.valid("purified", p.purify_key, p.purify_fits)
                    and p.protection_key not in failures}
     _run_stage("purify", purify_job, list(purify_jobs.values()), options.jobs, devices, failures)
 

@@ -168,7 +168,7 @@ def _train(job: TrainJob, cache: Cache, built: Components, recipe: Recipe, train
     countermeasure, cell = built.countermeasure, job.plan.cell
     augment = DATASETS.get(cell.dataset.name).augment if recipe.augment == "dataset" else recipe.augment
     hooks = countermeasure.train_hooks(train.num_classes, train.size, **_models_for(
-        countermeasure, cache, job.plan, device)) if TRAIN in countermeasure.stages else None
+        countermeasure, cache, job.plan, device, own=True)) if TRAIN in countermeasure.stages else None
     torch.manual_seed(cell.seed)
     model = built.victim.build(train.num_classes, train.channels, train.size,
                                **_models_for(built.victim, cache, job.plan, device))
@@ -181,13 +181,19 @@ def _train(job: TrainJob, cache: Cache, built: Components, recipe: Recipe, train
             "augment": augment, "precision": result["precision"], "steps": result["steps"], "model": result["model"]}
 
 
-def _models_for(component: Any, cache: Cache, plan: Plan, device: torch.device) -> dict[str, Models]:
-    """``{"models": …}`` for a countermeasure or victim that declares ``needs_models`` (the planner checked that
-    the cell's protection fits them), else nothing: only such components take the keyword."""
-    if not component.needs_models:
+def _models_for(component: Any, cache: Cache, plan: Plan, device: torch.device, own: bool = False) -> dict[str, Models]:
+    """``{"models": …}`` for a component that declares ``needs_models`` (the planner checked the cell's protection
+    fits them) or ``uses_models`` (those the protection fits), with, where ``own``, the models the countermeasure
+    fitted itself in its data stage; nothing for other components: only those take the keyword."""
+    own_kinds = component.fits if own else ()
+    if not (component.needs_models or component.uses_models or own_kinds):
         return {}
-    assert plan.protection_key is not None, "the planner refuses needs_models without a protection"
-    return {"models": load_models(cache.path("protected", plan.protection_key), component.needs_models, device)}
+    kinds = component.needs_models + tuple(k for k in component.uses_models if k in plan.protection_fits)
+    models = dict(load_models(cache.path("protected", plan.protection_key), kinds, device)) if kinds else {}
+    if own_kinds:
+        assert plan.purify_key is not None, "a countermeasure that fits models has a data stage"
+        models.update(load_models(cache.path("purified", plan.purify_key), own_kinds, device))
+    return {"models": Models(models)}
 
 
 def gradient_metrics(model: torch.nn.Module, clean: ImageSet, protected: ImageSet, mask: torch.Tensor,

@@ -1,0 +1,274 @@
+"""UGE: ungeneralizable examples (Ye & Wang, CVPR 2024): learnable by the authorized network only."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.augment import standard_augment
+from bench.components import PROTECTIONS, VICTIMS, Fitted, ImageSet, Models, Pretrained, Protection
+from bench.train import Normalize, channel_stats
+from protections import _encoders as E
+from protections import _surrogate as S
+from victims.authorized import AuthorizedNetworks
+
+LOSSES = ("gm", "fd", "ud")
+
+
+def _cbl(conv: nn.Module) -> list[nn.Module]:
+    return [conv, nn.BatchNorm2d(conv.out_channels), nn.LeakyReLU(0.2, inplace=True)]
+
+
+class ResBlock(nn.Module):
+    """conv-BN-LeakyReLU-Dropout-conv-BN with an identity shortcut (UGE Table 4)."""
+
+    def __init__(self, width: int, dropout: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_cbl(nn.Conv2d(width, width, 3, 1, 1)), nn.Dropout(dropout),
+                                  nn.Conv2d(width, width, 3, 1, 1), nn.BatchNorm2d(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Generator(nn.Module):
+    """G (UGE supp. Table 4, Fig. 5): conv 7×7, two stride-2 convs 3×3, 6 residual blocks, two stride-2
+    transposed convs 3×3 (each BN-LeakyReLU), an output conv 7×7. G(x) = x + ρ·tanh(·), so Eq. 3's
+    Clamp(G(x), x − ρ, x + ρ) holds by construction and passes gradient everywhere (the hard clamp passes none
+    where it binds). Inputs are padded (replicate) to a multiple of 4 and cropped back: any size works."""
+
+    def __init__(self, channels: int, width: int, rho: float, dropout: float) -> None:
+        super().__init__()
+        self.arch = {"channels": channels, "width": width, "rho": rho, "dropout": dropout}
+        w = (width, 2 * width, 4 * width)
+        self.net = nn.Sequential(
+            *_cbl(nn.Conv2d(channels, w[0], 7, 1, 3)), *_cbl(nn.Conv2d(w[0], w[1], 3, 2, 1)),
+            *_cbl(nn.Conv2d(w[1], w[2], 3, 2, 1)), *(ResBlock(w[2], dropout) for _ in range(6)),
+            *_cbl(nn.ConvTranspose2d(w[2], w[1], 3, 2, 1, output_padding=1)),
+            *_cbl(nn.ConvTranspose2d(w[1], w[0], 3, 2, 1, output_padding=1)), nn.Conv2d(w[0], channels, 7, 1, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (0, -w % 4, 0, -h % 4), mode="replicate")
+        rho = self.arch["rho"]
+        out = x + rho * torch.tanh(self.net(padded)[..., :h, :w])
+        return torch.minimum(torch.maximum(out, x - rho), x + rho).clamp(0, 1)
+
+
+@torch.no_grad()
+def encrypt(generator: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """uint8 N×C×H×W → uint8 round(255·G(x)), batch-wise on ``device`` (|x_u − x| ≤ ρ + 1/255)."""
+    generator.eval()
+    out = [generator(images[i:i + batch_size].to(device).float().div(255)).mul(255).round().to(torch.uint8).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else images.clone()
+
+
+def gradient_matching(net: nn.Module, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 6 at one checkpoint: 1 − cos(∇θ CE(f(x), y), ∇θ CE(f(x_u), y)) over all parameters, the second
+    gradient kept in the graph (the loss is second order through the generator)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    clean = torch.autograd.grad(F.cross_entropy(net(x), y), params)
+    protected = torch.autograd.grad(F.cross_entropy(net(x_u), y), params, create_graph=True)
+    flat = (torch.cat([g.flatten() for g in grads]) for grads in (clean, protected))
+    return 1 - F.cosine_similarity(*flat, dim=0)
+
+
+def feature_distance(encoder: E.Encoder, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eq. 7–9: −‖F_i − F′_i‖² + ‖F′_i − F′_t‖² + max(0, α − ‖F′_i − F_t‖²), batch mean; F′_t is the other
+    class feature least similar to the clean image's."""
+    with torch.no_grad():
+        clean = F.normalize(encoder.images(x), dim=1)
+    feats = F.normalize(encoder.images(x_u), dim=1)
+    text = F.normalize(encoder.classes, dim=1)
+    similarity = (clean @ text.T).scatter(1, y[:, None], float("inf"))
+    far = text[similarity.argmin(1)]
+    return (-(clean - feats).pow(2).sum(1) + (feats - far).pow(2).sum(1)
+            + F.relu(alpha - (feats - text[y]).pow(2).sum(1))).mean()
+
+
+def undistill(net: nn.Module, hacker: nn.Module, x_u: torch.Tensor, y: torch.Tensor, omega: float) -> torch.Tensor:
+    """Eq. 11: CE(f_θ(x_u), y) − ω·KL(f_θ(x_u) ‖ f′_θA(x_u))."""
+    logits = net(x_u)
+    kl = F.kl_div(F.log_softmax(hacker(x_u), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    return F.cross_entropy(logits, y) - omega * kl
+
+
+@PROTECTIONS.register("uge")
+class UGE(Protection):
+    """UGE (Ye & Wang, CVPR 2024, §3.2–3.3, Alg. 1; supp. §6–7, Tables 4–6): a generator G trained so that
+    x_u = G(x) keeps the authorized network's training trajectory (L_gm, Eq. 5–6), moves away from x in a
+    common feature space (L_fd, Eq. 7–9) and resists distillation from the authorized network (L_ud, Eq. 11):
+    L_all = L_gm + λ_fd·L_fd + λ_ud·L_ud (Eq. 4), each term selectable (``losses``: Table 1's Unlearn = ``fd``,
+    UnDistill = ``ud``, UGEs w/o UD = ``gm+fd``, UGEs = ``gm+fd+ud``).
+
+    The authorized networks (``networks`` of them, Eq. 12: ``authorized`` with init seeds ``init_seed + k``) are
+    fixed at θ0 (``victims.authorized``); the protector trains each ``trajectory_epochs`` (T) epochs on the clean
+    set (SGD ``trajectory_lr``, momentum 0.9, wd 5e-4, crop+flip, constant lr) and keeps θ_0 … θ_{T−1}; every
+    step samples one θ_t per network (Alg. 1 line 8). f′ (``hacker``) is a randomly initialised network, fixed.
+    ρ = 0.04 (§4.2); Table 5 (CIFAR-10) weights; G by Adam lr 1e-3 for 50 epochs (Table 6). Published:
+    round(255·x_u) (|x_u − x| ≤ ρ + 1/255); labels kept. Fits ``generator`` (encrypts unseen images) and
+    ``authorized`` (θ0, from which the ``authorized`` victim and ``distill``'s teacher start).
+
+    ``encoder``: ``clip`` (the paper: CLIP, "A photo of a <class>"; ``clip_model`` a folder or hub id, default
+    ViT-B/32, as the paper names none) or ``classifier`` (the documented alternative without CLIP weights:
+    ``encoder_arch`` trained ``encoder_epochs`` on the clean set, class prototypes for the text features;
+    ``protections._encoders``). The record's ``protect_info.encoder`` says which ran.
+
+    No official code is public; unstated in the paper, chosen here: G's width 64 (CycleGAN's ngf), dropout
+    0.5, LeakyReLU 0.2, G(x) = x + ρ·tanh(·) (see ``Generator``), batch 128, no augmentation while fitting G,
+    Eq. 6 on the whole-parameter batch gradient, BN in batch-statistics mode for f_θt and f′, L_ud at the
+    sampled θ_t, the trajectory's optimiser, the KL direction KL(f_θ ‖ f′) as Eq. 10 distils, hacker = plain CNN.
+
+    Attributes:
+        rho: L∞ bound ρ in [0, 1] units.
+        losses: the terms of L_all, ``+``-joined from gm, fd, ud.
+        lambda_fd, lambda_ud, alpha, omega: Table 5 (CIFAR-10: 1, 0.1, 0.1, 0.1).
+        trajectory_epochs: T of Table 5 (CIFAR-10: 4; CIFAR-100 and TinyImageNet: 20).
+        epochs, lr, batch_size: G's training (Table 6: 50 epochs at 1e-3 on CIFAR-10, 100 elsewhere).
+        authorized, init_seed, networks: the authorized architecture, θ0's seed, how many (Eq. 12).
+        trajectory_lr: lr of the authorized networks' trajectory (Table 6: 0.1).
+        hacker: f′'s architecture.
+        encoder, clip_model, class_names: the feature space (class_names: a preset or comma-separated names).
+        encoder_arch, encoder_epochs: the ``classifier`` encoder.
+        width, dropout: G's base channels and residual dropout.
+    """
+
+    paper: ClassVar[str] = "UGE (CVPR 2024) §3.2–3.3, Alg. 1, Eq. 3–12; supp. Tables 4–6"
+    fits: ClassVar[tuple[str, ...]] = ("generator", "authorized")
+    encrypts_unseen: ClassVar[bool] = True
+    surrogate_param: ClassVar[str | None] = "authorized"
+    pretrained: ClassVar[tuple[Pretrained, ...]] = (E.CLIP,)
+    expensive_on_cpu: ClassVar[bool] = True
+    rho: float = 0.04
+    losses: str = "gm+fd+ud"
+    lambda_fd: float = 1.0
+    lambda_ud: float = 0.1
+    alpha: float = 0.1
+    omega: float = 0.1
+    trajectory_epochs: int = 4
+    epochs: int = 50
+    lr: float = 1e-3
+    batch_size: int = 128
+    authorized: str = "resnet18"
+    init_seed: int = 0
+    networks: int = 1
+    trajectory_lr: float = 0.1
+    hacker: str = "cnn"
+    encoder: str = "clip"
+    clip_model: str | None = None
+    class_names: str = "cifar10"
+    encoder_arch: str = "resnet18"
+    encoder_epochs: int = 40
+    width: int = 64
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        terms = self.terms()
+        if not terms or any(t not in LOSSES for t in terms) or len(set(terms)) != len(terms):
+            raise ValueError(f"uge losses {self.losses!r}: join distinct terms of {LOSSES} with '+', e.g. 'gm+fd+ud'")
+        if self.encoder not in ("clip", "classifier"):
+            raise ValueError(f"uge encoder {self.encoder!r}: 'clip' (the paper) or 'classifier' (no CLIP weights)")
+        if not 0 < self.rho <= 1 or min(self.epochs, self.trajectory_epochs, self.networks, self.encoder_epochs) < 1:
+            raise ValueError("uge needs 0 < rho ≤ 1 and epochs, trajectory_epochs, networks, encoder_epochs ≥ 1")
+        if min(self.batch_size, self.width) < 1 or not 0 <= self.dropout < 1 or self.lr <= 0 or self.init_seed < 0:
+            raise ValueError("uge needs batch_size, width ≥ 1, 0 ≤ dropout < 1, lr > 0 and init_seed ≥ 0")
+        for field in ("hacker", "encoder_arch"):
+            if getattr(self, field) not in VICTIMS or getattr(self, field) == "authorized":
+                raise ValueError(f"uge {field} {getattr(self, field)!r} is not a victim ({', '.join(VICTIMS.names())})")
+
+    def terms(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.losses.split("+") if t.strip())
+
+    def pretrained_needed(self) -> tuple[Pretrained, ...]:
+        given = self.clip_model is not None and Path(self.clip_model).expanduser().is_dir()
+        return self.pretrained if self.encoder == "clip" and "fd" in self.terms() and not given else ()
+
+    @classmethod
+    def build_model(cls, kind: str, arch: dict[str, Any]) -> nn.Module:
+        if kind == "generator":
+            return Generator(arch["channels"], arch["width"], arch["rho"], arch["dropout"])
+        if kind == "authorized":
+            return AuthorizedNetworks(**arch)
+        raise ValueError(f"uge fits a generator and authorized networks, not a {kind!r} model")
+
+    def encrypt(self, models: Models, images: torch.Tensor, *, device: torch.device) -> torch.Tensor:
+        return encrypt(models["generator"], images, device=device, batch_size=max(self.batch_size, 256))
+
+    def fit(self, train: ImageSet, *, seed: int, device: torch.device) -> Fitted:
+        start, terms = time.perf_counter(), self.terms()
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        x, y = S.to_float(train, device), train.labels.to(device)
+        shape = (train.num_classes, train.channels, train.size)
+        authorized = AuthorizedNetworks(self.authorized, self.init_seed, self.networks, *shape)
+        norm = Normalize(*channel_stats(train.images)).to(device)
+        paths = [self._trajectory(net, norm, x, y, gen) for net in authorized.nets] if {"gm", "ud"} & set(terms) else []
+        with torch.random.fork_rng(devices=[]):  # f′ from the protection's seed: never an authorized θ0
+            torch.manual_seed(seed)
+            hacker = nn.Sequential(norm, VICTIMS.create(self.hacker).build(*shape)).to(device).requires_grad_(False)
+        encoder = self._encoder(train, seed, device) if "fd" in terms else None
+        G = self.build_model("generator", {"channels": train.channels, "width": self.width, "rho": self.rho,
+                                           "dropout": self.dropout}).to(device)
+        optimizer = torch.optim.Adam(G.parameters(), lr=self.lr)
+        per_epoch = math.ceil(len(x) / self.batch_size)
+        stream = S.shuffled_batches(len(x), self.batch_size, gen, device)
+        totals = torch.zeros(3, device=device)
+        for epoch in range(self.epochs):
+            totals.zero_()
+            G.train()
+            for _ in range(per_epoch):
+                idx = next(stream)
+                xb, yb = x[idx], y[idx]
+                x_u = G(xb)
+                parts = torch.zeros(3, device=device)
+                for path in paths:
+                    net = path[int(torch.randint(len(path), (), generator=gen))]
+                    if "gm" in terms:
+                        parts[0] = parts[0] + gradient_matching(net, xb, x_u, yb) / len(paths)
+                    if "ud" in terms:
+                        parts[2] = parts[2] + undistill(net, hacker, x_u, yb, self.omega) / len(paths)
+                if encoder is not None:
+                    parts[1] = feature_distance(encoder, xb, x_u, yb, self.alpha)
+                loss = parts[0] + self.lambda_fd * parts[1] + self.lambda_ud * parts[2]
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"uge: the loss became {loss.item()} in epoch {epoch + 1}: lower lr")
+                grads = torch.autograd.grad(loss, list(G.parameters()))
+                for p, g in zip(G.parameters(), grads):
+                    p.grad = g
+                optimizer.step()
+                totals += parts.detach() / per_epoch
+        published = encrypt(G, train.images, device=device, batch_size=max(self.batch_size, 256))
+        info = {"encoder": encoder.name if encoder else None, **(encoder.info if encoder else {}),
+                "losses": "+".join(terms), **dict(zip(("gm_loss", "fd_loss", "ud_loss"), totals.tolist())),
+                "trajectory_accuracy": [S.accuracy(p[-1], x, y) for p in paths],
+                "seconds": time.perf_counter() - start}
+        return Fitted(train.with_images(published, **info),
+                      Models({"generator": G.eval(), "authorized": authorized}))
+
+    def _trajectory(self, net0: nn.Module, norm: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    gen: torch.Generator) -> list[nn.Module]:
+        """θ_0 … θ_{T−1}: the authorized network at the start of each of T clean training epochs."""
+        model = nn.Sequential(norm, copy.deepcopy(net0)).to(x.device).to(memory_format=torch.channels_last)
+        optimizer = S.sgd(model, self.trajectory_lr)
+        path = []
+        for _ in range(self.trajectory_epochs):
+            path.append(copy.deepcopy(model).train())
+            order = torch.randperm(len(x), generator=gen).to(x.device)
+            for first in range(0, len(x), self.batch_size):
+                idx = order[first:first + self.batch_size]
+                S.train_step(model, optimizer, standard_augment(x[idx], "crop_flip", gen), y[idx], clip=None)
+        return path
+
+    def _encoder(self, train: ImageSet, seed: int, device: torch.device) -> E.Encoder:
+        if self.encoder == "clip":
+            return E.clip_encoder(E.clip_source(self.clip_model), E.class_names(self.class_names, train.num_classes),
+                                  device)
+        return E.classifier_encoder(self.encoder_arch, self.encoder_epochs, train, seed=seed, device=device)
