@@ -63,6 +63,23 @@ class Generator(nn.Module):
 
 
 @torch.no_grad()
+def _recalibrate(generator: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Batch-norm statistics averaged over one pass of ``x`` (dropout off), so the published G(x) is the trained G
+    whatever the number of steps (running averages with momentum 0.1 lag far behind in short CPU fits)."""
+    norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    generator.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    for start in range(0, len(x), batch_size):
+        generator(x[start:start + batch_size])
+    for m in norms:
+        m.momentum = 0.1
+    generator.eval()
+
+
+@torch.no_grad()
 def encrypt(generator: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 256) -> torch.Tensor:
     """uint8 N×C×H×W → uint8 round(255·G(x)), batch-wise on ``device`` (|x_u − x| ≤ ρ + 1/255)."""
     generator.eval()
@@ -245,6 +262,7 @@ class UGE(Protection):
                     p.grad = g
                 optimizer.step()
                 totals += parts.detach() / per_epoch
+        _recalibrate(G, x, self.batch_size)
         published = encrypt(G, train.images, device=device, batch_size=max(self.batch_size, 256))
         info = {"encoder": encoder.name if encoder else None, **(encoder.info if encoder else {}),
                 "losses": "+".join(terms), **dict(zip(("gm_loss", "fd_loss", "ud_loss"), totals.tolist())),
