@@ -95,6 +95,7 @@ class Pretrained:
     env: str
     hub_id: str = ""
     files: str = ""
+    alternative: str = ""  # the documented setting that runs without these weights
 
     def locate(self) -> Path | None:
         path = Path(os.environ.get(self.env, "")).expanduser()
@@ -102,7 +103,8 @@ class Pretrained:
 
     def missing(self) -> str:
         return (f"{self.name} weights not found: place {self.files or 'them'} at a path and set ${self.env} to it"
-                + (f" (hub id {self.hub_id}, needs the hub)" if self.hub_id else ""))
+                + (f" (hub id {self.hub_id}, needs the hub)" if self.hub_id else "")
+                + (f"; or ask for the documented alternative: {self.alternative}" if self.alternative else ""))
 
 
 class Models(Mapping[str, nn.Module]):

@@ -94,6 +94,7 @@ class Table:
     mean: pd.DataFrame
     std: pd.DataFrame
     display: pd.DataFrame
+    ran: tuple[str, ...] = ()  # what the stages report they ran where it is a choice (weights or alternative)
 
 
 def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | None = None,
@@ -116,8 +117,20 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
         frame[axis] = frame[axis].map(layout.name)
     frame["protection"] = row_labels(frame)
     ratios = not by_ratio and frame["poison_ratio"].nunique() > 1
-    return [pivot(group, keys, order or {}, metric, by_ratio, ratios, layout)
+    return [dataclasses.replace(pivot(group, keys, order or {}, metric, by_ratio, ratios, layout), ran=what_ran(group))
             for keys, group in frame.groupby(grouping(layout), sort=False)]
+
+
+def what_ran(group: pd.DataFrame) -> tuple[str, ...]:
+    """``label: …`` for each protection and countermeasure whose stage reported ``ran`` in its info (UGE's encoder:
+    CLIP or the documented alternative), so no table hides which weights produced it."""
+    lines = []
+    for axis, stage in (("protection", "protect_info"), ("countermeasure", "purify_info")):
+        if stage in group:
+            for label, info in zip(group[axis], group[stage]):
+                if isinstance(info, dict) and info.get("ran"):
+                    lines.append(f"{label}: {info['ran']}")
+    return tuple(dict.fromkeys(lines))
 
 
 def grouping(layout: Layout) -> list[str]:
@@ -215,7 +228,8 @@ def pivot(group: pd.DataFrame, keys: tuple, order: dict[str, list[str]], metric:
 
 
 def markdown(table: Table) -> str:
-    return f"### {table.title}\n\n" + table.display.to_markdown(stralign="right") + "\n"
+    ran = "".join(f"\n- ran: {line}" for line in table.ran)
+    return f"### {table.title}\n\n" + table.display.to_markdown(stralign="right") + "\n" + (ran + "\n" if ran else "")
 
 
 def write_tables(tables: list[Table], out_dir: Path, metric: str = "final") -> list[Path]:

@@ -23,8 +23,9 @@ from bench.components import ImageSet, Pretrained
 from protections import _surrogate as S
 
 CLIP = Pretrained("CLIP", env="BENCH_CLIP", hub_id="openai/clip-vit-base-patch32",
-                  files="a transformers CLIPModel folder (config.json, model.safetensors, tokenizer files), e.g. "
-                        "`huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR` on a connected machine")
+                  files="a transformers CLIPModel folder (config.json, model.safetensors, tokenizer files; e.g. from "
+                        "`huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR` on a connected machine)",
+                  alternative="encoder = 'classifier' (a classifier trained on the clean set; recorded)")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 CLASS_NAMES = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),

@@ -264,7 +264,9 @@ class UGE(Protection):
                 totals += parts.detach() / per_epoch
         _recalibrate(G, x, self.batch_size)
         published = encrypt(G, train.images, device=device, batch_size=max(self.batch_size, 256))
-        info = {"encoder": encoder.name if encoder else None, **(encoder.info if encoder else {}),
+        ran = encoder and (f"encoder {encoder.name}" + (" (the documented alternative to CLIP)"
+                                                        if self.encoder == "classifier" else ""))
+        info = {"encoder": encoder.name if encoder else None, **(encoder.info if encoder else {}), "ran": ran or None,
                 "losses": "+".join(terms), **dict(zip(("gm_loss", "fd_loss", "ud_loss"), totals.tolist())),
                 "trajectory_accuracy": [S.accuracy(p[-1], x, y) for p in paths],
                 "seconds": time.perf_counter() - start}
