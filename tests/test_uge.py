@@ -19,7 +19,7 @@ from bench.data import DATASETS
 from bench.matrix import expand, load_matrix
 from bench.planner import check_cells
 from bench.registry import ConfigError
-from protections import _encoders as E
+from protections.uge import encoders as E
 from protections.uge import Generator, gradient_matching
 from victims.authorized import initial_network
 

@@ -1,4 +1,8 @@
-"""UGE: ungeneralizable examples (Ye & Wang, CVPR 2024): learnable by the authorized network only."""
+"""UGE: ungeneralizable examples (Ye & Wang, CVPR 2024): learnable by the authorized network only.
+
+``generator``: G and publishing; ``losses``: L_gm, L_fd, L_ud; ``encoders``: the feature space of L_fd (CLIP or
+the documented ``classifier`` alternative).
+"""
 
 from __future__ import annotations
 
@@ -9,113 +13,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.augment import standard_augment
 from bench.components import PROTECTIONS, VICTIMS, Fitted, ImageSet, Models, Pretrained, Protection
 from bench.train import Normalize, channel_stats
-from protections import _encoders as E
 from protections import _surrogate as S
+from protections.uge import encoders as E
+from protections.uge.generator import Generator, encrypt, recalibrate
+from protections.uge.losses import feature_distance, gradient_matching, undistill
 from victims.authorized import AuthorizedNetworks
 
+__all__ = ["UGE", "Generator", "encrypt", "feature_distance", "gradient_matching", "undistill"]
 LOSSES = ("gm", "fd", "ud")
-
-
-def _cbl(conv: nn.Module) -> list[nn.Module]:
-    return [conv, nn.BatchNorm2d(conv.out_channels), nn.LeakyReLU(0.2, inplace=True)]
-
-
-class ResBlock(nn.Module):
-    """conv-BN-LeakyReLU-Dropout-conv-BN with an identity shortcut (UGE Table 4)."""
-
-    def __init__(self, width: int, dropout: float) -> None:
-        super().__init__()
-        self.body = nn.Sequential(*_cbl(nn.Conv2d(width, width, 3, 1, 1)), nn.Dropout(dropout),
-                                  nn.Conv2d(width, width, 3, 1, 1), nn.BatchNorm2d(width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
-
-
-class Generator(nn.Module):
-    """G (UGE supp. Table 4, Fig. 5): conv 7×7, two stride-2 convs 3×3, 6 residual blocks, two stride-2
-    transposed convs 3×3 (each BN-LeakyReLU), an output conv 7×7. G(x) = x + ρ·tanh(·), so Eq. 3's
-    Clamp(G(x), x − ρ, x + ρ) holds by construction and passes gradient everywhere (the hard clamp passes none
-    where it binds). Inputs are padded (replicate) to a multiple of 4 and cropped back: any size works."""
-
-    def __init__(self, channels: int, width: int, rho: float, dropout: float) -> None:
-        super().__init__()
-        self.arch = {"channels": channels, "width": width, "rho": rho, "dropout": dropout}
-        w = (width, 2 * width, 4 * width)
-        self.net = nn.Sequential(
-            *_cbl(nn.Conv2d(channels, w[0], 7, 1, 3)), *_cbl(nn.Conv2d(w[0], w[1], 3, 2, 1)),
-            *_cbl(nn.Conv2d(w[1], w[2], 3, 2, 1)), *(ResBlock(w[2], dropout) for _ in range(6)),
-            *_cbl(nn.ConvTranspose2d(w[2], w[1], 3, 2, 1, output_padding=1)),
-            *_cbl(nn.ConvTranspose2d(w[1], w[0], 3, 2, 1, output_padding=1)), nn.Conv2d(w[0], channels, 7, 1, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        padded = F.pad(x, (0, -w % 4, 0, -h % 4), mode="replicate")
-        rho = self.arch["rho"]
-        out = x + rho * torch.tanh(self.net(padded)[..., :h, :w])
-        return torch.minimum(torch.maximum(out, x - rho), x + rho).clamp(0, 1)
-
-
-@torch.no_grad()
-def _recalibrate(generator: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """Batch-norm statistics averaged over one pass of ``x`` (dropout off), so the published G(x) is the trained G
-    whatever the number of steps (running averages with momentum 0.1 lag far behind in short CPU fits)."""
-    norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
-    generator.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    for start in range(0, len(x), batch_size):
-        generator(x[start:start + batch_size])
-    for m in norms:
-        m.momentum = 0.1
-    generator.eval()
-
-
-@torch.no_grad()
-def encrypt(generator: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """uint8 N×C×H×W → uint8 round(255·G(x)), batch-wise on ``device`` (|x_u − x| ≤ ρ + 1/255)."""
-    generator.eval()
-    out = [generator(images[i:i + batch_size].to(device).float().div(255)).mul(255).round().to(torch.uint8).cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else images.clone()
-
-
-def gradient_matching(net: nn.Module, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Eq. 6 at one checkpoint: 1 − cos(∇θ CE(f(x), y), ∇θ CE(f(x_u), y)) over all parameters, the second
-    gradient kept in the graph (the loss is second order through the generator)."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    clean = torch.autograd.grad(F.cross_entropy(net(x), y), params)
-    protected = torch.autograd.grad(F.cross_entropy(net(x_u), y), params, create_graph=True)
-    flat = (torch.cat([g.flatten() for g in grads]) for grads in (clean, protected))
-    return 1 - F.cosine_similarity(*flat, dim=0)
-
-
-def feature_distance(encoder: E.Encoder, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Eq. 7–9: −‖F_i − F′_i‖² + ‖F′_i − F′_t‖² + max(0, α − ‖F′_i − F_t‖²), batch mean; F′_t is the other
-    class feature least similar to the clean image's."""
-    with torch.no_grad():
-        clean = F.normalize(encoder.images(x), dim=1)
-    feats = F.normalize(encoder.images(x_u), dim=1)
-    text = F.normalize(encoder.classes, dim=1)
-    similarity = (clean @ text.T).scatter(1, y[:, None], float("inf"))
-    far = text[similarity.argmin(1)]
-    return (-(clean - feats).pow(2).sum(1) + (feats - far).pow(2).sum(1)
-            + F.relu(alpha - (feats - text[y]).pow(2).sum(1))).mean()
-
-
-def undistill(net: nn.Module, hacker: nn.Module, x_u: torch.Tensor, y: torch.Tensor, omega: float) -> torch.Tensor:
-    """Eq. 11: CE(f_θ(x_u), y) − ω·KL(f_θ(x_u) ‖ f′_θA(x_u))."""
-    logits = net(x_u)
-    kl = F.kl_div(F.log_softmax(hacker(x_u), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits, y) - omega * kl
 
 
 @PROTECTIONS.register("uge")
@@ -137,7 +47,7 @@ class UGE(Protection):
     ``encoder``: ``clip`` (the paper: CLIP, "A photo of a <class>"; ``clip_model`` a folder or hub id, default
     ViT-B/32, as the paper names none) or ``classifier`` (the documented alternative without CLIP weights:
     ``encoder_arch`` trained ``encoder_epochs`` on the clean set, class prototypes for the text features;
-    ``protections._encoders``). The record's ``protect_info.encoder`` says which ran.
+    ``protections.uge.encoders``). The record's ``protect_info.encoder`` says which ran.
 
     No official code is public; unstated in the paper, chosen here: G's width 64 (CycleGAN's ngf), dropout
     0.5, LeakyReLU 0.2, G(x) = x + ρ·tanh(·) (see ``Generator``), batch 128, no augmentation while fitting G,
@@ -262,7 +172,7 @@ class UGE(Protection):
                     p.grad = g
                 optimizer.step()
                 totals += parts.detach() / per_epoch
-        _recalibrate(G, x, self.batch_size)
+        recalibrate(G, x, self.batch_size)
         published = encrypt(G, train.images, device=device, batch_size=max(self.batch_size, 256))
         ran = encoder and (f"encoder {encoder.name}" + (" (the documented alternative to CLIP)"
                                                         if self.encoder == "classifier" else ""))
