@@ -74,6 +74,7 @@ class Authorized(Victim):
 
     paper: ClassVar[str] = "UGE §3.1, §4.1, Table 1 (Acc. Authorized), Table 2"
     uses_models: ClassVar[tuple[str, ...]] = ("authorized",)
+    reference_params: ClassVar[int] = 11_173_962  # its default architecture, ResNet-18 (victims/resnet.py)
     arch: str | None = None
     init_seed: int | None = None
     index: int = 0
