@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.data_root:
         os.environ["BENCH_DATA_ROOT"] = str(Path(args.data_root).resolve())
+    # SIGTERM (kill, a cluster's time limit) unwinds like Ctrl-C, so the worker processes are stopped with the run
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.jobs < 0 or args.threads < 1:
         raise ConfigError("--jobs must be ≥ 0 (0 = automatic) and --threads ≥ 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -194,5 +194,11 @@ def _parallel(runner: Callable, fn: Callable, jobs: list[Any], n_jobs: int, devi
     from joblib import Parallel, delayed
 
     tasks = (delayed(runner)(fn, job, devices) for job in jobs)
-    for result in Parallel(n_jobs=min(n_jobs, len(jobs)), return_as="generator_unordered")(tasks):
-        on_result(result)
+    try:
+        for result in Parallel(n_jobs=min(n_jobs, len(jobs)), return_as="generator_unordered")(tasks):
+            on_result(result)
+    except BaseException:  # Ctrl-C, SIGTERM: no worker outlives the run to keep computing (and writing the cache)
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=False, kill_workers=True)
+        raise

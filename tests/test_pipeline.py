@@ -222,6 +222,45 @@ def test_kill_9_then_rerun_keeps_recorded_cells(tmp_path):
     assert after[:len(before)] == before and len({r["cell"] for r in after}) == 10 == len(after)
 
 
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (from /proc, Linux)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_stops_the_worker_processes_with_the_run(tmp_path):
+    """kill (SIGTERM) mid-run with --jobs 2: the run exits and its joblib workers do not go on computing cells."""
+    text = TINY.format(extra_countermeasures="bdr = {}\ngrayscale = {}\nmedian_filter = {}\njpeg = {}")
+    matrix = tiny_matrix(tmp_path, text=text.replace("epochs = 2", "epochs = 30"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--matrix", str(matrix), "--results",
+                             str(tmp_path / "r"), "--jobs", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 120, set()
+    while time.time() < deadline and len(workers) < 2:
+        workers = {p for p in _children(proc.pid) if "loky" in (Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+                                                                 if Path(f"/proc/{p}/cmdline").exists() else "")}
+        time.sleep(0.2)
+    assert workers, "the run never started its worker processes"
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.2)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists()
+             and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"worker processes {alive} outlived the run"
+
+
 def test_cwp_protects_real_data(tmp_path):
     """Behaviour, not a stub: a CNN trained on class-wise-patched digits scores far below one trained on
     clean digits (the smoke matrix's settings)."""
