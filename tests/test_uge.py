@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import countermeasures  # noqa: F401  (registers)
 import protections  # noqa: F401
