@@ -116,7 +116,8 @@ class Models(Mapping[str, nn.Module]):
     def __getitem__(self, kind: str) -> nn.Module:
         if kind not in self._models:
             raise KeyError(f"no {kind!r} model here (models: {', '.join(self._models) or 'none'}); declare it in "
-                           "needs_models (the planner checks the cell's protection fits one), or in uses_models and check `kind in models`")
+                           "needs_models (the planner checks the cell's protection fits one), or in uses_models and "
+                           "check `kind in models`")
         return self._models[kind]
 
     def __iter__(self) -> Iterator[str]:
