@@ -12,7 +12,7 @@ from bench.augment import KINDS
 from bench.components import COUNTERMEASURES, DATA, TRAIN, VICTIMS, Countermeasure, Fitted, ImageSet, Models, TrainHooks
 from bench.recipes import RECIPES, make_recipe
 from bench.train import Normalize, train_and_evaluate
-from victims.authorized import DEFAULT_ARCH, authorized_start
+from victims.authorized import authorized_arch, authorized_start
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -86,7 +86,7 @@ class Distill(Countermeasure):
         models = models or Models()
         start = authorized_start(models, self.teacher_arch, self.init_seed, self.index, train.num_classes,
                                  train.channels, train.size)
-        arch = models["authorized"].arch["arch"] if "authorized" in models else self.teacher_arch or DEFAULT_ARCH
+        arch = authorized_arch(models, self.teacher_arch)
         recipe = make_recipe(self.teacher_recipe).for_victim(arch)
         augment = self.teacher_augment if recipe.augment == "dataset" else recipe.augment
         result = train_and_evaluate(start, train, train, recipe, seed=seed, device=device, augment=augment,

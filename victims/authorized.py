@@ -40,12 +40,17 @@ class AuthorizedNetworks(nn.Module):
         self.nets = nn.ModuleList(initial_network(arch, init_seed + k, classes, channels, size) for k in range(networks))
 
 
+def authorized_arch(models: Models, arch: str | None) -> str:
+    """The architecture ``authorized_start`` builds: the protection's, else ``arch`` (None: ResNet-18)."""
+    return models["authorized"].arch["arch"] if "authorized" in models else arch or DEFAULT_ARCH
+
+
 def authorized_start(models: Models, arch: str | None, init_seed: int | None, index: int, num_classes: int,
                      channels: int, size: int) -> nn.Module:
     """A trainable copy of authorized network ``index`` at θ0: the protection's, where it fits one, else the one
     ``arch`` (None: ResNet-18) and ``init_seed`` (None: 0) give. Parameters that contradict the protection's raise."""
     if "authorized" not in models:
-        return initial_network(arch or DEFAULT_ARCH, (init_seed or 0) + index, num_classes, channels, size)
+        return initial_network(authorized_arch(models, arch), (init_seed or 0) + index, num_classes, channels, size)
     nets = models["authorized"]
     given = nets.arch
     if index >= given["networks"]:
