@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     perf.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     perf.add_argument("--device", default="auto")
     protect = commands.add_parser("protect", help="encrypt a folder of images with a protection's fitted models "
-                                  "(fast encryption, ConfounderGAN §4.3): one forward pass per batch, no labels")
+                                  "(fast encryption, ConfounderGAN §4.3): one forward pass per batch")
     protect.add_argument("--model", "--generator", dest="model", required=True,
                          help="the protected set whose models encrypt: a key under <results>/cache/protected/ "
                               "(records: protection_key) or its folder")
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     protect.add_argument("--output", type=Path, required=True, help="folder for the protected PNGs (same names)")
     protect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     protect.add_argument("--batch-size", type=int, default=256)
+    protect.add_argument("--label", type=int, help="the folder's class, for a protection that encrypts an image "
+                                                   "for its class (encrypt_needs_labels, e.g. dh); else left out")
     for sub in (run, board, perf, protect):
         sub.add_argument("--results", type=Path, default=Path(os.environ.get("BENCH_RESULTS", "results")),
                          help="output folder (default: ./results or $BENCH_RESULTS)")
@@ -149,7 +151,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
     from bench.encrypt import protect_folder
 
     print(protect_folder(args.model, args.input, args.output, results=args.results, protection=args.protection,
-                         device=args.device, batch_size=args.batch_size))
+                         device=args.device, batch_size=args.batch_size, label=args.label))
     return 0
 
 
@@ -212,7 +214,8 @@ def describe_capabilities(cls: type) -> str:
     if caps["fits"]:
         parts.append(f"fits models: {', '.join(caps['fits'])}")
     if caps.get("encrypts_unseen"):
-        parts.append("encrypts unseen images without labels (ood mix, bench protect)")
+        parts.append("encrypts unseen images " + ("for their labels" if caps["encrypt_needs_labels"] else
+                                                  "without labels") + " (ood mix, bench protect)")
     if caps.get("needs_models"):
         parts.append(f"needs the protection's models: {', '.join(caps['needs_models'])}")
     if caps.get("uses_models"):

@@ -94,11 +94,13 @@ class Protection(_Declared):
 
     Override ``protect``, or, for a protection that fits models (``fits``), ``fit``, which returns them with the
     protected set; the harness saves them beside it. ``encrypts_unseen``: its fitted models protect new images
-    without labels through ``encrypt`` (the ``ood`` mix, ``bench protect``). ``identity`` (``clean``): not cached.
+    through ``encrypt`` (the ``ood`` mix, ``bench protect``), without labels unless ``encrypt_needs_labels`` (then
+    ``encrypt`` takes a keyword ``labels``: DH hides its class's image). ``identity`` (``clean``): not cached.
     """
 
     identity: ClassVar[bool] = False
     encrypts_unseen: ClassVar[bool] = False
+    encrypt_needs_labels: ClassVar[bool] = False
 
     def protect(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
         """The protected set (a protection that fits models returns it from ``fit``)."""
@@ -109,7 +111,8 @@ class Protection(_Declared):
         return Fitted(self.protect(train, seed=seed, device=device))
 
     def encrypt(self, models: Models, images: torch.Tensor, *, device: torch.device) -> torch.Tensor:
-        """uint8 N×C×H×W images, never seen in fitting, protected by ``models`` without labels."""
+        """uint8 N×C×H×W images, never seen in fitting, protected by ``models`` (a keyword ``labels`` too where
+        ``encrypt_needs_labels``)."""
         raise NotImplementedError(f"{self.name} cannot encrypt unseen images")
 
     @classmethod
@@ -119,10 +122,15 @@ class Protection(_Declared):
             raise TypeError("must override exactly one of protect (no models) and fit (with models)")
         if cls.encrypts_unseen != _overrides(cls, "encrypt") or (cls.encrypts_unseen and not cls.fits):
             raise TypeError("encrypts_unseen = True needs fits (a model) and an encrypt override, and the reverse")
+        takes_labels = "labels" in inspect.signature(cls.encrypt).parameters
+        if cls.encrypt_needs_labels != takes_labels or (cls.encrypt_needs_labels and not cls.encrypts_unseen):
+            raise TypeError("encrypt_needs_labels = True needs encrypts_unseen and an encrypt with a keyword 'labels', "
+                            "and the reverse")
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
-        return {**super().capabilities(), "encrypts_unseen": cls.encrypts_unseen}
+        return {**super().capabilities(), "encrypts_unseen": cls.encrypts_unseen,
+                "encrypt_needs_labels": cls.encrypt_needs_labels}
 
 
 class Countermeasure(_Declared):

@@ -1,6 +1,7 @@
 """``bench protect``: fast encryption of a folder of new images with a protection's fitted models
-(ConfounderGAN §4.3 Fig. 3(b), §5.2.2): no labels, one forward pass per batch, so new photos are protected in
-seconds.
+(ConfounderGAN §4.3 Fig. 3(b), §5.2.2): one forward pass per batch, so new photos are protected in seconds.
+No labels, except for a protection that ``encrypt_needs_labels`` (DH hides its class's image): ``label`` then
+names the folder's class.
 
 The models are those a matrix cell's protect stage saved beside its poison (``bench.artifacts``): the
 reference is that protected set's key (records carry it as ``protection_key``) or its cache folder. The
@@ -36,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def protect_folder(ref: str, source: Path, target: Path, *, results: Path, protection: str | None = None,
-                   device: str = "auto", batch_size: int = 256) -> str:
+                   device: str = "auto", batch_size: int = 256, label: int | None = None) -> str:
     """Encrypt every PNG/JPEG directly in ``source`` into PNGs of the same stem in ``target``; returns a
     one-line report with images/s. Problems (no images, mixed or wrong sizes/channels) raise ConfigError
     before anything is written."""
@@ -71,6 +72,11 @@ def protect_folder(ref: str, source: Path, target: Path, *, results: Path, prote
     if not made_by.encrypts_unseen:
         raise ConfigError(f"protection {made_by.name!r} cannot encrypt unseen images (it does not declare "
                           "encrypts_unseen); only protections such as confoundergan work with `bench protect`")
+    if made_by.encrypt_needs_labels and not (label is not None and 0 <= label < manifest["num_classes"]):
+        raise ConfigError(f"protection {made_by.name!r} encrypts an image for its class: pass --label K with "
+                          f"0 ≤ K < {manifest['num_classes']} (one class for the folder; split folders by class)")
+    if label is not None and not made_by.encrypt_needs_labels:
+        raise ConfigError(f"protection {made_by.name!r} encrypts without labels: leave --label out")
     encryptor = PROTECTIONS.create(made_by.name, **manifest["spec"]["params"])
     models = load_models(folder, made_by.fits, dev)
     _, channels, size, _ = manifest["shape"]
@@ -94,7 +100,8 @@ def protect_folder(ref: str, source: Path, target: Path, *, results: Path, prote
         arrays = [np.asarray(Image.open(p).convert("L" if channels == 1 else "RGB")) for p in chunk]
         batch = torch.from_numpy(np.stack(arrays)).reshape(len(chunk), size, size, channels).permute(0, 3, 1, 2)
         tick = time.perf_counter()
-        out = encryptor.encrypt(models, batch.contiguous(), device=dev)
+        labels = {"labels": torch.full((len(chunk),), label)} if made_by.encrypt_needs_labels else {}
+        out = encryptor.encrypt(models, batch.contiguous(), device=dev, **labels)
         forward += time.perf_counter() - tick
         for p, image in zip(chunk, out.permute(0, 2, 3, 1).numpy()):
             Image.fromarray(image[..., 0] if channels == 1 else image).save(target / (p.stem + ".png"))

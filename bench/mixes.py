@@ -54,7 +54,7 @@ def uses_protection(mix: str) -> bool:
 def missing_capability(mix: str, protection: type[Protection]) -> str | None:
     """Why ``protection`` cannot serve ``mix`` (``None`` if it can)."""
     if mix == "ood" and not protection.identity and not protection.encrypts_unseen:
-        return (f"mix 'ood' needs a protection that encrypts unseen images without labels (encrypts_unseen, e.g. "
+        return (f"mix 'ood' needs a protection that encrypts unseen images (encrypts_unseen, e.g. "
                 f"confoundergan); {protection.name} cannot")
     return None
 
@@ -74,7 +74,8 @@ def fit_protection(protection: Protection, train: ImageSet, ratio: float | None,
                    device: torch.device) -> Fitted:
     """Fit ``protection`` on the whole train set, or on the ``ratio`` of each class only (ConfounderGAN §5.2); a
     protection that ``encrypts_unseen`` then protects the rest without labels with its fitted models, the others
-    leave it clean (the ``fit_subset`` mix uses only the fitted part either way)."""
+    leave it clean (the ``fit_subset`` mix uses only the fitted part either way). One that ``encrypt_needs_labels``
+    gets the rest's labels."""
     if ratio is None:
         return protection.fit(train, seed=seed, device=device)
     mask = class_mask(train, ratio, seed)
@@ -83,7 +84,8 @@ def fit_protection(protection: Protection, train: ImageSet, ratio: float | None,
     images[mask] = fitted.data.images
     info = {**fitted.data.info, "fitted_on": int(mask.sum()), "encrypted_unseen": 0}
     if protection.encrypts_unseen and (~mask).any():
-        images[~mask] = protection.encrypt(fitted.models, train.images[~mask], device=device)
+        labels = {"labels": train.labels[~mask]} if protection.encrypt_needs_labels else {}
+        images[~mask] = protection.encrypt(fitted.models, train.images[~mask], device=device, **labels)
         info["encrypted_unseen"] = int((~mask).sum())
     return Fitted(train.with_images(images, **info), fitted.models)
 
