@@ -69,6 +69,8 @@ CONTRACT_PARAMS = {
     "confoundergan": dict(surrogate="cnn", surrogate_epochs=1, epochs=1, width=8),
     "uge": dict(authorized="cnn", hacker="cnn", encoder="classifier", encoder_arch="cnn", encoder_epochs=1, epochs=1,
                 width=4, trajectory_epochs=2),
+    "dh": dict(source="skimage", extractor="classifier", extractor_epochs=1, blocks=2, growth=8, iterations=3,
+               batch_size=8, lr=1e-3),
 }
 NEEDS_A_SOURCE = {"external"}  # images made elsewhere: tests/test_external.py covers its contract
 GENERIC = [n for n in PROTECTIONS.names() if n not in NEEDS_A_SOURCE]

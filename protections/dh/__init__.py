@@ -1,0 +1,174 @@
+"""DH: semantic deep hiding (robust unlearnable examples by hiding natural images with an invertible network).
+
+``hinet``: the HiNet hiding network; ``losses``: Eq. 7–11 and the concentration loss's extractor; ``semantic``:
+the hidden semantic images (SD + ControlNet, or the documented offline sources); ``hider``: the fitted model,
+publishing and the quality figures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from bench.components import PROTECTIONS, Fitted, ImageSet, Models, Pretrained, Protection
+from bench.data import DATASETS
+from protections import _surrogate as S
+from protections.dh import semantic as SEM
+from protections.dh.hider import Hider
+from protections.dh.losses import EXTRACTORS, RESNET18, concentration_loss, extractor, frequency_loss, hide_loss
+
+COCO = Pretrained("COCO captions", env="BENCH_COCO", files="a COCO folder with annotations/captions_train2017.json "
+                  "and train2017/ (the prompts of DH §III-B3 and their images' canny edges)",
+                  alternative="source = 'skimage' or 'folder' (recorded)")
+
+
+@PROTECTIONS.register("dh")
+class DH(Protection):
+    """DH (semantic deep hiding, §III-B; §IV-A2): a HiNet (``blocks`` affine coupling blocks on Haar sub-bands,
+    soft clamp ``clamp``; §III-B1 Eq. 3–6) hides a semantic image of the image's class in each clean image.
+    Trained by L_hide + ω1·L_freq + ω2·L_reveal + ω3·L_conc (Eq. 7–11; ``epsilon`` ε = 8 in 1/255 units,
+    ω1 = ω2 = 1, ω3 = 1e-4; Adam β (0.5, 0.999), eps 1e-6, lr 10^-4.5, batch 24, 5,000 iterations; §IV-A2).
+    Published: the perturbation clipped to L∞ ε, 8-bit; labels kept. ``mode``: ``class`` (DH(C): one image per class) or
+    ``sample`` (DH(S): ``variants`` per class sharing one image's edges, each image hides a seeded one; the paper
+    generates 100).
+
+    ``source``: the semantic images (``protections.dh.semantic``): ``diffusion`` (the paper: Stable Diffusion +
+    ControlNet canny, prompts by K-means over CLIP text features of COCO captions from $BENCH_COCO), or, offline,
+    ``skimage`` (scikit-image's photographs) or ``folder`` (``folder``: your images). ``extractor``: 𝒢 of L_conc
+    (``imagenet``: the paper's pretrained ResNet-18; ``classifier``: trained on the clean set). ``covers``: the
+    paper trains the network once on its ImageNet subset; here the covers are the set at hand (``None``) or a
+    dataset named here (``covers_per_class`` images per class, resized; each hides a seeded random class's image).
+    The record says which source, extractor and covers ran, with PSNR/SSIM and the reveal PSNR.
+
+    Unstated in the paper, from HiNet's official code: weight decay 1e-5, growth 32, clamp 2; chosen here: the
+    mean-squared form of L_freq and L_reveal (the ω3 ≈ 1e-3 scale the paper reports needs means, not sums).
+    """
+
+    paper: ClassVar[str] = "DH (semantic deep hiding) §III-B, Eq. 3–11; §IV-A2"
+    fits: ClassVar[tuple[str, ...]] = ("hiding",)
+    encrypts_unseen: ClassVar[bool] = True
+    encrypt_needs_labels: ClassVar[bool] = True
+    expensive_on_cpu: ClassVar[bool] = True
+    pretrained: ClassVar[tuple[Pretrained, ...]] = (SEM.STABLE_DIFFUSION, SEM.CONTROLNET, SEM.TEXT_CLIP, COCO,
+                                                     RESNET18)
+    mode: str = "class"
+    source: str = "diffusion"
+    folder: str | None = None
+    variants: int | None = None
+    epsilon: float = 8.0
+    blocks: int = 16
+    clamp: float = 2.0
+    growth: int = 32
+    iterations: int = 5000
+    batch_size: int = 24
+    lr: float = 10 ** -4.5
+    weight_decay: float = 1e-5
+    omega1: float = 1.0
+    omega2: float = 1.0
+    omega3: float = 1e-4
+    extractor: str = "imagenet"
+    extractor_epochs: int = 40
+    covers: str | None = None
+    covers_per_class: int | None = None
+    diffusion_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("class", "sample"):
+            raise ValueError(f"dh mode {self.mode!r}: 'class' (DH(C)) or 'sample' (DH(S))")
+        if self.source not in SEM.SOURCES or (self.source == "folder") != (self.folder is not None):
+            raise ValueError(f"dh source {self.source!r}: one of {SEM.SOURCES}; 'folder' needs folder = '<path>' "
+                             "and only it takes one")
+        if self.variants is not None and (self.mode == "class" or self.variants < 1):
+            raise ValueError("dh variants (≥ 1) is for mode = 'sample'; leave it out for 'class'")
+        if self.extractor not in EXTRACTORS:
+            raise ValueError(f"dh extractor {self.extractor!r}: one of {EXTRACTORS}")
+        if not 0 <= self.epsilon <= 255 or min(self.blocks, self.growth, self.iterations, self.batch_size,
+                                            self.extractor_epochs, self.diffusion_steps) < 1:
+            raise ValueError("dh needs 0 ≤ epsilon ≤ 255 (1/255 units) and blocks, growth, iterations, batch_size, "
+                             "extractor_epochs, diffusion_steps ≥ 1")
+        if self.lr <= 0 or self.clamp <= 0 or min(self.omega1, self.omega2, self.omega3, self.weight_decay) < 0:
+            raise ValueError("dh needs lr, clamp > 0 and omega1–3, weight_decay ≥ 0")
+        if self.covers_per_class is not None and (self.covers is None or self.covers_per_class < 1):
+            raise ValueError("dh covers_per_class (≥ 1) goes with covers = '<dataset>'")
+
+    def pretrained_needed(self) -> tuple[Pretrained, ...]:
+        needed = SEM.pretrained_for(self.source, False) + ((COCO,) if self.source == "diffusion" else ())
+        return needed + ((RESNET18,) if self.extractor == "imagenet" else ())
+
+    @classmethod
+    def build_model(cls, kind: str, arch: dict) -> Hider:
+        if kind != "hiding":
+            raise ValueError(f"dh fits a hiding network, not a {kind!r} model")
+        return Hider(**arch)
+
+    def encrypt(self, models: Models, images: torch.Tensor, *, device: torch.device,
+                labels: torch.Tensor) -> torch.Tensor:
+        hider = models["hiding"]
+        gen = torch.Generator().manual_seed(0)  # sample mode: which variant each new image hides, reproducibly
+        return hider.publish(images, labels, torch.randint(hider.arch["variants"], (len(images),), generator=gen))
+
+    def fit(self, train: ImageSet, *, seed: int, device: torch.device) -> Fitted:
+        start = time.perf_counter()
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        per_class = 1 if self.mode == "class" else self.variants or 100
+        coco = Path(os.environ.get(COCO.env, "")).expanduser()
+        images = SEM.semantic_images(self.source, classes=train.num_classes, per_class=per_class,
+                                     channels=train.channels, size=train.size, seed=seed, folder=self.folder,
+                                     prompts=str(coco / "annotations" / "captions_train2017.json"),
+                                     coco_images=str(coco / "train2017"), steps=self.diffusion_steps)
+        features, extractor_ran = extractor(self.extractor, train, epochs=self.extractor_epochs, seed=seed,
+                                            device=device)
+        hider = Hider(train.channels, self.blocks, self.clamp, self.growth, train.num_classes, per_class,
+                      train.size, self.epsilon / 255).to(device)
+        hider.secrets.copy_(images.images.to(device))
+        x, y, covers_ran = self._covers(train, gen, device)
+        optimizer = torch.optim.Adam(hider.network.parameters(), lr=self.lr, betas=(0.5, 0.999), eps=1e-6,
+                                     weight_decay=self.weight_decay)
+        stream, last = S.shuffled_batches(len(x), self.batch_size, gen, device), max(1, self.iterations // 10)
+        totals = torch.zeros(4, device=device)
+        for step in range(self.iterations):
+            idx = next(stream)
+            cover, labels = x[idx], y[idx]
+            secret = hider.secret(labels, torch.randint(per_class, (len(idx),), generator=gen).to(device))
+            stego, latent = hider.network.hide(cover, secret)
+            revealed = hider.network.reveal(stego, torch.randn(latent.shape, generator=gen).to(device))[1]
+            parts = torch.stack([hide_loss(stego, cover, self.epsilon / 255), frequency_loss(stego, cover),
+                                 F.mse_loss(revealed, secret), concentration_loss(features, stego - cover, labels)])
+            loss = parts[0] + self.omega1 * parts[1] + self.omega2 * parts[2] + self.omega3 * parts[3]
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"dh: the loss became {loss.item()} at iteration {step + 1}: lower lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step >= self.iterations - last:
+                totals += parts.detach() / last
+        hider.eval().requires_grad_(False)
+        variants = torch.randint(per_class, (len(train),), generator=gen)
+        published = hider.publish(train.images, train.labels, variants)
+        info = {"mode": self.mode, "source": images.source, "semantic_names": list(images.names),
+                "extractor": extractor_ran, "covers": covers_ran, "variants": per_class,
+                "iterations": self.iterations, "blocks": self.blocks,
+                **dict(zip(("hide_loss", "freq_loss", "reveal_loss", "conc_loss"), totals.tolist())),
+                **hider.quality(train.images, published, train.labels, variants, seed=seed),
+                "ran": f"semantic images: {images.source}; extractor: {extractor_ran}; covers: {covers_ran}",
+                "seconds": time.perf_counter() - start}
+        return Fitted(train.with_images(published, **info), Models({"hiding": hider}))
+
+    def _covers(self, train: ImageSet, gen: torch.Generator,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """The hiding network's training covers (float, on ``device``), the classes they hide, and a description."""
+        if self.covers is None:
+            return S.to_float(train, device), train.labels.to(device), "the protected set itself"
+        other = DATASETS.create(self.covers, per_class=self.covers_per_class).load()[0]
+        images = TF.resize(other.images, [train.size, train.size], antialias=True)
+        if other.channels != train.channels:
+            images = TF.rgb_to_grayscale(images) if train.channels == 1 else images.expand(-1, 3, -1, -1)
+        classes = torch.randint(train.num_classes, (len(images),), generator=gen)
+        return images.to(device).float() / 255, classes.to(device), f"{self.covers} ({len(images)} images)"

@@ -1,0 +1,73 @@
+"""DH's training losses (§III-B1 Eq. 7–8, §III-B2 Eq. 9–11) and the feature extractor of the concentration loss.
+
+The extractor 𝒢 is "a pre-trained ResNet-18", its latent features "the output [of the] final convolution layer"
+(§III-B2): ``imagenet`` loads torchvision's ImageNet ResNet-18 from $BENCH_RESNET18 and keeps it up to ``layer4``;
+``classifier`` is the documented alternative without those weights: bench's ResNet-18 trained on the protector's
+own clean set, up to its last stage. The paper does not say how the perturbation maps enter 𝒢; they enter as
+they are (no image normalisation: they are not images).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.components import ImageSet, Pretrained
+from protections import _surrogate as S
+from protections.dh.hinet import dwt, low_band
+
+Features = Callable[[torch.Tensor], torch.Tensor]
+RESNET18 = Pretrained("ResNet-18 (ImageNet)", env="BENCH_RESNET18",
+                      files="torchvision's ImageNet resnet18 state dict (resnet18-f37072fd.pth: "
+                            "torchvision.models.ResNet18_Weights.IMAGENET1K_V1, fetched on a connected machine)",
+                      alternative="extractor = 'classifier' (a ResNet-18 trained on the clean set; recorded)")
+EXTRACTORS = ("imagenet", "classifier")
+
+
+def hide_loss(stego: torch.Tensor, cover: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Eq. 7: max(MSE(x_ue, x_c), ε²): no pull below the budget's RMS."""
+    return torch.clamp(F.mse_loss(stego, cover), min=epsilon ** 2)
+
+
+def frequency_loss(stego: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """Eq. 8's L_freq: mean squared distance of the low-frequency (LL) sub-bands (hiding stays in high bands)."""
+    return F.mse_loss(low_band(dwt(stego)), low_band(dwt(cover)))
+
+
+def concentration_loss(features: Features, perturbation: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 10: Σ over same-class ordered pairs (i, j) of the cosine distance of 𝒢(x_pm^i) and 𝒢(x_pm^j)."""
+    f = F.normalize(features(perturbation).flatten(1), dim=1)
+    same = (labels[:, None] == labels[None, :]).to(f.dtype)
+    return ((1 - f @ f.T) * same).sum()
+
+
+def extractor(kind: str, train: ImageSet, *, epochs: int, seed: int, device: torch.device) -> tuple[Features, str]:
+    """𝒢 and what ran (for the record). ``classifier``: bench's ``resnet18`` trained ``epochs`` on ``train``."""
+    if kind == "imagenet":
+        path = RESNET18.locate()
+        if path is None:
+            raise FileNotFoundError(RESNET18.missing())
+        if train.channels not in (1, 3):
+            raise ValueError(f"the ImageNet ResNet-18 takes 1 or 3 channels, not {train.channels}: use "
+                             "extractor = 'classifier'")
+        import torchvision
+
+        net = torchvision.models.resnet18()
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        body = nn.Sequential(*list(net.children())[:-2]).to(device).eval().requires_grad_(False)
+        return (lambda x: body(x.expand(-1, 3, -1, -1))), f"imagenet resnet18 ({path})"
+    if kind != "classifier":
+        raise ValueError(f"dh extractor {kind!r}: one of {EXTRACTORS}")
+    net, accuracy = S.pretrain("resnet18", train, seed=seed, device=device, epochs=epochs)
+    body = net[1]  # the ResNet without the input normalisation; its head pools the last stage's output
+    captured: list[torch.Tensor] = []
+    body.head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        captured.clear()
+        body(x)
+        return captured[0]
+    return features, f"classifier resnet18 trained {epochs} epochs on the clean set (train accuracy {accuracy:.3f})"
