@@ -21,7 +21,7 @@ from bench.data import DATASETS
 from protections import _surrogate as S
 from protections.dh import semantic as SEM
 from protections.dh.hider import Hider
-from protections.dh.losses import EXTRACTORS, RESNET18, concentration_loss, extractor, frequency_loss, hide_loss
+from protections.dh.losses import EXTRACTORS, RESNET18, RESNETS, concentration_loss, extractor, frequency_loss, hide_loss
 
 COCO = Pretrained("COCO captions", env="BENCH_COCO", files="a COCO folder with annotations/captions_train2017.json "
                   "and train2017/ (the prompts of DH §III-B3 and their images' canny edges)",
@@ -41,7 +41,8 @@ class DH(Protection):
     ``source``: the semantic images (``protections.dh.semantic``): ``diffusion`` (the paper: Stable Diffusion +
     ControlNet canny, prompts by K-means over CLIP text features of COCO captions from $BENCH_COCO), or, offline,
     ``skimage`` (scikit-image's photographs) or ``folder`` (``folder``: your images). ``extractor``: 𝒢 of L_conc
-    (``imagenet``: the paper's pretrained ResNet-18; ``classifier``: trained on the clean set). ``covers``: the
+    (``imagenet``: the paper's pretrained ResNet-18; ``classifier``: ``extractor_arch`` trained ``extractor_epochs``
+    on the clean set). ``covers``: the
     paper trains the network once on its ImageNet subset; here the covers are the set at hand (``None``) or a
     dataset named here (``covers_per_class`` images per class, resized; each hides a seeded random class's image).
     The record says which source, extractor and covers ran, with PSNR/SSIM and the reveal PSNR.
@@ -74,6 +75,7 @@ class DH(Protection):
     omega3: float = 1e-4
     extractor: str = "imagenet"
     extractor_epochs: int = 40
+    extractor_arch: str = "resnet18"
     covers: str | None = None
     covers_per_class: int | None = None
     diffusion_steps: int = 20
@@ -88,6 +90,8 @@ class DH(Protection):
             raise ValueError("dh variants (≥ 1) is for mode = 'sample'; leave it out for 'class'")
         if self.extractor not in EXTRACTORS:
             raise ValueError(f"dh extractor {self.extractor!r}: one of {EXTRACTORS}")
+        if self.extractor_arch not in RESNETS:
+            raise ValueError(f"dh extractor_arch {self.extractor_arch!r}: a ResNet victim, one of {RESNETS}")
         if not 0 <= self.epsilon <= 255 or min(self.blocks, self.growth, self.iterations, self.batch_size,
                                             self.extractor_epochs, self.diffusion_steps) < 1:
             raise ValueError("dh needs 0 ≤ epsilon ≤ 255 (1/255 units) and blocks, growth, iterations, batch_size, "
@@ -123,8 +127,8 @@ class DH(Protection):
                                      channels=train.channels, size=train.size, seed=seed, folder=self.folder,
                                      prompts=str(coco / "annotations" / "captions_train2017.json"),
                                      coco_images=str(coco / "train2017"), steps=self.diffusion_steps)
-        features, extractor_ran = extractor(self.extractor, train, epochs=self.extractor_epochs, seed=seed,
-                                            device=device)
+        features, extractor_ran = extractor(self.extractor, train, arch=self.extractor_arch,
+                                            epochs=self.extractor_epochs, seed=seed, device=device)
         hider = Hider(train.channels, self.blocks, self.clamp, self.growth, train.num_classes, per_class,
                       train.size, self.epsilon / 255).to(device)
         hider.secrets.copy_(images.images.to(device))

@@ -2,8 +2,8 @@
 
 The extractor 𝒢 is "a pre-trained ResNet-18", its latent features "the output [of the] final convolution layer"
 (§III-B2): ``imagenet`` loads torchvision's ImageNet ResNet-18 from $BENCH_RESNET18 and keeps it up to ``layer4``;
-``classifier`` is the documented alternative without those weights: bench's ResNet-18 trained on the protector's
-own clean set, up to its last stage. The paper does not say how the perturbation maps enter 𝒢; they enter as
+``classifier`` is the documented alternative without those weights: one of bench's ResNets (ResNet-18 by default)
+trained on the protector's own clean set, up to its last stage. The paper does not say how the perturbation maps enter 𝒢; they enter as
 they are (no image normalisation: they are not images).
 """
 
@@ -25,6 +25,7 @@ RESNET18 = Pretrained("ResNet-18 (ImageNet)", env="BENCH_RESNET18",
                             "torchvision.models.ResNet18_Weights.IMAGENET1K_V1, fetched on a connected machine)",
                       alternative="extractor = 'classifier' (a ResNet-18 trained on the clean set; recorded)")
 EXTRACTORS = ("imagenet", "classifier")
+RESNETS = ("resnet18", "resnet20", "resnet32", "resnet50")  # bench's ResNets: the head pools the last stage
 
 
 def hide_loss(stego: torch.Tensor, cover: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -44,8 +45,9 @@ def concentration_loss(features: Features, perturbation: torch.Tensor, labels: t
     return ((1 - f @ f.T) * same).sum()
 
 
-def extractor(kind: str, train: ImageSet, *, epochs: int, seed: int, device: torch.device) -> tuple[Features, str]:
-    """𝒢 and what ran (for the record). ``classifier``: bench's ``resnet18`` trained ``epochs`` on ``train``."""
+def extractor(kind: str, train: ImageSet, *, arch: str = "resnet18", epochs: int, seed: int,
+              device: torch.device) -> tuple[Features, str]:
+    """𝒢 and what ran (for the record). ``classifier``: bench's ResNet ``arch`` trained ``epochs`` on ``train``."""
     if kind == "imagenet":
         path = RESNET18.locate()
         if path is None:
@@ -61,7 +63,9 @@ def extractor(kind: str, train: ImageSet, *, epochs: int, seed: int, device: tor
         return (lambda x: body(x.expand(-1, 3, -1, -1))), f"imagenet resnet18 ({path})"
     if kind != "classifier":
         raise ValueError(f"dh extractor {kind!r}: one of {EXTRACTORS}")
-    net, accuracy = S.pretrain("resnet18", train, seed=seed, device=device, epochs=epochs)
+    if arch not in RESNETS:
+        raise ValueError(f"dh extractor_arch {arch!r}: one of {RESNETS}")
+    net, accuracy = S.pretrain(arch, train, seed=seed, device=device, epochs=epochs)
     body = net[1]  # the ResNet without the input normalisation; its head pools the last stage's output
     captured: list[torch.Tensor] = []
     body.head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
@@ -70,4 +74,4 @@ def extractor(kind: str, train: ImageSet, *, epochs: int, seed: int, device: tor
         captured.clear()
         body(x)
         return captured[0]
-    return features, f"classifier resnet18 trained {epochs} epochs on the clean set (train accuracy {accuracy:.3f})"
+    return features, f"classifier {arch} trained {epochs} epochs on the clean set (train accuracy {accuracy:.3f})"
