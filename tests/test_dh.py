@@ -79,6 +79,28 @@ def test_the_hiding_network_encrypts_unseen_images_through_the_cache(tmp_path, d
         dh.encrypt(models, unseen.images, device=CPU, labels=unseen.labels + 10)
 
 
+
+def test_bench_protect_encrypts_a_folder_for_its_label_and_refuses_without_one(tmp_path, digits, fitted, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from bench.cli import main
+
+    dh = PROTECTIONS.create("dh", **FAST)
+    Cache(tmp_path / "cache").save("protected", "k", fitted.data, {"spec": dh.spec(), "seed": 1}, models=fitted.models)
+    threes = digits.images[digits.labels == 3]
+    (tmp_path / "in").mkdir()
+    for i, image in enumerate(threes):
+        Image.fromarray(image[0].numpy()).save(tmp_path / "in" / f"{i}.png")
+    args = ["protect", "--model", "k", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+            "--results", str(tmp_path), "--device", "cpu"]
+    assert main(args) == 2 and "--label K" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "written before the refusal"
+    assert main([*args, "--label", "3"]) == 0
+    out = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "out" / f"{i}.png")))[None]
+                       for i in range(len(threes))])
+    assert torch.equal(out, fitted.data.images[digits.labels == 3]), "not the images DH published for class 3"
+
 def test_the_ood_mix_hands_dh_the_labels_of_the_images_it_encrypts(digits):
     out = fit_protection(PROTECTIONS.create("dh", **FAST), digits, 0.5, seed=2, device=CPU)
     assert out.data.info["encrypted_unseen"] == len(digits) // 2
