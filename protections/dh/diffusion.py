@@ -18,7 +18,7 @@ import torch
 
 from bench.components import Pretrained
 from bench.registry import ConfigError
-from protections.uge.encoders import CLIP, _features
+from protections.uge.encoders import CLIP, clip_features
 
 ALTERNATIVE = "source = 'skimage' or 'folder'"
 STABLE_DIFFUSION = Pretrained(
@@ -149,7 +149,7 @@ def _cluster(data: dict, k: int, seed: int, clip: str) -> list[dict]:
         for i in range(0, len(notes), 1024):
             tokens = tokenizer([a["caption"].strip() for a in notes[i:i + 1024]], padding=True, truncation=True,
                                max_length=77, return_tensors="pt").to(device)
-            feats.append(_features(model.get_text_features(**tokens)).float().cpu())
+            feats.append(clip_features(model.get_text_features(**tokens)).float().cpu())
     picked = select_prompts(torch.cat(feats), k, seed, [a["image_id"] for a in notes])
     return [{"caption": notes[i]["caption"].strip(), "file_name": files[notes[i]["image_id"]]} for i in picked]
 

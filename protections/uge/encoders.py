@@ -73,18 +73,18 @@ def clip_encoder(source: str, names: tuple[str, ...], device: torch.device) -> E
                            "documented alternative encoder = 'classifier'") from err
     with torch.no_grad():
         tokens = tokenizer([f"A photo of a {n}" for n in names], padding=True, return_tensors="pt").to(device)
-        text = _features(model.get_text_features(**tokens))
+        text = clip_features(model.get_text_features(**tokens))
     side = model.config.vision_config.image_size
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
 
     def images(x: torch.Tensor) -> torch.Tensor:
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         x = F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False)
-        return _features(model.get_image_features(pixel_values=(x - mean) / std))
+        return clip_features(model.get_image_features(pixel_values=(x - mean) / std))
     return Encoder(images, text, f"clip:{Path(source).name if Path(source).exists() else source}")
 
 
-def _features(out: Any) -> torch.Tensor:
+def clip_features(out: Any) -> torch.Tensor:
     """transformers ≥ 5 may return a model output rather than the projected features tensor."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
