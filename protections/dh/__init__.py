@@ -123,10 +123,11 @@ class DH(Protection):
         gen = torch.Generator().manual_seed(seed)
         per_class = 1 if self.mode == "class" else self.variants or 100
         coco = Path(os.environ.get(COCO.env, "")).expanduser()
+        paths = {"prompts": str(coco / "annotations" / "captions_train2017.json"),
+                 "coco_images": str(coco / "train2017")} if self.source == "diffusion" else {}
         images = SEM.semantic_images(self.source, classes=train.num_classes, per_class=per_class,
                                      channels=train.channels, size=train.size, seed=seed, folder=self.folder,
-                                     prompts=str(coco / "annotations" / "captions_train2017.json"),
-                                     coco_images=str(coco / "train2017"), steps=self.diffusion_steps)
+                                     steps=self.diffusion_steps, **paths)
         features, extractor_ran = extractor(self.extractor, train, arch=self.extractor_arch,
                                             epochs=self.extractor_epochs, seed=seed, device=device)
         hider = Hider(train.channels, self.blocks, self.clamp, self.growth, train.num_classes, per_class,
