@@ -1,0 +1,163 @@
+"""DDPM pieces of ``diffpure`` (not a plugin: no registrations): the pixel map to the model's [−1, 1], the
+closed-form forward process, the DDPM/DDIM reverse samplers from t*, loading a diffusers ``UNet2DModel`` and
+training the attacker's own small one (cached under a hash of all that decides it). diffusers loads lazily.
+
+Timesteps are diffusers' indices 0..T−1: "diffusing to t*" uses ᾱ at index t* − 1 and then denoises through
+indices t* − 1 … 0 (t* model calls for DDPM), as AVATAR's ``runners/diffpure_guided.py`` (``a[t - 1]``, then
+``reversed(range(t))``). Every image has its own CPU generator, so outputs depend on neither device nor batching.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.components import Pretrained
+from bench.registry import ConfigError
+
+TRAINED_ARCH = {"layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels → floats in [−1, 1]: 2·x/255 − 1 (APBench's ``diffpure`` feeds x·2, in [0, 2])."""
+    return images.float().div(255).mul(2).sub(1)
+
+
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Floats in [−1, 1] → uint8: (x + 1)/2, clamped to [0, 1], rounded to 8 bits."""
+    return x.add(1).div(2).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def generators(seed: int, first: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image ``first`` … ``first + count − 1`` (its index in the set), seeded from ``seed``."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+            for i in range(first, first + count)]
+
+
+def normal(like: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    return torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens]).to(like.device)
+
+
+def diffuse(x: torch.Tensor, scheduler: Any, t_star: int, gens: list[torch.Generator]) -> torch.Tensor:
+    """x_t* = √ᾱ·x + √(1 − ᾱ)·ε with ᾱ = ``alphas_cumprod[t* − 1]`` (the scheduler's ``add_noise``)."""
+    t = torch.full((len(x),), t_star - 1, dtype=torch.long, device=x.device)
+    return scheduler.add_noise(x, normal(x, gens), t)
+
+
+def ddim_timesteps(t_star: int, steps: int) -> list[int]:
+    """``steps`` indices from t* − 1 down to 0, evenly spaced (all of them when steps = t*)."""
+    return [int(t) for t in np.linspace(t_star - 1, 0, steps).round()] if steps > 1 else [t_star - 1]
+
+
+def ddim_step(scheduler: Any, eps: torch.Tensor, t: int, prev: int, x: torch.Tensor) -> torch.Tensor:
+    """DDIMScheduler.step's deterministic update (η = 0, ε-prediction) from index t to an arbitrary ``prev``
+    (−1: to ``final_alpha_cumprod``); the scheduler itself only steps by a fixed stride T // n."""
+    abar = scheduler.alphas_cumprod.to(x.device)
+    a_t, a_prev = abar[t], abar[prev] if prev >= 0 else scheduler.final_alpha_cumprod.to(x.device)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
+@torch.no_grad()
+def denoise(unet: Any, config: dict, x: torch.Tensor, t_star: int, sampler: str, steps: int,
+            gens: list[torch.Generator]) -> torch.Tensor:
+    """x_t* back to index 0: DDPM ancestral steps t* − 1 … 0 (noise from ``gens``), or DDIM in ``steps`` steps."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    if sampler == "ddpm":
+        scheduler = DDPMScheduler.from_config(config)
+        scheduler.set_timesteps(timesteps=list(range(t_star - 1, -1, -1)))
+        for t in scheduler.timesteps:
+            eps = unet(x, t.to(x.device)).sample
+            x = scheduler.step(eps, t, x, generator=gens).prev_sample
+        return x
+    scheduler = DDIMScheduler.from_config(config)
+    ts = ddim_timesteps(t_star, steps)
+    for t, prev in zip(ts, ts[1:] + [-1]):
+        x = ddim_step(scheduler, unet(x, torch.tensor(t, device=x.device)).sample, t, prev, x)
+    return x
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",))
+
+
+def _cached(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def load(model: str, weights: Pretrained) -> tuple[Any, dict, str]:
+    """(UNet2DModel, its DDPM scheduler config, where it came from): ``$BENCH_DDPM`` for the default hub id, else
+    ``model`` as a local folder (a UNet folder, or a pipeline folder with unet/ and scheduler/) or hub id."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    source = str(weights.locate() or model) if model == weights.hub_id else model
+    local = Path(source).expanduser()
+    if not local.exists() and (os.environ.get(weights.env) and model == weights.hub_id or _offline()
+                               and not _cached(source)):
+        raise ConfigError(f"{weights.missing()} (no {source!r} here{', HF_HUB_OFFLINE is set' * _offline()})")
+    sub = "unet" if (local / "unet" / "config.json").is_file() else None
+    try:
+        unet = UNet2DModel.from_pretrained(source, subfolder=sub, low_cpu_mem_usage=False)
+        config = DDPMScheduler.from_pretrained(source, subfolder="scheduler" if sub else None).config
+    except Exception as err:  # OSError offline or for a wrong folder, connection errors where the hub is unreachable
+        raise ConfigError(f"{weights.missing()}; loading {source!r} failed: {type(err).__name__}: {err}") from err
+    return unet.eval().requires_grad_(False), dict(config), source
+
+
+def small_unet(channels: int, size: int, width: int) -> Any:
+    """The attacker's UNet2DModel: three levels of (w, 2w, 2w) channels, one ResNet block each, no attention."""
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, norm_num_groups=math.gcd(width, 32),
+                       block_out_channels=(width, 2 * width, 2 * width), **TRAINED_ARCH)
+
+
+def trained(data: torch.Tensor, *, key: str, root: Path, width: int, steps: int, batch_size: int, lr: float,
+            seed: int, device: torch.device) -> tuple[Any, dict, str]:
+    """A small DDPM trained on ``data`` (uint8) by the ε-prediction MSE (Ho et al. 2020 Alg. 1; 1000 linear
+    βs 1e-4…0.02; Adam, gradient norm clip 1, linear warm-up over the first 5 %), saved under ``root/key`` as a
+    diffusers folder (usable as ``model = <that path>``), or loaded from there. Returns (UNet, config, note)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    folder = root / key
+    if (folder / "done.json").is_file():
+        unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).eval().requires_grad_(False)
+        return unet, dict(DDPMScheduler.from_pretrained(folder).config), f"loaded from {folder}"
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = small_unet(data.shape[1], data.shape[-1], width).to(device).train()
+    gen, x_all = torch.Generator().manual_seed(seed), data.to(device)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
+    warmup = max(1, steps // 20)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+        index = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
+        x0 = to_model_range(x_all[index.to(device)])
+        noise, t = torch.randn(x0.shape, generator=gen).to(device), torch.randint(1000, (len(x0),), generator=gen)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t.to(device)), t.to(device)).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+    unet = unet.eval().requires_grad_(False)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+    unet.save_pretrained(tmp)
+    scheduler.save_config(tmp)
+    (tmp / "done.json").write_text(json.dumps({"steps": steps, "final_loss": loss.item()}))  # marks it complete
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another worker saved the same model first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return unet, dict(scheduler.config), f"trained now (final loss {loss.item():.4f}), saved to {folder}"
