@@ -220,6 +220,10 @@ def describe_capabilities(cls: type) -> str:
         parts.append(f"needs the protection's models: {', '.join(caps['needs_models'])}")
     if caps.get("uses_models"):
         parts.append(f"uses the protection's models where it fits them: {', '.join(caps['uses_models'])}")
+    if caps.get("needs_attacker"):
+        parts.append("adaptive attacker (natural images and the protection to run)")
+    if caps.get("returns_subset"):
+        parts.append("trains the victim on part of the train set")
     if caps.get("reports") == "best":
         parts.append("reports the best epoch")
     if caps["expensive_on_cpu"]:

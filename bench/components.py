@@ -18,10 +18,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.exchange import Fitted, Generator, ImageSet, Models, Pretrained, TrainHooks
+from bench.exchange import Attacker, Fitted, Generator, ImageSet, Models, Pretrained, TrainHooks
 from bench.registry import Component, Registry
 
-__all__ = ["COUNTERMEASURES", "DATA", "PROTECTIONS", "TRAIN", "VICTIMS", "Countermeasure", "Fitted", "Generator",
+__all__ = ["COUNTERMEASURES", "DATA", "PROTECTIONS", "TRAIN", "VICTIMS", "Attacker", "Countermeasure", "Fitted",
+           "Generator",
            "ImageSet", "Models", "Pretrained", "Protection", "TrainHooks", "Victim"]
 
 DATA, TRAIN = "data", "train"
@@ -76,7 +77,11 @@ class _Declared(Component):
 
 
 def _takes_models(cls: type, method: str) -> bool:
-    return "models" in inspect.signature(getattr(cls, method)).parameters
+    return _takes(cls, method, "models")
+
+
+def _takes(cls: type, method: str, keyword: str) -> bool:
+    return keyword in inspect.signature(getattr(cls, method)).parameters
 
 
 def _overrides(cls: type, method: str) -> bool:
@@ -143,20 +148,25 @@ class Countermeasure(_Declared):
     keyword ``models`` (a ``Models``). A countermeasure that ``fits`` models in its data stage and also has the
     train stage gets them back in ``train_hooks``'s ``models`` (a distillation teacher, fitted and cached once).
     ``reports``: ``"final"`` or ``"best"`` (the leaderboard shows ``test_acc_best`` in its column: early_stop).
+    ``needs_attacker``: an adaptive attack; its data stage takes a keyword ``attacker`` (an ``Attacker``: the
+    natural images and the cell's protection to run). ``returns_subset``: its data stage returns part of the
+    train set (the victim trains on the attacker's other half: ``dncnn``).
     """
 
     needs_labels: ClassVar[bool] = False  # its own work uses the labels (training the victim always does)
     stages: ClassVar[frozenset[str]] = frozenset()
     reports: ClassVar[str] = "final"
+    needs_attacker: ClassVar[bool] = False
+    returns_subset: ClassVar[bool] = False
     model_methods: ClassVar[tuple[str, ...]] = ("purify", "fit", "train_hooks")
 
-    def purify(self, train: ImageSet, *, seed: int, device: torch.device, **needs: Models) -> ImageSet:
+    def purify(self, train: ImageSet, *, seed: int, device: torch.device, **needs: Models | Attacker) -> ImageSet:
         """Data-stage preprocessing of the (protected) train set; the test set is never touched."""
         return self.fit(train, seed=seed, device=device, **needs).data if DATA in self.stages else train
 
-    def fit(self, train: ImageSet, *, seed: int, device: torch.device, **needs: Models) -> Fitted:
-        """The purified set and the models fitted on the way (none unless overridden). ``needs`` is
-        ``models=`` for a countermeasure that declares ``needs_models``, and empty otherwise."""
+    def fit(self, train: ImageSet, *, seed: int, device: torch.device, **needs: Models | Attacker) -> Fitted:
+        """The purified set and the models fitted on the way (none unless overridden). ``needs`` holds
+        ``models=`` where ``needs_models``/``uses_models`` are declared and ``attacker=`` where ``needs_attacker``."""
         return Fitted(self.purify(train, seed=seed, device=device, **needs))
 
     def train_hooks(self, num_classes: int, image_size: int, **needs: Models) -> TrainHooks:
@@ -177,12 +187,18 @@ class Countermeasure(_Declared):
                             else "declares the 'train' stage but does not override train_hooks")
         if cls.fits and TRAIN in cls.stages and not _takes_models(cls, "train_hooks"):
             raise TypeError(f"fits {cls.fits} and has the train stage, so train_hooks must take a keyword 'models'")
+        takes_attacker = any(_overrides(cls, m) and _takes(cls, m, "attacker") for m in ("purify", "fit"))
+        if cls.needs_attacker != takes_attacker:
+            raise TypeError("needs_attacker = True needs a purify or fit that takes a keyword 'attacker', and the reverse")
+        if cls.returns_subset and DATA not in cls.stages:
+            raise TypeError("returns_subset = True needs the 'data' stage")
         if cls.reports not in ("final", "best"):
             raise TypeError(f"reports must be 'final' or 'best', got {cls.reports!r}")
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
-        return {**super().capabilities(), "stages": sorted(cls.stages), "reports": cls.reports}
+        return {**super().capabilities(), "stages": sorted(cls.stages), "reports": cls.reports,
+                "needs_attacker": cls.needs_attacker, "returns_subset": cls.returns_subset}
 
 
 class Victim(_Declared):

@@ -1,5 +1,5 @@
 """The data types every stage exchanges: images with labels, a train-stage countermeasure's hooks, pretrained
-weights a component loads, and the models a stage fits (``bench.components`` re-exports them for plugins)."""
+weights a component loads, the models a stage fits, and what an adaptive attacker holds (``bench.components`` re-exports them for plugins)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,18 @@ class TrainHooks:
     attack: Callable[[nn.Module, torch.Tensor, torch.Tensor, Generator], torch.Tensor] | None = None
     loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
     epoch_start: Callable[[int, int], None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Attacker:
+    """What an adaptive attacker holds (ConfounderGAN App. D; Radiya-Dixit et al. 2022): the natural images of
+    the train set it is given (``clean``, image for image), and the cell's protection to run on natural images
+    of its own: ``protect`` (by the protection's fitted model where it encrypts unseen images, else by running
+    the protection on them, with a seed other than the protector's); ``how`` says which."""
+
+    clean: ImageSet
+    protect: Callable[[ImageSet], ImageSet]
+    how: str
 
 
 @dataclasses.dataclass(frozen=True)

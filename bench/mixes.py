@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from bench.cache import Cache
-from bench.components import Fitted, ImageSet, Protection
+from bench.components import Attacker, Fitted, ImageSet, Models, Protection
 
 MIXES = {
     "protected": "p protected (protection fitted on the whole train set) + (1 − p) clean",
@@ -88,6 +88,23 @@ def fit_protection(protection: Protection, train: ImageSet, ratio: float | None,
         images[~mask] = protection.encrypt(fitted.models, train.images[~mask], device=device, **labels)
         info["encrypted_unseen"] = int((~mask).sum())
     return Fitted(train.with_images(images, **info), fitted.models)
+
+
+ATTACKER_SEED = 7919  # added to the cell's seed: the attacker knows the method, not the protector's randomness
+
+
+def attacker(protection: Protection, models: Models, sets: TrainSet, *, seed: int, device: torch.device) -> Attacker:
+    """The adaptive attacker of a cell (ConfounderGAN App. D): the natural images of its train set, and the
+    protection to run on natural images of its own, by the fitted models where the protection encrypts unseen
+    images (ConfounderGAN, UGE, DH), else by running it afresh with a seed of its own."""
+    clean = sets.clean if len(sets.clean) == len(sets.train) else sets.train  # clean_only: the train set is clean
+    if protection.encrypts_unseen and models:
+        def encrypt(natural: ImageSet) -> ImageSet:
+            labels = {"labels": natural.labels} if protection.encrypt_needs_labels else {}
+            return natural.with_images(protection.encrypt(models, natural.images, device=device, **labels))
+        return Attacker(clean, encrypt, f"encrypts with {protection.name}'s fitted {', '.join(sorted(models))}")
+    return Attacker(clean, lambda natural: protection.protect(natural, seed=seed + ATTACKER_SEED, device=device),
+                    f"runs {protection.name} on its own images (seed {seed + ATTACKER_SEED})")
 
 
 def assemble(cache: Cache, source: TrainSource) -> TrainSet:

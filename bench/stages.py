@@ -88,15 +88,22 @@ def protect_job(job: ProtectJob, device: torch.device) -> dict[str, Any]:
 def purify_job(job: PurifyJob, device: torch.device) -> dict[str, Any]:
     """Apply a data-stage countermeasure to the cell's (partly) protected train set and cache the result."""
     cache = Cache(job.cache)
-    train = mixes.assemble(cache, job.plan.source).train
-    countermeasure = COUNTERMEASURES.create(job.plan.cell.countermeasure.name, **job.plan.cell.countermeasure.kwargs)
+    sets = mixes.assemble(cache, job.plan.source)
+    cell = job.plan.cell
+    countermeasure = COUNTERMEASURES.create(cell.countermeasure.name, **cell.countermeasure.kwargs)
+    needs: dict[str, Any] = _models_for(countermeasure, cache, job.plan, device)
+    if countermeasure.needs_attacker:
+        protection = PROTECTIONS.create(cell.protection.name, **cell.protection.kwargs)
+        fitted_by = load_models(cache.path("protected", job.plan.protection_key), job.plan.protection_fits, device) \
+            if job.plan.protection_fits else Models()
+        needs["attacker"] = mixes.attacker(protection, fitted_by, sets, seed=cell.seed, device=device)
     start = time.perf_counter()
-    fitted = countermeasure.fit(train, seed=job.plan.cell.seed, device=device,
-                                **_models_for(countermeasure, cache, job.plan, device))
+    fitted = countermeasure.fit(sets.train, seed=cell.seed, device=device, **needs)
     seconds = time.perf_counter() - start
-    _check_output(train, fitted.data, f"countermeasure {job.plan.cell.countermeasure.label}")
+    _check_output(sets.train, fitted.data, f"countermeasure {cell.countermeasure.label}",
+                  subset=countermeasure.returns_subset)
     _check_models(countermeasure, fitted)
-    cache.save("purified", job.key, fitted.data, {"spec": countermeasure.spec(), "seed": job.plan.cell.seed,
+    cache.save("purified", job.key, fitted.data, {"spec": countermeasure.spec(), "seed": cell.seed,
                                                   "seconds": seconds, "device": str(device), "info": fitted.data.info},
                models=fitted.models)
     return {"seconds": seconds}
@@ -211,6 +218,12 @@ def _check_models(component: Any, fitted: Fitted) -> None:
         raise RuntimeError(f"{component.name} declares fits = {component.fits} but returned models {sorted(fitted.models)}")
 
 
-def _check_output(before: ImageSet, after: ImageSet, what: str) -> None:
-    if after.images.shape != before.images.shape or not torch.equal(after.labels, before.labels):
+def _check_output(before: ImageSet, after: ImageSet, what: str, subset: bool = False) -> None:
+    """The stage kept every image and its label (or, for a countermeasure that ``returns_subset``, the image
+    shape, the classes and at most as many images)."""
+    if subset:
+        if after.images.shape[1:] != before.images.shape[1:] or len(after) > len(before) or \
+                after.num_classes != before.num_classes:
+            raise RuntimeError(f"{what} returns_subset but changed the image shape or the classes, or added images")
+    elif after.images.shape != before.images.shape or not torch.equal(after.labels, before.labels):
         raise RuntimeError(f"{what} changed the shape or the labels of the train set")

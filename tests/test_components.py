@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from bench.components import COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, VICTIMS, ImageSet, TrainHooks
+from bench import mixes
+from bench.components import COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, VICTIMS, Attacker, ImageSet, Models, TrainHooks
 from bench.data import DATASETS
 from conftest import require_cifar10_jpeg
 from protections.patches import PAPER_COLOURS
@@ -264,18 +265,43 @@ def test_cwp_rgb_with_many_classes_uses_grey_levels():
 # ------------------------------------------------------------------ countermeasures: contract
 
 
-@pytest.mark.parametrize("name", COUNTERMEASURES.names())
+def attacker_for(batch: ImageSet, seed: int) -> dict[str, Attacker]:
+    """An adaptive attacker of ``batch`` protected by ``random_noise`` (it runs the protection itself)."""
+    noise = PROTECTIONS.create("random_noise")
+    sets = mixes.TrainSet(batch, noise.protect(batch, seed=seed, device=CPU), torch.ones(len(batch), dtype=torch.bool))
+    return {"attacker": mixes.attacker(noise, Models(), sets, seed=seed, device=CPU)}
+
+
+@pytest.mark.parametrize("name", [n for n in COUNTERMEASURES.names() if not COUNTERMEASURES.get(n).returns_subset])
 def test_countermeasure_contract(name, batch):
     """uint8 of the same shape, labels unchanged, input untouched, deterministic for a seed; without the data
     stage, purify hands the images on unchanged."""
     countermeasure = COUNTERMEASURES.create(name, **FAST_COUNTERMEASURES.get(name, {}))
-    assert_image_set_contract(lambda: countermeasure.purify(batch, seed=2, device=CPU), batch)
+    needs = attacker_for(batch, 2) if countermeasure.needs_attacker else {}
+    assert_image_set_contract(lambda: countermeasure.purify(batch, seed=2, device=CPU, **needs), batch)
     if DATA not in countermeasure.stages:
         assert torch.equal(countermeasure.purify(batch, seed=0, device=CPU).images, batch.images)
 
 
+@pytest.mark.parametrize("name", [n for n in COUNTERMEASURES.names() if COUNTERMEASURES.get(n).returns_subset])
+def test_subset_countermeasure_contract(name, batch):
+    """A countermeasure that returns part of the train set: uint8 images of the same C×H×W, labels among the
+    input's per class, every class kept, input untouched, deterministic for a seed."""
+    countermeasure = COUNTERMEASURES.create(name, **FAST_COUNTERMEASURES.get(name, {}))
+    images, labels = batch.images.clone(), batch.labels.clone()
+    run = lambda: countermeasure.purify(batch, seed=2, device=CPU, **attacker_for(batch, 2))  # noqa: E731
+    out = run()
+    assert out.images.dtype == torch.uint8 and out.images.shape[1:] == batch.images.shape[1:]
+    assert 0 < len(out) < len(batch) and out.num_classes == batch.num_classes
+    assert (torch.bincount(out.labels, minlength=10) <= torch.bincount(labels, minlength=10)).all()
+    assert set(out.labels.tolist()) == set(labels.tolist())
+    assert torch.equal(batch.images, images) and torch.equal(batch.labels, labels), "the input was mutated"
+    assert out.images.numpy().tobytes() == run().images.numpy().tobytes()
+
+
 # Small settings where a default would train for minutes.
-FAST_COUNTERMEASURES = {"distill": {"teacher_recipe": "quick"}}
+FAST_COUNTERMEASURES = {"distill": {"teacher_recipe": "quick"},
+                        "dncnn": {"epochs": 1, "depth": 3, "width": 8, "batch_size": 8}}
 # Data stages that fit a model and hand the data on as they are (tests/test_uge.py checks that they do).
 KEEP_DATA = {"distill"}
 # Where a data-stage countermeasure's default leaves these images as they are (on purpose), a setting that must not.
@@ -288,8 +314,8 @@ def coloured(data: ImageSet) -> ImageSet:
     return ImageSet(torch.cat([x, x // 2, 255 - x], 1), data.labels, data.num_classes)
 
 
-@pytest.mark.parametrize("name", [n for n in COUNTERMEASURES.names()
-                                  if DATA in COUNTERMEASURES.get(n).stages and n not in KEEP_DATA])
+@pytest.mark.parametrize("name", [n for n in COUNTERMEASURES.names() if DATA in COUNTERMEASURES.get(n).stages
+                                  and n not in KEEP_DATA and not COUNTERMEASURES.get(n).returns_subset])
 def test_data_stage_changes_images(name, digits):
     """Every data-stage countermeasure changes real images (registration only checks that it overrides purify)."""
     data = coloured(digits) if name == "grayscale" else digits
