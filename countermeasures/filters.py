@@ -2,7 +2,7 @@
 GaussF with kernel 3 and σ = 0.1, GaussN with σ = 0.1).
 
 Edges are replicated (as Pillow's rank and box filters do); images are processed on the device in chunks of
-about ``CHUNK`` values (float64) and rounded back to 8 bits.
+about ``CHUNK`` values (float64; float32 for the median, exact on integers) and rounded back to 8 bits.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable, ClassVar
 
+import kornia
 import torch
 import torch.nn.functional as F
 
@@ -18,10 +19,11 @@ from bench.components import COUNTERMEASURES, Countermeasure, ImageSet
 CHUNK = 2 ** 22
 
 
-def _chunked(train: ImageSet, device: torch.device, fn: Callable[[torch.Tensor], torch.Tensor]) -> ImageSet:
+def _chunked(train: ImageSet, device: torch.device, fn: Callable[[torch.Tensor], torch.Tensor],
+             dtype: torch.dtype = torch.float64) -> ImageSet:
     """Apply ``fn`` (float images in 0..255 → float) chunk by chunk, rounded and clamped to uint8."""
     step = max(1, CHUNK // train.images[0].numel())
-    out = [fn(train.images[i:i + step].to(device).double()).round().clamp(0, 255).to(torch.uint8).cpu()
+    out = [fn(train.images[i:i + step].to(device, dtype)).round().clamp(0, 255).to(torch.uint8).cpu()
            for i in range(0, len(train), step)]
     return train.with_images(torch.cat(out) if out else train.images.clone())
 
@@ -42,7 +44,8 @@ def _check_kernel(name: str, kernel: int) -> None:
 @COUNTERMEASURES.register("median_filter")
 class MedianFilter(Countermeasure):
     """Median filter over a ``kernel``×``kernel`` window per channel, edges replicated (as Pillow's
-    ``MedianFilter``). DH §IV-A5 'MedianF' (k = 3)."""
+    ``MedianFilter``): kornia's ``median_blur`` on the replicate-padded images (byte for byte the same as an
+    unfold median, and faster). DH §IV-A5 'MedianF' (k = 3)."""
 
     paper: ClassVar[str] = "DH §IV-A5 (MedianF, k = 3)"
     stages: ClassVar[frozenset[str]] = frozenset({"data"})
@@ -54,13 +57,11 @@ class MedianFilter(Countermeasure):
     def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
         pad = self.kernel // 2
 
-        def median(x: torch.Tensor) -> torch.Tensor:
-            n, c, h, w = x.shape
-            padded = F.pad(x.reshape(n * c, 1, h, w), (pad, pad, pad, pad), mode="replicate")
-            windows = F.unfold(padded, self.kernel)  # (n·c, k², h·w)
-            return windows.median(dim=1).values.reshape(n, c, h, w)
+        def median(x: torch.Tensor) -> torch.Tensor:  # kornia pads with zeros: replicate first, then crop
+            padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+            return kornia.filters.median_blur(padded, self.kernel)[..., pad:pad + x.shape[-2], pad:pad + x.shape[-1]]
 
-        return _chunked(train, device, median)
+        return _chunked(train, device, median, torch.float32)  # a median of integers is exact in float32
 
 
 @COUNTERMEASURES.register("mean_filter")
