@@ -30,9 +30,10 @@ class Block(nn.Module):
 
 def decoder(width: int, channels: int, sigmoid: bool) -> nn.Sequential:
     """2·width × H/2 × W/2 features → channels × H × W (transposed convolutions with instance norm)."""
+    half = width // 2
     layers: list[nn.Module] = [nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.ConvTranspose2d(width, width, 3, 1, 1),
-                               nn.InstanceNorm2d(width), nn.ReLU(), nn.ConvTranspose2d(width, width // 2, 3, 1, 1),
-                               nn.InstanceNorm2d(width // 2), nn.ReLU(), nn.ConvTranspose2d(width // 2, channels, 3, 1, 1)]
+                               nn.InstanceNorm2d(width), nn.ReLU(), nn.ConvTranspose2d(width, half, 3, 1, 1),
+                               nn.InstanceNorm2d(half), nn.ReLU(), nn.ConvTranspose2d(half, channels, 3, 1, 1)]
     return nn.Sequential(*layers, *([nn.Sigmoid()] if sigmoid else []))
 
 

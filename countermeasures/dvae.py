@@ -96,7 +96,7 @@ class DVAEPurification(Countermeasure):
 
     def fit_round(self, images: torch.Tensor, labels: torch.Tensor, classes: int, target: float,
                   gen: torch.Generator, device: torch.device) -> tuple[DVAE, dict[str, float]]:
-        """A D-VAE trained on ``images`` (uint8, on ``device``) with KL target ``target``, and its last epoch's means."""
+        """A D-VAE trained on ``images`` (uint8, on ``device``) with KL target ``target``; its last epoch's means."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
             net = DVAE(images.shape[1], images.shape[2], images.shape[3], classes, self.width, self.latent_dim)

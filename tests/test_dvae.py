@@ -56,7 +56,8 @@ def test_each_round_holds_its_kl_target(rgb):
     """The rate constraint max(KL, target): after 20 epochs each round's KL (nats per latent position) sits near its
     own target, in the order given (at initialisation it is about 4, and reconstruction alone would raise it)."""
     for targets in [(1.0, 3.0), (3.0, 1.0)]:
-        rounds = COUNTERMEASURES.create("dvae", kl_targets=targets, **SMALL).purify(rgb, seed=0, device=CPU).info["rounds"]
+        dvae = COUNTERMEASURES.create("dvae", kl_targets=targets, **SMALL)
+        rounds = dvae.purify(rgb, seed=0, device=CPU).info["rounds"]
         for target, stats in zip(targets, rounds):
             assert abs(stats["kl"] - target) < 0.2 * target, (targets, rounds)
 
@@ -71,7 +72,8 @@ def test_bad_parameters_raise(params):
 def victim_accuracy(train: ImageSet, test: ImageSet) -> float:
     torch.manual_seed(0)
     model = VICTIMS.create("cnn", width=16).build(10, 3, 32)
-    return train_and_evaluate(model, train, test, make_recipe("quick"), seed=0, device=CPU, augment="crop_flip")["final"]
+    result = train_and_evaluate(model, train, test, make_recipe("quick"), seed=0, device=CPU, augment="crop_flip")
+    return result["final"]
 
 
 @pytest.mark.slow
