@@ -38,7 +38,7 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def generators(seed: int, first: int, count: int) -> list[torch.Generator]:
-    """One CPU generator per image ``first`` … ``first + count − 1`` (its index in the set), seeded from ``seed``."""
+    """One CPU generator per image ``first`` … ``first + count − 1`` (its index in the set), from ``seed``."""
     return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
             for i in range(first, first + count)]
 
@@ -94,7 +94,10 @@ def _offline() -> bool:
 
 def _cached(hub_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    try:
+        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    except ValueError:  # not a valid hub id (a local path that is not there)
+        return False
 
 
 def load(model: str, weights: Pretrained) -> tuple[Any, dict, str]:
@@ -118,8 +121,9 @@ def load(model: str, weights: Pretrained) -> tuple[Any, dict, str]:
 def small_unet(channels: int, size: int, width: int) -> Any:
     """The attacker's UNet2DModel: three levels of (w, 2w, 2w) channels, one ResNet block each, no attention."""
     from diffusers import UNet2DModel
-    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, norm_num_groups=math.gcd(width, 32),
-                       block_out_channels=(width, 2 * width, 2 * width), **TRAINED_ARCH)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,
+                       norm_num_groups=math.gcd(width, 32), block_out_channels=(width, 2 * width, 2 * width),
+                       **TRAINED_ARCH)
 
 
 def trained(data: torch.Tensor, *, key: str, root: Path, width: int, steps: int, batch_size: int, lr: float,
@@ -153,6 +157,7 @@ def trained(data: torch.Tensor, *, key: str, root: Path, width: int, steps: int,
     unet = unet.eval().requires_grad_(False)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     unet.save_pretrained(tmp)
     scheduler.save_config(tmp)
     (tmp / "done.json").write_text(json.dumps({"steps": steps, "final_loss": loss.item()}))  # marks it complete

@@ -27,10 +27,10 @@ DDPM = Pretrained("DDPM", env="BENCH_DDPM", hub_id="google/ddpm-cifar10-32",
 
 @COUNTERMEASURES.register("diffpure")
 class DiffPure(Countermeasure):
-    """Data stage (AVATAR §4, Alg. 1; DiffPure §3): x ∈ [0, 1] ↦ 2x − 1, diffuse to t* by the closed form
-    x_t* = √ᾱ·x + √(1 − ᾱ)·ε, denoise back to 0 with ``sampler``, ↦ (x + 1)/2, clamp, round to 8 bits. Labels are
-    kept and the test set is never seen. ε and the sampler's noise come from one generator per image seeded by
-    (seed, index): the output depends on neither ``batch_size`` nor the device.
+    """Data stage (AVATAR's sanitisation, its ``AVATAR_sanitization.py``; DiffPure §3.1): x ∈ [0, 1] ↦ 2x − 1,
+    diffuse to t* by the closed form x_t* = √ᾱ·x + √(1 − ᾱ)·ε, denoise back to 0 with ``sampler``, ↦ (x + 1)/2,
+    clamp, round to 8 bits. Labels are kept and the test set is never seen. ε and the sampler's noise come from
+    one generator per image seeded by (seed, index): the output depends on neither ``batch_size`` nor the device.
 
     Defaults and their sources. ``t_star`` = 100 of T = 1000 (t* = 0.1): AVATAR's released CIFAR-10 sets are
     ``*_Sanitized_100_cifar10.npz`` (its README; ``AVATAR_sanitization.py`` takes ``--t``, used as ``a[t - 1]`` in
@@ -40,18 +40,19 @@ class DiffPure(Countermeasure):
     DDPM), loaded from $BENCH_DDPM, a local folder or the hub; a model of another size or channel count than the
     data is an error, not resized. ``model = 'trained'``: the attacker trains a small DDPM (``_ddpm.trained``) on
     ``train_on`` (``protected``: the set it is given; or a registered dataset, ``train_on_per_class`` per class,
-    resized) for ``train_steps`` × ``train_batch_size`` (Ho et al.: batch 128, Adam 2e-4), cached under ``cache``
-    (default ~/.cache/bench/diffpure) by a hash of all that decides it; the record names where it came from.
+    resized) for ``train_steps`` × ``train_batch_size`` (Ho et al.: batch 128, Adam 2e-4; no paper trains such a
+    model, so the 5,000 steps and ``train_width`` 32 are bench's), cached under ``cache`` (default
+    ~/.cache/bench/diffpure) by a hash of all that decides it; the record names where it came from.
 
     Deviations: AVATAR's CIFAR-10 model is Score-SDE's NCSN++ (VP-SDE, β 0.1…20, the same schedule as DDPM's
     linear βs), denoised by Euler–Maruyama on the reverse SDE (``torchsde.sdeint``, dt = 1e-3, i.e. t* steps)
     rather than DDPM's ancestral steps (the variance is the model's scheduler's: google/ddpm-cifar10-32's and the
     trained one's ``fixed_small``); those weights are not in diffusers' format. APBench's ``diffpure`` (``defense/
     diffusion/__init__.py``) runs t* = 60 and feeds x·2 (in [0, 2]) and returns x/2, a known scaling bug; not
-    reproduced. AVATAR truncates to uint8 without clamping; here values are clamped and rounded.
+    reproduced. AVATAR writes ``(255 * x).astype(np.uint8)`` (truncated, unclamped); here clamped and rounded.
     """
 
-    paper: ClassVar[str] = "AVATAR (Dolatabadi et al. 2024) §4 Alg. 1; DiffPure (Nie et al. 2022) §3"
+    paper: ClassVar[str] = "AVATAR (Dolatabadi et al. 2024; code hmdolatabadi/AVATAR); DiffPure (Nie et al. 2022) §3.1"
     stages: ClassVar[frozenset[str]] = frozenset({DATA})
     pretrained: ClassVar[tuple[Pretrained, ...]] = (DDPM,)
     expensive_on_cpu: ClassVar[bool] = True
@@ -62,7 +63,7 @@ class DiffPure(Countermeasure):
     batch_size: int = 256
     train_on: str = "protected"
     train_on_per_class: int | None = None
-    train_steps: int = 4000
+    train_steps: int = 5000
     train_batch_size: int = 128
     train_lr: float = 2e-4
     train_width: int = 32
@@ -78,7 +79,8 @@ class DiffPure(Countermeasure):
             raise ValueError(f"diffpure steps = {self.steps}: ddpm takes every step (leave steps out); ddim takes "
                              f"1 ≤ steps ≤ t_star = {self.t_star}")
         if min(self.batch_size, self.train_steps, self.train_batch_size, self.train_width) < 1 or self.train_lr <= 0:
-            raise ValueError("diffpure needs batch_size, train_steps, train_batch_size, train_width ≥ 1 and train_lr > 0")
+            raise ValueError("diffpure needs batch_size, train_steps, train_batch_size, train_width ≥ 1 and "
+                             "train_lr > 0")
         if self.model != TRAINED and (self.train_on != "protected" or self.train_on_per_class is not None):
             raise ValueError("diffpure train_on/train_on_per_class go with model = 'trained'")
         if self.train_on != "protected" and self.train_on not in DATASETS:
@@ -101,7 +103,8 @@ class DiffPure(Countermeasure):
         if (size, channels) != (train.size, train.channels) or self.t_star > config["num_train_timesteps"]:
             raise ConfigError(f"diffpure: the DDPM {source} is for {channels}×{size}×{size} images with "
                               f"{config['num_train_timesteps']} steps, the data are {train.channels}×{train.size}×"
-                              f"{train.size} with t_star {self.t_star}: give a model of that shape, or model = 'trained'")
+                              f"{train.size} with t_star {self.t_star}: give a model of that shape, or model = "
+                              "'trained'")
         unet, steps, out = unet.to(device), self.steps or self.t_star, []
         for i in range(0, len(train), self.batch_size):
             gens = _ddpm.generators(seed, i, min(self.batch_size, len(train) - i))
@@ -125,7 +128,8 @@ class DiffPure(Countermeasure):
                 data = TF.rgb_to_grayscale(data) if train.channels == 1 else data.expand(-1, 3, -1, -1)
             what = f"{self.train_on} ({len(data)} images)"
         if train.size % 4:
-            raise ConfigError(f"diffpure model = 'trained' halves the image twice: size {train.size} is no multiple of 4")
+            raise ConfigError(f"diffpure model = 'trained' halves the image twice: size {train.size} is no "
+                              "multiple of 4")
         key = make_key({"data": fingerprint(ImageSet(data, torch.zeros(len(data), dtype=torch.long), 1)),
                         "arch": _ddpm.TRAINED_ARCH, "width": self.train_width, "steps": self.train_steps,
                         "batch": self.train_batch_size, "lr": self.train_lr, "seed": seed})

@@ -75,8 +75,8 @@ def test_pixel_map():
 
 
 def test_forward_process_closed_form():
-    """On a batch of one image drawn 4,000 times, x_t* has mean √ᾱ·(2x − 1) and variance 1 − ᾱ per pixel, with
-    ᾱ = ∏ (1 − β) over the first t* of DDPM's 1000 linear βs (1e-4 … 0.02), computed here independently."""
+    """On a batch of one image drawn 4,000 times, x_t* has mean √ᾱ·(2x − 1) and variance 1 − ᾱ per pixel,
+    with ᾱ = ∏ (1 − β) over the first t* of DDPM's 1000 linear βs (1e-4 … 0.02), computed here independently."""
     from diffusers import DDPMScheduler
     t_star, n = 100, 4000
     image = torch.linspace(0, 255, 16).round().to(torch.uint8).reshape(1, 1, 4, 4)
