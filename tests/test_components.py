@@ -302,12 +302,16 @@ def test_subset_countermeasure_contract(name, batch):
 # Small settings where a default would train for minutes.
 FAST_COUNTERMEASURES = {"distill": {"teacher_recipe": "quick"},
                         "dncnn": {"epochs": 1, "depth": 3, "width": 8, "batch_size": 8},
-                        "dvae": {"epochs": 1, "width": 8, "latent_dim": 8, "batch_size": 16}}
+                        "dvae": {"epochs": 1, "width": 8, "latent_dim": 8, "batch_size": 16},
+                        # no DDPM weights offline: the attacker's own, tiny (cached under ~/.cache/bench/diffpure)
+                        "diffpure": {"model": "trained", "train_steps": 2, "train_width": 8, "train_batch_size": 8,
+                                     "t_star": 10}}
 # Data stages that fit a model and hand the data on as they are (tests/test_uge.py checks that they do).
 KEEP_DATA = {"distill"}
 # Where a data-stage countermeasure's default leaves these images as they are (on purpose), a setting that must not.
 CHANGE_PARAMS = {"gauss_filter": {"sigma": 1.0},  # DH's σ = 0.1 is the identity at 8 bits (test_countermeasures)
-                 "dvae": FAST_COUNTERMEASURES["dvae"]}  # its defaults train for minutes
+                 "dvae": FAST_COUNTERMEASURES["dvae"],  # its defaults train for minutes
+                 "diffpure": FAST_COUNTERMEASURES["diffpure"]}  # its default model needs weights
 
 
 def coloured(data: ImageSet) -> ImageSet:
