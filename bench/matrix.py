@@ -195,7 +195,9 @@ def _axis_choices(axis: str, value: Any, registry: Registry) -> list[Choice]:
                 chosen = {**params, **dict(zip(swept, combo))}
                 component = registry.create(name, **chosen)
                 suffix = ",".join(f"{k}={v}" for k, v in zip(swept, combo))
-                choices.append(Choice(name, tuple(sorted(component.params().items())),
+                # a tuple parameter (dvae's kl_targets) stays a tuple: cells are hashable
+                params_of = {f.name: getattr(component, f.name) for f in dataclasses.fields(component)}
+                choices.append(Choice(name, tuple(sorted(params_of.items())),
                                       f"{name}[{suffix}]" if suffix else name))
         except ConfigError as err:
             raise ConfigError(f"key {where!r}: {err}") from err
