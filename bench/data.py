@@ -82,6 +82,18 @@ def balanced_subset(data: ImageSet, per_class: int | None) -> ImageSet:
     return data.subset(keep.sort().values)
 
 
+def train_images_like(name: str, per_class: int | None, like: ImageSet) -> torch.Tensor:
+    """uint8 train images of dataset ``name`` (``per_class`` per class) resized to ``like``'s size and converted
+    to its channel count (greyscale by luma, or replicated): another dataset as material for a set's models."""
+    from torchvision.transforms.v2 import functional as TF
+
+    other = DATASETS.create(name, per_class=per_class).load()[0]
+    images = TF.resize(other.images, [like.size, like.size], antialias=True)
+    if other.channels != like.channels:
+        images = TF.rgb_to_grayscale(images) if like.channels == 1 else images.expand(-1, 3, -1, -1).contiguous()
+    return images
+
+
 def fingerprint(*sets: ImageSet) -> str:
     """A content hash of images and labels."""
     digest = hashlib.blake2b(digest_size=16)

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from bench.cache import make_key
 from bench.components import COUNTERMEASURES, DATA, Countermeasure, ImageSet, Pretrained
-from bench.data import DATASETS, fingerprint
+from bench.data import DATASETS, fingerprint, train_images_like
 from bench.registry import ConfigError
 from countermeasures import _ddpm
 
@@ -122,10 +121,7 @@ class DiffPure(Countermeasure):
             return _ddpm.load(self.model, DDPM)
         data, what = train.images, "the protected set"
         if self.train_on != "protected":
-            other = DATASETS.create(self.train_on, per_class=self.train_on_per_class).load()[0]
-            data = TF.resize(other.images, [train.size, train.size], antialias=True)
-            if other.channels != train.channels:
-                data = TF.rgb_to_grayscale(data) if train.channels == 1 else data.expand(-1, 3, -1, -1)
+            data = train_images_like(self.train_on, self.train_on_per_class, train)
             what = f"{self.train_on} ({len(data)} images)"
         if train.size % 4:
             raise ConfigError(f"diffpure model = 'trained' halves the image twice: size {train.size} is no "

@@ -14,10 +14,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from bench.components import PROTECTIONS, Fitted, ImageSet, Models, Pretrained, Protection
-from bench.data import DATASETS
+from bench.data import train_images_like
 from protections import _surrogate as S
 from protections.dh import semantic as SEM
 from protections.dh.hider import Hider
@@ -171,9 +170,6 @@ class DH(Protection):
         """The hiding network's training covers (float, on ``device``), the classes they hide, and a description."""
         if self.covers is None:
             return S.to_float(train, device), train.labels.to(device), "the protected set itself"
-        other = DATASETS.create(self.covers, per_class=self.covers_per_class).load()[0]
-        images = TF.resize(other.images, [train.size, train.size], antialias=True)
-        if other.channels != train.channels:
-            images = TF.rgb_to_grayscale(images) if train.channels == 1 else images.expand(-1, 3, -1, -1)
+        images = train_images_like(self.covers, self.covers_per_class, train)
         classes = torch.randint(train.num_classes, (len(images),), generator=gen)
         return images.to(device).float() / 255, classes.to(device), f"{self.covers} ({len(images)} images)"
