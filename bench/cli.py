@@ -1,4 +1,4 @@
-"""Command line: ``bench run``, ``bench list``, ``bench leaderboard``, ``bench protect``.
+"""Command line: ``bench run``, ``bench list``, ``bench leaderboard``, ``bench protect``, ``bench report``.
 
 Configuration errors (unknown component, parameter or value; missing data) exit with code 2 and a message
 naming the file, the key and close matches, before anything runs.
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                           "label matches GLOB; repeatable")
     run.add_argument("--dry-run", action="store_true", help="print every cell and whether it is cached, run nothing")
     run.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed")
+    run.add_argument("--max-hours", type=float, metavar="H",
+                     help="on a CPU, refuse (exit 2, before any work) a run whose estimated remaining wall time exceeds "
+                          "H hours (default: 12); --dry-run only prints the estimate")
     run.add_argument("--data-root", help="folder holding dataset files (sets $BENCH_DATA_ROOT)")
     listing = commands.add_parser("list", help="list registered components with their parameters and papers")
     listing.add_argument("kind", nargs="?", choices=KINDS)
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                             "CAR / GCR on the protected train images (ConfounderGAN App. A)")
     board.add_argument("--mix-recipes", action="store_true",
                        help="put records of different recipes in one table (by default each recipe gets its own)")
+    board.add_argument("--compare", choices=("paper",),
+                       help="paper: each cell beside the published table the matrix names (its `reference`), with "
+                            "ours | paper | Δ and marks where the setting differs; written as .vs-paper.csv/.md/.tex")
     perf = commands.add_parser("perf", help="benchmarks: `perf train` times bench's loop against a reference loop")
     perf.add_argument("what", choices=("train",))
     perf.add_argument("--victims", default="resnet18,cnn", help="comma-separated victims (default: resnet18,cnn)")
@@ -67,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     protect.add_argument("--batch-size", type=int, default=256)
     protect.add_argument("--label", type=int, help="the folder's class, for a protection that encrypts an image "
                                                    "for its class (encrypt_needs_labels, e.g. dh); else left out")
-    for sub in (run, board, perf, protect):
+    report = commands.add_parser("report", help="one self-contained HTML page (and Markdown + PNG) of a matrix's "
+                                 "records: leaderboards, curves, protected images, environment")
+    report.add_argument("--matrix", default="smoke")
+    report.add_argument("--out", type=Path, help="output folder (default: <results>/reports/<matrix>)")
+    for sub in (run, board, perf, protect, report):
         sub.add_argument("--results", type=Path, default=Path(os.environ.get("BENCH_RESULTS", "results")),
                          help="output folder (default: ./results or $BENCH_RESULTS)")
     args = parser.parse_args(argv)
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
     try:
         return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "perf": cmd_perf,
-                "protect": cmd_protect}[args.command](args)
+                "protect": cmd_protect, "report": cmd_report}[args.command](args)
     except ConfigError as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
@@ -108,6 +118,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     options = RunOptions(args.results, jobs, args.device, args.threads, tuple(args.only), args.dry_run,
                          args.retry_failed)
+    if args.max_hours is not None:  # else RunOptions' default (bench.estimate.DEFAULT_MAX_HOURS)
+        if args.max_hours <= 0:
+            raise ConfigError(f"--max-hours must be > 0, got {args.max_hours:g}")
+        options = dataclasses.replace(options, max_hours=args.max_hours)
     counts = run_matrix(matrix, options)
     if args.dry_run:
         return 0
@@ -155,6 +169,15 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.matrix import resolve_path
+    from bench.report import build_report
+
+    name = args.matrix if (args.results / "runs" / args.matrix).is_dir() else resolve_path(args.matrix).stem
+    print(f"report written: {build_report(args.results, name, args.out)[0]}")
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.matrix import resolve_path
 
@@ -163,13 +186,24 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         name = resolve_path(args.matrix).stem
     if not (args.results / "runs" / name / "records.jsonl").is_file():
         raise ConfigError(f"no records for matrix {name!r} under {args.results / 'runs'}; run `bench run --matrix {args.matrix}` first")
-    _print_leaderboard(args.results, name, args.metric, args.mix_recipes)
+    if args.compare and args.mix_recipes:
+        raise ConfigError("--compare paper compares one recipe per table, as the paper's: drop --mix-recipes")
+    _print_leaderboard(args.results, name, args.metric, args.mix_recipes, args.compare)
     return 0
 
 
-def _print_leaderboard(results: Path, name: str, metric: str, mix_recipes: bool = False) -> None:
+def _print_leaderboard(results: Path, name: str, metric: str, mix_recipes: bool = False,
+                       compare: str | None = None) -> None:
     from bench.leaderboard import leaderboard, markdown
 
+    if compare == "paper":
+        from bench import compare as paper
+
+        frames = paper.comparison_tables(results, name, metric)
+        print("".join("\n" + paper.markdown(frame) for frame in frames))
+        written = paper.write_comparisons(frames, results / "leaderboards" / name, metric)
+        print("\n".join(["comparisons written:", *map(str, written)]) if written else "no records to compare")
+        return
     tables, paths = leaderboard(results, name, metric, mix_recipes)
     for table in tables:
         print("\n" + markdown(table))

@@ -95,6 +95,7 @@ class Table:
     std: pd.DataFrame
     display: pd.DataFrame
     ran: tuple[str, ...] = ()  # what the stages report they ran where it is a choice (weights or alternative)
+    cells: pd.DataFrame | None = dataclasses.field(default=None, repr=False)  # its records, labels as shown
 
 
 def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | None = None,
@@ -117,8 +118,8 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
         frame[axis] = frame[axis].map(layout.name)
     frame["protection"] = row_labels(frame)
     ratios = not by_ratio and frame["poison_ratio"].nunique() > 1
-    return [dataclasses.replace(pivot(group, keys, order or {}, metric, by_ratio, ratios, layout), ran=what_ran(group))
-            for keys, group in frame.groupby(grouping(layout), sort=False)]
+    return [dataclasses.replace(pivot(group, keys, order or {}, metric, by_ratio, ratios, layout), ran=what_ran(group),
+                                cells=group) for keys, group in frame.groupby(grouping(layout), sort=False)]
 
 
 def what_ran(group: pd.DataFrame) -> tuple[str, ...]:

@@ -11,6 +11,11 @@ join their labels with `` · ``); ``columns``, one of them not in rows (default 
 ``labels``, names shown for component labels of those axes (``{ none = "Normal" }``; each must be a label of
 the matrix's cells); ``summary``, whether Mean and Max columns follow (default true). The axes it uses leave
 the grouping into tables: ``columns = "victim"`` puts every victim in one table.
+
+An optional top-level ``reference = "dh-table1"`` names the published table the matrix reproduces (a name in
+``bench.references.TABLES``): ``bench leaderboard --compare paper`` sets its cells beside the paper's, joined on
+the shown labels (``bench.compare``). An optional ``cpu_alternative = "full-cpu"`` names the matrix in
+``bench/matrices/`` that ``bench run`` suggests when this one is estimated too long for a CPU (``bench.estimate``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from bench import references
 from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
 from bench.data import DATASETS
 from bench.leaderboard import LAYOUT_AXES, Layout
@@ -35,7 +41,8 @@ from bench.recipes import make_recipe
 MATRIX_DIR = Path(__file__).parent / "matrices"
 AXES: dict[str, Registry] = {"datasets": DATASETS, "protections": PROTECTIONS,
                              "countermeasures": COUNTERMEASURES, "victims": VICTIMS}
-TOP_LEVEL = {"name", "description", "seeds", "poison_ratio", "mix", "recipe", "exclude", "layout", *AXES}
+TOP_LEVEL = {"name", "description", "seeds", "poison_ratio", "mix", "recipe", "exclude", "layout", "reference",
+             "cpu_alternative", *AXES}
 CELL_KEYS = ("dataset", "protection", "countermeasure", "victim", "seed", "poison_ratio", "mix")
 
 
@@ -84,6 +91,8 @@ class Matrix:
     exclude: tuple[dict[str, str], ...]
     mixes: tuple[str, ...] = ("protected",)
     layout: Layout = Layout()
+    reference: str | None = None  # the published table it reproduces (bench.references.TABLES)
+    cpu_alternative: str | None = None  # the named matrix sized for a CPU (bench.estimate)
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -147,9 +156,23 @@ def parse_matrix(raw: dict[str, Any], default_name: str, source: str = "<dict>")
             if key not in CELL_KEYS:
                 raise ConfigError(f"key 'exclude[{i}].{key}': unknown{_hint(key, CELL_KEYS)} (allowed: {', '.join(CELL_KEYS)})")
         exclude.append({k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in rule.items()})
+    reference = raw.get("reference")
+    if reference is not None and (not isinstance(reference, str) or reference not in references.TABLES):
+        raise ConfigError(f"key 'reference': unknown table {reference!r}{_hint(str(reference), references.TABLES)} "
+                          f"(tables: {', '.join(references.TABLES)}; leave the key out if it reproduces none)")
     matrix = Matrix(str(raw.get("name", default_name)), source, str(raw.get("description", "")), axes, seeds,
-                    ratios, recipe, tuple(exclude), mixes)
+                    ratios, recipe, tuple(exclude), mixes, reference=reference,
+                    cpu_alternative=_cpu_alternative(raw.get("cpu_alternative")))
     return dataclasses.replace(matrix, layout=_layout(raw["layout"], expand(matrix))) if "layout" in raw else matrix
+
+
+def _cpu_alternative(name: Any) -> str | None:
+    """The ``cpu_alternative`` key: None, or a named matrix of ``bench/matrices/``."""
+    known = sorted(p.stem for p in MATRIX_DIR.glob("*.toml"))
+    if name is not None and (not isinstance(name, str) or name not in known):
+        raise ConfigError(f"key 'cpu_alternative': {name!r} is not a named matrix{_hint(str(name), known)} "
+                          f"(named matrices: {', '.join(known)}; leave the key out if there is none)")
+    return name
 
 
 def expand(matrix: Matrix) -> list[Cell]:

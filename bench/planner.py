@@ -9,6 +9,7 @@ pretrained weights that are not on this machine. Components that are expensive o
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable
 
 from bench import mixes
@@ -67,6 +68,16 @@ def prepare_dataset(cache: Cache, choice: Any) -> str:
         if not cache.valid("dataset", f"{key}-{split}"):
             cache.save("dataset", f"{key}-{split}", data, {"spec": dataset.spec(), "split": split})
     return key
+
+
+def known_dataset_key(cache: Cache, choice: Any) -> str:
+    """The key ``prepare_dataset`` gave a dataset of this spec, from the cache's manifests without loading it; else
+    a placeholder key (nothing made from it is cached)."""
+    spec = make_key(DATASETS.create(choice.name, **choice.kwargs).spec())
+    for manifest in sorted(cache.root.glob("dataset/*-train/manifest.json")):
+        if make_key(json.loads(manifest.read_text()).get("spec")) == spec:
+            return manifest.parent.name.removesuffix("-train")
+    return f"unprepared-{spec}"
 
 
 def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None]) -> list[Components]:

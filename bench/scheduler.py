@@ -21,11 +21,12 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from bench import mixes
+from bench import estimate, mixes
 from bench.cache import Cache
-from bench.matrix import Matrix, expand, select
+from bench.matrix import Matrix, expand, load_matrix, select
 from bench.planner import check_cells, plan_cell, prepare_dataset
 from bench.records import RecordLog
+from bench.registry import ConfigError
 from bench.stages import ProtectJob, PurifyJob, TrainJob, protect_job, purify_job, train_job
 from bench.train import keep_freed_memory
 
@@ -35,7 +36,7 @@ Job = ProtectJob | PurifyJob | TrainJob
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How to run: where results go, parallelism, device, CPU threads per job (fixed, so that results do
-    not depend on ``jobs``), cell filters, and whether to only plan."""
+    not depend on ``jobs``), cell filters, whether to only plan, and the longest estimate a CPU run accepts."""
 
     results: Path = Path("results")
     jobs: int = 1
@@ -44,6 +45,7 @@ class RunOptions:
     only: tuple[str, ...] = ()
     dry_run: bool = False
     retry_failed: bool = False
+    max_hours: float = estimate.DEFAULT_MAX_HOURS  # on a CPU, refuse a run estimated longer
 
 
 def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] = print) -> dict[str, int]:
@@ -52,6 +54,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     cache = Cache(options.results / "cache")
     log = RecordLog(options.results / "runs" / matrix.name / "records.jsonl")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
+    check_budget(matrix, cells, cache, log.latest(), device, options, out)
     built = check_cells(cells, device.split(":")[0], lambda line: print(line, file=sys.stderr))
     dataset_keys = {choice: prepare_dataset(cache, choice) for choice in {c.dataset for c in cells}}
     plans = [plan_cell(cell, dataset_keys[cell.dataset], matrix.recipe, b) for cell, b in zip(cells, built)]
@@ -100,12 +103,30 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     return counts
 
 
+def check_budget(matrix: Matrix, cells: list, cache: Cache, recorded: dict[str, Any], device: str,
+                 options: RunOptions, out: Callable[[str], None]) -> None:
+    """Print the cost estimate; unless a dry run, refuse (exit 2, naming the matrix's ``cpu_alternative``) a CPU
+    run estimated over ``options.max_hours``, before anything is loaded or written."""
+    records = estimate.timings([options.results, Path(os.environ.get("BENCH_RESULTS", "results"))])
+    work = estimate.estimate(matrix, cells, cache, recorded, records, device, options.jobs)
+    out(work.line(matrix.name))
+
+    def of(name: str) -> estimate.Estimate:
+        other = load_matrix(name)
+        log = RecordLog(options.results / "runs" / other.name / "records.jsonl")
+        return estimate.estimate(other, expand(other), cache, log.latest(), records, device, options.jobs)
+
+    reason = None if options.dry_run else estimate.refusal(matrix, work, options.max_hours, of)
+    if reason:
+        raise ConfigError(reason)
+
+
 def save_resolved(matrix: Matrix, path: Path) -> None:
     """The resolved matrix (every variant's full parameters) beside its records, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     resolved = {"name": matrix.name, "source": matrix.source, "description": matrix.description,
                 "seeds": matrix.seeds, "poison_ratio": matrix.poison_ratios, "mix": matrix.mixes, "recipe": matrix.recipe,
-                "exclude": matrix.exclude, "layout": dataclasses.asdict(matrix.layout),
+                "exclude": matrix.exclude, "layout": dataclasses.asdict(matrix.layout), "reference": matrix.reference,
                 "axes": {axis: [{"label": c.label, "name": c.name, "params": c.kwargs} for c in choices]
                          for axis, choices in matrix.axes.items()}}
     tmp = path.with_suffix(f".tmp{os.getpid()}")

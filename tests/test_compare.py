@@ -1,0 +1,220 @@
+"""``bench leaderboard --compare paper``: ours | paper | Δ from synthetic records and a fixture reference table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from bench import compare as C
+from bench import references
+from bench.cli import main
+from bench.matrix import parse_matrix
+from bench.records import RecordLog
+from bench.registry import ConfigError
+
+PAPER = [("Clean", "Vanilla", 94.0), ("Clean", "JPEG10", 85.0), ("Clean", "Mean", 89.5), ("Clean", "Max", 94.0),
+         ("EM", "Vanilla", 10.0), ("EM", "JPEG10", 84.0), ("EM", "Gray", 69.0), ("EM", "Mean", 54.33),
+         ("EM", "Max", 84.0), ("EntF", "Vanilla", 91.5)]
+LABELS = {"clean": "Clean", "em": "EM", "none": "Vanilla", "jpeg[quality=10]": "JPEG10"}
+OURS = {("clean", "none"): 0.90, ("clean", "jpeg[quality=10]"): 0.80, ("em", "none"): 0.20,
+        ("em", "jpeg[quality=10]"): 0.70, ("cwp", "none"): 0.15}
+
+
+@pytest.fixture
+def paper(monkeypatch):
+    """A fixture reference table ``t-table1`` (cifar10 / resnet18) in place of the package's tables."""
+    frame = pd.DataFrame([("t", "t-table1", "cifar10", "resnet18", r, c, v, "") for r, c, v in PAPER],
+                         columns=references.COLUMNS)
+    monkeypatch.setattr(references, "TABLES", {"t-table1": "Test paper, Table 1", **references.TABLES})
+    monkeypatch.setattr(references, "load_reference", lambda table: frame.copy())
+    return frame
+
+
+def rec(protection, countermeasure, acc, *, dataset="cifar10", victim="resnet18", recipe="t", per_class=None,
+        protection_params=None, status="ok"):
+    cm_name = countermeasure.split("[")[0]
+    return {"cell": f"{dataset}|{victim}|{protection}|{countermeasure}", "status": status, "dataset": dataset,
+            "dataset_name": dataset, "dataset_params": {"per_class": per_class, "test_per_class": None},
+            "victim": victim, "recipe": recipe, "poison_ratio": 1.0, "mix": "protected", "seed": 0,
+            "protection": protection, "protection_name": protection, "protection_params": protection_params or {},
+            "countermeasure": countermeasure, "countermeasure_name": cm_name,
+            "countermeasure_params": {"quality": 10} if cm_name == "jpeg" else {}, "countermeasure_reports": "final",
+            "test_acc_final": acc if status == "ok" else None, "test_acc_best": acc, "error": None}
+
+
+def write_run(tmp_path, records, reference="t-table1", labels=LABELS, layout=None):
+    run = tmp_path / "runs" / "m"
+    run.mkdir(parents=True)
+    for record in records:
+        RecordLog(run / "records.jsonl").append(record)
+    order = {"protections": ["clean", "em", "cwp"], "countermeasures": ["none", "jpeg[quality=10]"]}
+    (run / "matrix.json").write_text(json.dumps({
+        "name": "m", "reference": reference, "layout": {**(layout or {}), "labels": labels},
+        "axes": {axis: [{"label": label} for label in labels_] for axis, labels_ in order.items()}}))
+    return tmp_path
+
+
+def only(results):
+    frames = C.comparison_tables(results, "m")
+    assert len(frames) == 1
+    return frames[0]
+
+
+def test_delta_is_ours_minus_paper_exactly(paper, tmp_path):
+    frame = only(write_run(tmp_path, [rec(p, c, a) for (p, c), a in OURS.items()]))
+    assert frame.columns.names == ["countermeasure", "value"]
+    for (p, c), acc in OURS.items():
+        row, col = LABELS.get(p, p), LABELS[c]
+        theirs = dict(((r, k), v) for r, k, v in PAPER).get((row, col), math.nan)
+        assert frame.at[row, (col, "ours")] == pytest.approx(acc * 100)
+        if math.isnan(theirs):  # a row the paper lacks: no paper value, no Δ
+            assert math.isnan(frame.at[row, (col, "paper")]) and math.isnan(frame.at[row, (col, "Δ")])
+        else:
+            assert frame.at[row, (col, "paper")] == theirs
+            assert frame.at[row, (col, "Δ")] == frame.at[row, (col, "ours")] - theirs
+    assert frame.at["EM", ("Vanilla", "Δ")] == pytest.approx(20.0 - 10.0)
+
+
+def test_mean_and_max_are_ours_over_our_columns_beside_the_papers(paper, tmp_path):
+    frame = only(write_run(tmp_path, [rec(p, c, a) for (p, c), a in OURS.items()]))
+    assert list(dict.fromkeys(frame.columns.get_level_values(0))) == ["Vanilla", "JPEG10", "Gray", "Mean", "Max"]
+    assert frame.at["EM", ("Mean", "ours")] == pytest.approx((20 + 70) / 2)  # our two columns, not the paper's Gray
+    assert frame.at["EM", ("Max", "ours")] == pytest.approx(70)
+    assert frame.at["EM", ("Mean", "paper")] == 54.33
+    assert frame.at["EM", ("Max", "Δ")] == pytest.approx(70 - 84.0)
+    assert any("Mean and Max over our 2 columns, the paper's over its 3" in line for line in frame.attrs["legend"])
+
+
+def test_cells_a_side_lacks_show_a_dash(paper, tmp_path):
+    frame = only(write_run(tmp_path, [rec(p, c, a) for (p, c), a in OURS.items()]))
+    assert list(frame.index) == ["Clean", "EM", "cwp", "EntF"]  # ours in order, then the paper's others
+    assert C._cell(frame, "cwp", "Vanilla") == ("15.00", "—", "—")  # the paper has no such row
+    assert C._cell(frame, "EntF", "Vanilla") == ("—", "91.50", "—")  # we have no such row
+    assert C._cell(frame, "EM", "Gray") == ("—", "69.00", "—")  # nor such a column
+    assert C._cell(frame, "EM", "Vanilla") == ("20.00", "10.00", "+10.00")
+    text = C.markdown(frame)
+    assert "| 20.00 / 10.00 / +10.00 |" in text and "— / 91.50 / —" in text
+
+
+def test_failed_cell_shows_error(paper, tmp_path):
+    records = [rec("em", "none", 0.2), rec("em", "jpeg[quality=10]", None, status="error")]
+    frame = only(write_run(tmp_path, records))
+    assert C._cell(frame, "EM", "JPEG10") == ("error", "84.00", "—")
+
+
+def test_paper_setting_has_no_marks(paper, tmp_path):
+    frame = only(write_run(tmp_path, [rec("em", "none", 0.2), rec("em", "jpeg[quality=10]", 0.7)]))
+    assert frame.attrs["setting"] == "the paper's dataset, victim and recipe"
+    assert C._cell(frame, "EM", "Vanilla")[0] == "20.00"
+
+
+def test_reduced_data_other_victim_and_recipe_are_named(paper, tmp_path):
+    records = [rec("em", c, 0.2, dataset="cifar10-jpeg", victim="cnn", recipe="cpu", per_class=50)
+               for c in ("none", "jpeg[quality=10]")]
+    frame = only(write_run(tmp_path, records))
+    setting = frame.attrs["setting"]
+    assert setting.startswith("reduced setting, not a reproduction: ")
+    assert "cifar10-jpeg (a JPEG q75 copy) 50/class vs the paper's full cifar10" in setting
+    assert "cnn vs the paper's resnet18" in setting and "recipe cpu vs t" in setting
+    assert frame.at["EM", ("Vanilla", "paper")] == 10.0  # still compared with the cifar10 / resnet18 block
+    assert setting in C.markdown(frame)
+
+
+def test_component_off_the_papers_setting_is_marked_with_a_legend(paper, tmp_path):
+    off = {"surrogate": "cnn", "epsilon": 8.0}
+    records = [rec("em", c, 0.2, protection_params=off) for c in ("none", "jpeg[quality=10]")]
+    records.append(rec("clean", "none", 0.9))
+    frame = only(write_run(tmp_path, records))
+    assert frame.attrs["legend"][0] == "* EM: surrogate = 'cnn' (paper: 'resnet18')"
+    assert C._cell(frame, "EM", "Vanilla")[0] == "20.00*"
+    assert C._cell(frame, "EM", "Mean")[0].startswith("20.00*")  # the row's marks on its summary
+    assert C._cell(frame, "Clean", "Vanilla")[0] == "90.00"
+    assert "- * EM: surrogate = 'cnn' (paper: 'resnet18')" in C.markdown(frame)
+
+
+def test_compound_paper_rows_join_our_multi_axis_rows(monkeypatch, tmp_path):
+    frame = pd.DataFrame([("u", "u-table1", "cifar10", "cnn", "UGEs | Normal", "CNN", 26.0, "")],
+                         columns=references.COLUMNS)
+    monkeypatch.setattr(references, "TABLES", {"u-table1": "Test paper, Table 1"})
+    monkeypatch.setattr(references, "load_reference", lambda table: frame.copy())
+    records = [rec("uge", "none", 0.3, victim="cnn", recipe="u")]
+    layout = {"rows": ["protection", "countermeasure"], "columns": "victim", "summary": False}
+    out = only(write_run(tmp_path, records, "u-table1", {"uge": "UGEs", "none": "Normal", "cnn": "CNN"}, layout))
+    assert out.at["UGEs · Normal", ("CNN", "Δ")] == pytest.approx(30.0 - 26.0)
+
+
+def test_no_reference_names_matrices_that_have_one(paper, tmp_path):
+    write_run(tmp_path, [rec("em", "none", 0.2)], reference=None)
+    with pytest.raises(ConfigError, match=r"names no published table.*reference = .*dh-table1"):
+        C.comparison_tables(tmp_path, "m")
+
+
+def test_unknown_reference_in_a_matrix_raises_with_close_matches(paper):
+    raw = {"datasets": ["digits"], "protections": ["clean"], "countermeasures": ["none"], "victims": ["cnn"]}
+    assert parse_matrix({**raw, "reference": "t-table1"}, "m").reference == "t-table1"
+    with pytest.raises(ConfigError, match=r"key 'reference': unknown table 't-tabel1'; did you mean 't-table1'"):
+        parse_matrix({**raw, "reference": "t-tabel1"}, "m")
+    assert parse_matrix(raw, "m").reference is None
+
+
+def test_cli_prints_and_writes_csv_markdown_latex(paper, tmp_path, capsys):
+    write_run(tmp_path, [rec(p, c, a) for (p, c), a in OURS.items()])
+    assert main(["leaderboard", "--matrix", "m", "--compare", "paper", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "vs t-table1" in out and "paper: Test paper, Table 1" in out and "each cell: ours / paper / Δ" in out
+    out_dir = tmp_path / "leaderboards" / "m"
+    stem = "cifar10__resnet18__t.final.vs-paper"
+    for ext in (".csv", ".md", ".tex"):
+        assert str(out_dir / f"{stem}{ext}") in out
+    back = pd.read_csv(out_dir / f"{stem}.csv", header=[0, 1], index_col=0)
+    assert back.at["EM", ("Vanilla", "Δ")] == pytest.approx(10.0)
+    tex = (out_dir / f"{stem}.tex").read_text()
+    assert "\\begin{tabular}" in tex and "\\multicolumn{3}{c}{Vanilla}" in tex and "+10.00" in tex
+    assert not list(out_dir.glob("*.tmp*"))
+
+
+def test_paper_settings_are_the_components_defaults():
+    import dataclasses
+
+    from bench.components import COUNTERMEASURES, PROTECTIONS
+
+    for name, settings in C.PAPER_SETTINGS.items():
+        registry = PROTECTIONS if name in PROTECTIONS.names() else COUNTERMEASURES
+        defaults = {f.name: f.default for f in dataclasses.fields(registry.get(name))}
+        assert {k: defaults[k] for k in settings} == settings, name
+
+
+def test_real_dh_table1_joins_the_matrix_labels():
+    from bench.matrix import load_matrix
+
+    matrix = load_matrix("dh-table1")
+    paper = references.reference_pivot("dh-table1", "cifar10", "resnet18")
+    shown = {matrix.layout.name(c.label) for c in matrix.axes["countermeasures"]}
+    assert shown == set(paper.columns) - {"Mean", "Max"}
+    rows = {matrix.layout.name(p.label) for p in matrix.axes["protections"]}
+    assert set(paper.index) - rows == {"EntF"}  # not a bench protection
+
+
+def test_save_resolved_keeps_the_reference(paper, tmp_path):
+    from bench.scheduler import save_resolved
+
+    raw = {"datasets": ["digits"], "protections": ["clean"], "countermeasures": ["none"], "victims": ["cnn"]}
+    save_resolved(parse_matrix({**raw, "reference": "t-table1"}, "m"), tmp_path / "matrix.json")
+    assert json.loads((tmp_path / "matrix.json").read_text())["reference"] == "t-table1"
+
+
+@pytest.mark.parametrize("name", C.with_reference())
+def test_every_matrix_with_a_reference_joins_some_rows_and_columns(name):
+    import itertools
+
+    from bench.matrix import load_matrix
+
+    matrix = load_matrix(name)
+    paper = references.load_reference(matrix.reference)
+    shown = {axis: {matrix.layout.name(c.label) for c in matrix.axes[f"{axis}s"]} for axis in matrix.layout.axes}
+    rows = {" · ".join(parts) for parts in itertools.product(*(shown[a] for a in matrix.layout.rows))}
+    assert rows & set(paper["row"].str.replace(" | ", " · ", regex=False)), name
+    assert shown[matrix.layout.columns] & set(paper["column"]), name
