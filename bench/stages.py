@@ -146,7 +146,8 @@ def describe(job: TrainJob) -> dict[str, Any]:
     """A record's identity: its key, matrix, labels, components (name, params, declared stages and reports)."""
     cell, plan = job.plan.cell, job.plan
     info: dict[str, Any] = {"cell": plan.cell_key, "matrix": job.matrix, "seed": cell.seed,
-                            "poison_ratio": cell.poison_ratio, "mix": cell.mix, "protection_key": plan.protection_key}
+                            "poison_ratio": cell.poison_ratio, "mix": cell.mix, "dataset_key": plan.dataset_key,
+                            "protection_key": plan.protection_key, "purify_key": plan.purify_key}
     for axis in ("dataset", "protection", "countermeasure", "victim"):
         choice = getattr(cell, axis)
         info.update({axis: choice.label, f"{axis}_name": choice.name, f"{axis}_params": choice.kwargs})
