@@ -80,27 +80,35 @@ def known_dataset_key(cache: Cache, choice: Any) -> str:
     return f"unprepared-{spec}"
 
 
-def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None]) -> list[Components]:
-    """Every cell's components, once each cell's needs are met (before any data is loaded); one ConfigError
-    lists the refused cells (up to ``MAX_LISTED``). Notes components expensive on a CPU through ``warn``."""
-    refused, warned, built = [], set(), []
+def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None],
+                refuse: bool = True) -> tuple[list[Components], list[list[str]]]:
+    """Every cell's components and the reasons each cannot run (before any data is loaded). With ``refuse``
+    one ConfigError lists the refused cells (up to ``MAX_LISTED``); a dry run lists them itself first and then
+    calls ``refusal``. Notes components expensive on a CPU through ``warn``."""
+    warned, built, reasons = set(), [], []
     for cell in cells:
         components = Components.of(cell)
-        reasons = missing_capabilities(cell, components)
-        if reasons:
-            refused.append(f"{_describe(cell)}: {'; '.join(reasons)}")
+        reasons.append(missing_capabilities(cell, components))
         for component in (components.protection, components.countermeasure, components.victim):
             if device == "cpu" and component.expensive_on_cpu and component.name not in warned:
                 warned.add(component.name)
                 warn(f"bench: note: {component.name} is expensive on a CPU (declared expensive_on_cpu); its cells "
                      "may take hours at full size")
         built.append(components)
-    if refused:
-        more = f"\n  … and {len(refused) - MAX_LISTED} more" if len(refused) > MAX_LISTED else ""
-        raise ConfigError(f"{len(refused)} cell(s) ask for what their components cannot do:\n  "
-                          + "\n  ".join(refused[:MAX_LISTED]) + more
-                          + "\nexclude such combinations with [[exclude]] tables, or choose other components")
-    return built
+    if refuse and (error := refusal(cells, reasons)):
+        raise error
+    return built, reasons
+
+
+def refusal(cells: list[Cell], reasons: list[list[str]]) -> ConfigError | None:
+    """The error listing the cells that cannot run, or None when every cell can."""
+    refused = [f"{_describe(cell)}: {'; '.join(why)}" for cell, why in zip(cells, reasons) if why]
+    if not refused:
+        return None
+    more = f"\n  … and {len(refused) - MAX_LISTED} more" if len(refused) > MAX_LISTED else ""
+    return ConfigError(f"{len(refused)} cell(s) ask for what their components cannot do:\n  "
+                       + "\n  ".join(refused[:MAX_LISTED]) + more
+                       + "\nexclude such combinations with [[exclude]] tables, or choose other components")
 
 
 def missing_capabilities(cell: Cell, built: Components) -> list[str]:

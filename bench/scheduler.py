@@ -24,7 +24,7 @@ from tqdm import tqdm
 from bench import estimate, mixes
 from bench.cache import Cache
 from bench.matrix import Matrix, expand, load_matrix, select
-from bench.planner import check_cells, plan_cell, prepare_dataset
+from bench.planner import check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal
 from bench.records import RecordLog
 from bench.registry import ConfigError
 from bench.stages import ProtectJob, PurifyJob, TrainJob, protect_job, purify_job, train_job
@@ -55,17 +55,26 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     log = RecordLog(options.results / "runs" / matrix.name / "records.jsonl")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
     check_budget(matrix, cells, cache, log.latest(), device, options, out)
-    built = check_cells(cells, device.split(":")[0], lambda line: print(line, file=sys.stderr))
-    dataset_keys = {choice: prepare_dataset(cache, choice) for choice in {c.dataset for c in cells}}
+    built, reasons = check_cells(cells, device.split(":")[0], lambda line: print(line, file=sys.stderr),
+                                 refuse=not options.dry_run)
+    prepare = known_dataset_key if options.dry_run else prepare_dataset  # a dry run loads and writes nothing
+    dataset_keys = {choice: prepare(cache, choice) for choice in {c.dataset for c in cells}}
     plans = [plan_cell(cell, dataset_keys[cell.dataset], matrix.recipe, b) for cell, b in zip(cells, built)]
     recorded = log.latest()
     if options.dry_run:
-        for p in plans:
+        for p, why in zip(plans, reasons):
             poison = "identity" if p.protection_key is None else (
                 "cached" if cache.has("protected", p.protection_key) else "to build")
             result = recorded.get(p.cell_key, {}).get("status", "to run")
-            out(f"{' | '.join(p.cell.labels().values())} | poison: {poison} | result: {result}")
+            blocked = f" | blocked: {'; '.join(r.split(':')[0] for r in why)}" if why else ""  # in full below
+            out(f"{' | '.join(p.cell.labels().values())} | poison: {poison} | result: {result}{blocked}")
         out(f"{len(plans)} cells, {sum(p.cell_key in recorded for p in plans)} recorded")
+        for choice, key in dataset_keys.items():
+            if key.startswith("unprepared-"):
+                out(f"dataset {choice.label}: not loaded yet, so nothing made from it is cached; a run loads it "
+                    "first (and stops with where to place its files if they are absent)")
+        if error := refusal(cells, reasons):  # listed first, so a dry run shows the whole grid before refusing
+            raise error
         return {"cells": len(plans), "trained": 0, "skipped": len(plans), "failed": 0}
     save_resolved(matrix, options.results / "runs" / matrix.name / "matrix.json")
     todo = [p for p in plans if p.cell_key not in recorded

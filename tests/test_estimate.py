@@ -98,3 +98,19 @@ def test_run_refuses_before_any_work(tmp_path, monkeypatch, capsys):
     assert main([*args, "--max-hours", "1e-6", "--dry-run"]) == 0
     assert "matrix big: 1 cells, 0 recorded, 1 to train" in capsys.readouterr().out
     assert main([*args, "--max-hours", "-1"]) == 2 and "--max-hours must be > 0" in capsys.readouterr().err
+
+
+def test_dry_run_lists_blocked_cells_then_refuses_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """A dry run of a grid with cells lacking weights lists every cell (blocked ones say why), then exits 2 with
+    the full reasons; it loads and writes no data."""
+    monkeypatch.delenv("BENCH_DDPM", raising=False)
+    path = tmp_path / "weights.toml"
+    path.write_text('victims = ["cnn"]\n[datasets.digits]\n[protections]\ncwn = {}\n'
+                    '[countermeasures]\nnone = {}\ndiffpure = {}\n')
+    results = tmp_path / "r"
+    assert main(["run", "--matrix", str(path), "--results", str(results), "--device", "cpu", "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.startswith("digits | cwn |")]
+    assert len(lines) == 2 and "blocked" not in lines[0] and lines[1].endswith("| blocked: DDPM weights not found")
+    assert "dataset digits: not loaded yet" in out and "BENCH_DDPM" in err
+    assert not list(results.glob("cache/dataset/*"))
