@@ -62,8 +62,9 @@ def curve_figure(cells: pd.DataFrame, row_axes: list[str], column_axis: str, tit
             group = cells[(rows == name) & (cells[column_axis] == column)]
             for key, style in (("test_acc", "-"), ("train_acc", "--")):
                 curve = _mean_curve(group[key]) if key in group else None
-                if curve is not None:
-                    ax.plot(np.arange(1, len(curve) + 1), 100 * curve, style, color=colors[column], lw=1.2,
+                if curve is not None:  # epochs without an evaluation (NaN) are left out, so the line joins the rest
+                    epochs = np.flatnonzero(~np.isnan(curve))
+                    ax.plot(epochs + 1, 100 * curve[epochs], style, color=colors[column], lw=1.2,
                             label=str(column) if key == "test_acc" else None)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)
@@ -85,10 +86,11 @@ def curve_figure(cells: pd.DataFrame, row_axes: list[str], column_axis: str, tit
 def _mean_curve(curves: pd.Series) -> np.ndarray | None:
     """The mean of the equally long curves among ``curves`` (the longest length wins), or None."""
     lists = [np.asarray(c, dtype=float) for c in curves if isinstance(c, list) and c]
+    lists = [c for c in lists if not np.isnan(c).all()]  # a recipe that tests only at the end has no test curve
     if not lists:
         return None
     length = max(len(c) for c in lists)
-    return np.nanmean([c for c in lists if len(c) == length], axis=0)
+    return pd.DataFrame([c for c in lists if len(c) == length]).mean(axis=0).to_numpy()  # skips NaN, no warning
 
 
 def ratio_figure(frame: pd.DataFrame, title: str) -> bytes:
