@@ -1,14 +1,11 @@
 """Claims on the keys of a results folder that several runs share: a worker claims a key before computing it,
-keeps a heartbeat while it works, and releases the claim once the result is written; a claim whose heartbeat has
-stopped (a killed worker) is taken over.
-
-A claim is ``<results>/claims/<stage>/<key>.claim`` (JSON: host, pid, start time, a token), created with
-``O_CREAT | O_EXCL`` so that exactly one creator wins; a daemon thread touches its mtime every ``heartbeat``
-seconds. A claim untouched for ``stale`` seconds is renamed to a tombstone (``<key>.claim.stale-<token>``) and
-created anew. Takeover and release happen under the stage folder's ``filelock`` lock, so that of several takers
-one succeeds and nobody removes a claim that another just made; creating needs no lock.
+beats while it works and releases the claim once the result is written; a claim whose heartbeat stopped (a killed
+worker) is taken over. A claim is ``<results>/claims/<stage>/<key>.claim`` (JSON: host, pid, start time, token),
+created with ``O_CREAT | O_EXCL`` (one creator wins); a daemon thread touches its mtime every ``heartbeat`` s. One
+untouched for ``stale`` s is renamed to a tombstone (``<key>.claim.stale-<token>``) and created anew; takeover and
+release happen under the stage folder's ``filelock`` lock, so that one of several takers succeeds and nobody
+removes a claim another just made.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -39,12 +36,10 @@ class Claims:
     poll: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.stale > 0 or not self.poll > 0:
-            raise ConfigError(f"claims: the stale timeout ({self.stale}) and poll period ({self.poll}) must be > 0 "
-                              "(e.g. --stale-after 60)")
-        if not 0 < self.interval < self.stale:
-            raise ConfigError(f"claims: the heartbeat ({self.interval} s) must be > 0 and shorter than the stale "
-                              f"timeout ({self.stale} s); leave it unset for min(5, stale / 4)")
+        if not (self.stale > 0 and self.poll > 0 and 0 < self.interval < self.stale):
+            raise ConfigError(f"claims: need a stale timeout > 0 (--stale-after S; got {self.stale}), a poll period "
+                              f"> 0 (got {self.poll}) and 0 < heartbeat < stale (got {self.interval}; leave it unset "
+                              "for min(5, stale / 4))")
 
     @property
     def interval(self) -> float:
@@ -112,12 +107,11 @@ class Claim:
 
     def _beat(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            if not self._mine():
-                self.lost = True  # taken over: this worker was thought dead (its result is still identical)
-                return
             try:
+                if not self._mine():
+                    raise FileNotFoundError(self.path)
                 os.utime(self.path)
-            except FileNotFoundError:
+            except FileNotFoundError:  # taken over: this worker was thought dead (its result is the same anyway)
                 self.lost = True
                 return
 
@@ -152,5 +146,5 @@ def _create(path: Path, info: dict[str, Any]) -> bool:
     return True
 
 
-def _lock(folder: Path) -> FileLock:
+def _lock(folder: Path) -> FileLock:  # filelock rather than fcntl by hand: it also serves filesystems without flock
     return FileLock(str(folder / ".lock"))

@@ -57,6 +57,7 @@ class RunOptions:
 def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] = print) -> dict[str, int]:
     """Run every missing cell of ``matrix``; returns counts of cells trained, skipped and failed."""
     cells = select(expand(matrix), list(options.only))
+    claims = Claims(options.results / "claims", options.stale)  # checks the settings before any work
     cache = Cache(options.results / "cache")
     log = RecordLog(options.results / "runs" / matrix.name / "records.jsonl")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
@@ -87,7 +88,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
             or (options.retry_failed and recorded[p.cell_key]["status"] != "ok")]
     devices = _device_pool(options)
     failures: dict[str, str] = {}
-    claims, since = Claims(options.results / "claims", options.stale), time.time()
+    since = time.time()
     counts = {"cells": len(plans), "trained": 0, "skipped": len(plans) - len(todo), "failed": 0}
 
     protect_jobs = {p.protection_key: ProtectJob(cache.root, options.threads, p.protection_key, p.dataset_key,
