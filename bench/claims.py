@@ -81,15 +81,15 @@ class Claims:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def wait(self, stage: str, pending: list[T], key: Callable[[T], str], done: Callable[[T], bool],
+    def wait(self, stage: str, pending: list[T], key: Callable[[T], str], done: Callable[[list[T]], list[T]],
              on_done: Callable[[T], None]) -> list[T]:
-        """Poll until some of ``pending`` (keys another worker claimed) are free to claim again (their claim was
-        released or went stale) or all are done; ``on_done`` sees each done one; returns those not done."""
+        """Poll until some of ``pending`` (keys others claimed) are free to claim again (released or stale) or all are
+        done (``done(items)`` says which are); ``on_done`` sees each done one; returns those not done."""
         while pending:
-            finished = [item for item in pending if done(item)]
-            for item in finished:
+            finished = {id(item) for item in done(pending)}
+            for item in (item for item in pending if id(item) in finished):
                 on_done(item)
-            pending = [item for item in pending if item not in finished]
+            pending = [item for item in pending if id(item) not in finished]
             if any(not self.live(stage, key(item)) for item in pending):
                 return pending
             time.sleep(self.poll)

@@ -88,11 +88,13 @@ class Stage:
     retry_failed: bool = False
     since: float = 0.0
 
-    def done(self, job: ProtectJob | PurifyJob | TrainJob, verify: bool = False) -> bool:
-        """Whether the job's result exists (with ``verify``, its checksums too: a corrupted entry is deleted)."""
+    def done(self, job: ProtectJob | PurifyJob | TrainJob, verify: bool = False,
+             latest: dict[str, Any] | None = None) -> bool:
+        """Whether the job's result exists (with ``verify``, its checksums too: a corrupted entry is deleted);
+        ``latest`` is the record log's ``latest()`` if already read."""
         if isinstance(job, TrainJob):
             assert self.log is not None
-            record = RecordLog(self.log).latest().get(job.key)
+            record = (RecordLog(self.log).latest() if latest is None else latest).get(job.key)
             return record is not None and (record["status"] == "ok" or not self.retry_failed
                                            or record.get("finished_at", 0) >= self.since)
         kind, fits = ("protected", job.fits) if isinstance(job, ProtectJob) else ("purified", job.plan.purify_fits)
@@ -100,6 +102,11 @@ class Stage:
         if verify:
             return cache.valid(kind, job.key, fits)
         return cache.has(kind, job.key) and set(fits) <= set(cache.manifest(kind, job.key).get("models", {}))
+
+    def finished(self, jobs: list[Any]) -> list[Any]:
+        """Those of ``jobs`` whose result exists (reading the record log once for all)."""
+        latest = RecordLog(self.log).latest() if self.log is not None else None
+        return [job for job in jobs if self.done(job, latest=latest)]
 
 
 def protect_job(job: ProtectJob, device: torch.device) -> dict[str, Any]:
