@@ -53,7 +53,6 @@ class RunOptions:
     stale: float = DEFAULT_STALE  # seconds without a heartbeat after which another worker's claim is taken over
 
 
-
 def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] = print) -> dict[str, int]:
     """Run every missing cell of ``matrix``; returns counts of cells trained, skipped and failed."""
     cells = select(expand(matrix), list(options.only))
