@@ -75,9 +75,9 @@ class Claims:
             return False
 
     def holder(self, stage: str, key: str) -> dict[str, Any] | None:
-        """The live claim's contents (host, pid, started …), or None."""
+        """The claim's contents (host, pid, started …; live or not), or None."""
         try:
-            return json.loads(self.path(stage, key).read_text()) if self.live(stage, key) else None
+            return json.loads(self.path(stage, key).read_text())
         except (OSError, json.JSONDecodeError):
             return None
 

@@ -252,8 +252,8 @@ def _run_claimed(stage: Stage, runner: Callable, fn: Callable, jobs: list[Any], 
         _parallel(functools.partial(claimed, runner=runner, stage=stage), fn, pending, n_jobs, devices, collect)
         if deferred:
             who = stage.claims.holder(stage.folder, deferred[0].key) or {}
-            tqdm.write(f"{stage.name}: {len(deferred)} claimed by another worker (e.g. {who.get('host')} pid "
-                       f"{who.get('pid')}); waiting for them (a claim is taken over after {stage.claims.stale:g} s "
+            tqdm.write(f"{stage.name}: {len(deferred)} claimed by another worker (e.g. {who.get('host', '?')} pid "
+                       f"{who.get('pid', '?')}); waiting (a claim is taken over after {stage.claims.stale:g} s "
                        "without a heartbeat)", file=sys.stderr)
         pending = stage.claims.wait(stage.folder, deferred, lambda job: job.key, stage.finished, elsewhere)
 
