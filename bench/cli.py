@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.claims import DEFAULT_STALE
 from bench.registry import ConfigError, describe_params
 
 KINDS = ("protections", "countermeasures", "victims", "datasets")
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-hours", type=float, metavar="H",
                      help="on a CPU, refuse (exit 2, before any work) a run whose estimated remaining wall time exceeds "
                           "H hours (default: 12); --dry-run only prints the estimate")
+    run.add_argument("--stale-after", type=float, metavar="S",
+                     default=float(os.environ.get("BENCH_CLAIM_STALE", DEFAULT_STALE)),
+                     help="take over another worker's claim on a key after S seconds without its heartbeat (a killed "
+                          f"run); default $BENCH_CLAIM_STALE or {DEFAULT_STALE:g}")
     run.add_argument("--data-root", help="folder holding dataset files (sets $BENCH_DATA_ROOT)")
     listing = commands.add_parser("list", help="list registered components with their parameters and papers")
     listing.add_argument("kind", nargs="?", choices=KINDS)
@@ -117,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     jobs = args.jobs or gpus or max(1, (os.cpu_count() or 1) // args.threads)
     start = time.perf_counter()
     options = RunOptions(args.results, jobs, args.device, args.threads, tuple(args.only), args.dry_run,
-                         args.retry_failed)
+                         args.retry_failed, stale=args.stale_after)
     if args.max_hours is not None:  # else RunOptions' default (bench.estimate.DEFAULT_MAX_HOURS)
         if args.max_hours <= 0:
             raise ConfigError(f"--max-hours must be > 0, got {args.max_hours:g}")
@@ -127,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(f"matrix {matrix.name}: {counts['cells']} cells — {counts['trained']} trained, "
           f"{counts['skipped']} already recorded, {counts['failed']} failed — {time.perf_counter() - start:.1f} s "
-          f"(jobs={jobs})")
+          f"(jobs={jobs}); built {counts['protected']} protected and {counts['purified']} purified sets")
     _print_leaderboard(args.results, matrix.name, "final")
     return _report_failures(args.results / "runs" / matrix.name / "records.jsonl", counts["failed"])
 

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 
 class RecordLog:
     """``records.jsonl`` of one matrix's runs."""
@@ -19,9 +21,10 @@ class RecordLog:
         self.path = Path(path)
 
     def append(self, record: dict[str, Any]) -> None:
+        """Append one record as one line, under the log's lock."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, sort_keys=True, default=str) + "\n"
-        with open(self.path, "a+b") as handle:
+        with FileLock(str(self.path) + ".lock"), open(self.path, "a+b") as handle:
             handle.seek(0, os.SEEK_END)
             if handle.tell() > 0:
                 handle.seek(-1, os.SEEK_END)

@@ -3,17 +3,20 @@
 
 Planning (keys, capability checks) is ``bench.planner``; the stages and their typed jobs are ``bench.stages``.
 This module skips what is recorded or cached and runs each stage's jobs in parallel, appending records as
-cells finish.
+cells finish. Runs may share one results folder: each job claims its key first (``bench.claims``); a key another
+live worker holds is left to it, and its result is waited for at the end of the stage.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,11 +26,12 @@ from tqdm import tqdm
 
 from bench import estimate, mixes
 from bench.cache import Cache
+from bench.claims import DEFAULT_STALE, Claims
 from bench.matrix import Matrix, expand, load_matrix, select
 from bench.planner import check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal
 from bench.records import RecordLog
 from bench.registry import ConfigError
-from bench.stages import ProtectJob, PurifyJob, TrainJob, protect_job, purify_job, train_job
+from bench.stages import ProtectJob, PurifyJob, Stage, TrainJob, claimed, protect_job, purify_job, train_job
 from bench.train import keep_freed_memory
 
 Job = ProtectJob | PurifyJob | TrainJob
@@ -46,11 +50,13 @@ class RunOptions:
     dry_run: bool = False
     retry_failed: bool = False
     max_hours: float = estimate.DEFAULT_MAX_HOURS  # on a CPU, refuse a run estimated longer
+    stale: float = DEFAULT_STALE  # seconds without a heartbeat after which another worker's claim is taken over
 
 
 def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] = print) -> dict[str, int]:
     """Run every missing cell of ``matrix``; returns counts of cells trained, skipped and failed."""
     cells = select(expand(matrix), list(options.only))
+    claims = Claims(options.results / "claims", options.stale)  # checks the settings before any work
     cache = Cache(options.results / "cache")
     log = RecordLog(options.results / "runs" / matrix.name / "records.jsonl")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
@@ -81,33 +87,40 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
             or (options.retry_failed and recorded[p.cell_key]["status"] != "ok")]
     devices = _device_pool(options)
     failures: dict[str, str] = {}
+    since = time.time()
+    counts = {"cells": len(plans), "trained": 0, "skipped": len(plans) - len(todo), "failed": 0}
 
     protect_jobs = {p.protection_key: ProtectJob(cache.root, options.threads, p.protection_key, p.dataset_key,
                                                  p.cell.protection, p.cell.seed,
-                                                 mixes.fitted_on(p.cell.mix, p.cell.poison_ratio))
+                                                 mixes.fitted_on(p.cell.mix, p.cell.poison_ratio), p.protection_fits)
                     for p in todo if p.protection_key and not cache.valid("protected", p.protection_key, p.protection_fits)}
-    _run_stage("protect", protect_job, list(protect_jobs.values()), options.jobs, devices, failures)
+    counts["protected"] = _run_stage(Stage("protect", claims, "protect"), protect_job, list(protect_jobs.values()),
+                                     options.jobs, devices, failures)
     purify_jobs = {p.purify_key: PurifyJob(cache.root, options.threads, p)
                    for p in todo if p.purify_key and not cache.valid("purified", p.purify_key, p.purify_fits)
                    and p.protection_key not in failures}
-    _run_stage("purify", purify_job, list(purify_jobs.values()), options.jobs, devices, failures)
+    counts["purified"] = _run_stage(Stage("purify", claims, "purify"), purify_job, list(purify_jobs.values()),
+                                    options.jobs, devices, failures)
 
-    counts = {"cells": len(plans), "trained": 0, "skipped": len(plans) - len(todo), "failed": 0}
     bar = tqdm(total=len(plans), initial=counts["skipped"], desc="cells", unit="cell", file=sys.stderr,
                dynamic_ncols=True)
     train_jobs = [TrainJob(cache.root, options.threads, p, matrix.name, matrix.recipe,
                            failures.get(p.protection_key or "") or failures.get(p.purify_key or ""),
                            options.jobs == 1 or len(todo) == 1) for p in todo]
 
-    def record(result: dict[str, Any]) -> None:
-        log.append(result)
+    def record(result: dict[str, Any]) -> None:  # appended by the worker, before it released the cell's claim
         counts["trained" if result["status"] == "ok" else "failed"] += 1
         bar.update()
         if result["status"] != "ok":
             bar.write(f"cell failed: {result['protection']} × {result['countermeasure']} × {result['victim']}: "
                       f"{result['error'].strip().splitlines()[-1]}")
 
-    _parallel(_call, train_job, train_jobs, options.jobs, devices, record)
+    def elsewhere(job: TrainJob) -> None:  # recorded by another run
+        counts["skipped"] += 1
+        bar.update()
+
+    train = Stage("train", claims, f"train/{matrix.name}", log.path, options.retry_failed, since)
+    _run_claimed(train, _call, train_job, train_jobs, options.jobs, devices, record, elsewhere)
     bar.close()
     return counts
 
@@ -200,17 +213,49 @@ def _guarded(fn: Callable, job: ProtectJob | PurifyJob, devices: Any) -> dict[st
         return {"key": job.key, "error": traceback.format_exc()}
 
 
-def _run_stage(desc: str, fn: Callable, jobs: list[Any], n_jobs: int, devices: Any, failures: dict[str, str]) -> None:
-    """Run a cache-building stage; failures are remembered so that dependent cells are recorded as errors."""
+def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], n_jobs: int, devices: Any, failures: dict[str, str]) -> int:
+    """Run a cache-building stage; failures are remembered so that dependent cells are recorded as errors.
+    Returns how many sets this run built (others may come from another run sharing the folder)."""
+    built = [0]
     if not jobs:
-        return
-    with tqdm(total=len(jobs), desc=desc, unit="set", file=sys.stderr, leave=False) as bar:
+        return 0
+    with tqdm(total=len(jobs), desc=stage.name, unit="set", file=sys.stderr, leave=False) as bar:
         def done(result: dict[str, Any]) -> None:
             bar.update()
+            failures.pop(result["key"], None)
             if result["error"]:
                 failures[result["key"]] = result["error"]
-                bar.write(f"{desc} failed: {result['error'].strip().splitlines()[-1]}")
-        _parallel(_guarded, fn, jobs, n_jobs, devices, done)
+                bar.write(f"{stage.name} failed: {result['error'].strip().splitlines()[-1]}")
+            else:
+                built[0] += 1
+        _run_claimed(stage, _guarded, fn, jobs, n_jobs, devices, done, lambda job: bar.update())
+    return built[0]
+
+
+def _run_claimed(stage: Stage, runner: Callable, fn: Callable, jobs: list[Any], n_jobs: int, devices: Any,
+                 on_result: Callable[[dict], None], elsewhere: Callable[[Any], None]) -> None:
+    """``_parallel`` with each job under its claim; the jobs that another worker holds are waited for (``elsewhere``
+    sees those it finished), and run here if their claim is released without a result or goes stale."""
+    by_key, pending = {job.key: job for job in jobs}, list(jobs)
+    while pending:
+        deferred: list[Any] = []
+
+        def collect(result: dict[str, Any]) -> None:
+            claim = result.pop("claim")
+            if claim == "deferred":
+                deferred.append(by_key[result["key"]])
+            elif claim == "elsewhere":
+                elsewhere(by_key[result["key"]])
+            else:
+                on_result(result)
+
+        _parallel(functools.partial(claimed, runner=runner, stage=stage), fn, pending, n_jobs, devices, collect)
+        if deferred:
+            who = stage.claims.holder(stage.folder, deferred[0].key) or {}
+            tqdm.write(f"{stage.name}: {len(deferred)} claimed by another worker (e.g. {who.get('host', '?')} pid "
+                       f"{who.get('pid', '?')}); waiting (a claim is taken over after {stage.claims.stale:g} s "
+                       "without a heartbeat)", file=sys.stderr)
+        pending = stage.claims.wait(stage.folder, deferred, lambda job: job.key, stage.finished, elsewhere)
 
 
 def _parallel(runner: Callable, fn: Callable, jobs: list[Any], n_jobs: int, devices: Any,

@@ -2,7 +2,8 @@
 
 protect (clean train set → protected set and its fitted models, cached) → purify (data-stage countermeasure on
 the train set as the cell's mix assembles it, cached) → train and evaluate a victim on the clean test set
-(→ one record). Components are named by their ``Choice`` and rebuilt from the registries in the worker.
+(→ one record). Components are named by their ``Choice`` and rebuilt from the registries in the worker. A job
+runs under its key's claim (``claimed``, ``bench.claims``), so that runs sharing a results folder compute it once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -20,12 +21,14 @@ from tqdm import tqdm
 from bench import mixes
 from bench.artifacts import load_models
 from bench.cache import Cache, library_versions
+from bench.claims import Claims
 from bench.components import COUNTERMEASURES, PROTECTIONS, TRAIN, Fitted, ImageSet, Models
 from bench.data import DATASETS
 from bench.matrix import Choice
 from bench.metrics import confidence_ascent_ratio, gradient_compression_ratio, perturbation_metrics
 from bench.planner import Components, Plan
 from bench.recipes import Recipe, make_recipe
+from bench.records import RecordLog
 from bench.train import train_and_evaluate
 
 
@@ -40,6 +43,7 @@ class ProtectJob:
     protection: Choice
     seed: int
     fitted_on: float | None
+    fits: tuple[str, ...] = ()  # the models the protection declares fitting (its cache entry holds them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,43 @@ class TrainJob:
     recipe: dict[str, Any]
     upstream_error: str | None
     show_epochs: bool
+
+    @property
+    def key(self) -> str:
+        return self.plan.cell_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage as its claims see it: the claims, their folder, and where its results land (the record log for
+    train; else the cache the jobs name); a failed record counts as a result unless retrying those since ``since``."""
+
+    name: str
+    claims: Claims
+    folder: str
+    log: Path | None = None
+    retry_failed: bool = False
+    since: float = 0.0
+
+    def done(self, job: ProtectJob | PurifyJob | TrainJob, verify: bool = False,
+             latest: dict[str, Any] | None = None) -> bool:
+        """Whether the job's result exists (with ``verify``, its checksums too: a corrupted entry is deleted);
+        ``latest`` is the record log's ``latest()`` if already read."""
+        if isinstance(job, TrainJob):
+            assert self.log is not None
+            record = (RecordLog(self.log).latest() if latest is None else latest).get(job.key)
+            return record is not None and (record["status"] == "ok" or not self.retry_failed
+                                           or record.get("finished_at", 0) >= self.since)
+        kind, fits = ("protected", job.fits) if isinstance(job, ProtectJob) else ("purified", job.plan.purify_fits)
+        cache = Cache(job.cache)
+        if verify:
+            return cache.valid(kind, job.key, fits)
+        return cache.has(kind, job.key) and set(fits) <= set(cache.manifest(kind, job.key).get("models", {}))
+
+    def finished(self, jobs: list[Any]) -> list[Any]:
+        """Those of ``jobs`` whose result exists (reading the record log once for all)."""
+        latest = RecordLog(self.log).latest() if self.log is not None else None
+        return [job for job in jobs if self.done(job, latest=latest)]
 
 
 def protect_job(job: ProtectJob, device: torch.device) -> dict[str, Any]:
@@ -140,6 +181,21 @@ def train_job(job: TrainJob, device: torch.device) -> dict[str, Any]:
         record.update(status="error", error=traceback.format_exc())
     record["finished_at"] = time.time()
     return record
+
+
+def claimed(fn: Callable, job: Any, devices: Any, *, runner: Callable, stage: Stage) -> dict[str, Any]:
+    """``runner(fn, job, devices)`` under the job's claim (``claim``: ``ran``), unless another worker holds it
+    (``deferred``) or its result exists (``elsewhere``); a record is appended before the claim is released."""
+    claim = stage.claims.claim(stage.folder, job.key)
+    if claim is None:
+        return {"key": job.key, "claim": "deferred"}
+    with claim:
+        if stage.done(job, verify=True):
+            return {"key": job.key, "claim": "elsewhere"}
+        result = runner(fn, job, devices)
+        if stage.log is not None:
+            RecordLog(stage.log).append(result)
+        return {**result, "key": job.key, "claim": "ran"}
 
 
 def describe(job: TrainJob) -> dict[str, Any]:
