@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
                      help="take over another worker's claim on a key after S seconds without its heartbeat (a killed "
                           f"run); default $BENCH_CLAIM_STALE or {DEFAULT_STALE:g}")
     run.add_argument("--data-root", help="folder holding dataset files (sets $BENCH_DATA_ROOT)")
+    run.add_argument("--backend", default="local",
+                     help="local (joblib processes, the default), submitit (Slurm job arrays; submitit's local executor "
+                          "without sbatch) or ray (a Ray cluster); submitit and ray: pip install -e '.[cluster]'")
+    run.add_argument("--slurm-partition", help="submitit: the Slurm partition")
+    run.add_argument("--slurm-time-min", type=int, metavar="MIN", help="submitit: each job's time limit in minutes")
+    run.add_argument("--gpus-per-task", type=float, metavar="G",
+                     help="submitit, ray: GPUs per job (ray allows fractions; default 1 on a CUDA device, else 0)")
+    run.add_argument("--ray-address", help="ray: the cluster's address (default: a Ray instance started here)")
     listing = commands.add_parser("list", help="list registered components with their parameters and papers")
     listing.add_argument("kind", nargs="?", choices=KINDS)
     listing.add_argument("--markdown", action="store_true", help="print the README's component table")
@@ -105,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from bench.matrix import load_matrix
+    from bench.backends import BackendOptions
     from bench.scheduler import RunOptions, run_matrix
 
     if args.data_root:
@@ -117,12 +126,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--device {args.device}: no CUDA device is available here; use --device cpu or auto")
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
         raise ConfigError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    backend = BackendOptions(args.backend, args.slurm_partition, args.slurm_time_min, args.gpus_per_task,
+                             args.ray_address)
+    backend.check(args.device)
     matrix = load_matrix(args.matrix)
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
     jobs = args.jobs or gpus or max(1, (os.cpu_count() or 1) // args.threads)
     start = time.perf_counter()
     options = RunOptions(args.results, jobs, args.device, args.threads, tuple(args.only), args.dry_run,
-                         args.retry_failed, stale=args.stale_after)
+                         args.retry_failed, stale=args.stale_after, backend=backend)
     if args.max_hours is not None:  # else RunOptions' default (bench.estimate.DEFAULT_MAX_HOURS)
         if args.max_hours <= 0:
             raise ConfigError(f"--max-hours must be > 0, got {args.max_hours:g}")
@@ -132,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(f"matrix {matrix.name}: {counts['cells']} cells — {counts['trained']} trained, "
           f"{counts['skipped']} already recorded, {counts['failed']} failed — {time.perf_counter() - start:.1f} s "
-          f"(jobs={jobs}); built {counts['protected']} protected and {counts['purified']} purified sets")
+          f"(jobs={jobs}, backend={args.backend}); built {counts['protected']} protected and {counts['purified']} purified sets")
     _print_leaderboard(args.results, matrix.name, "final")
     return _report_failures(args.results / "runs" / matrix.name / "records.jsonl", counts["failed"])
 

@@ -1,5 +1,6 @@
 """Runs a matrix: protect (once per protection key) → data-stage countermeasure (once per purification key)
-→ train and evaluate each cell; cached, resumable, and parallel through joblib.
+→ train and evaluate each cell; cached, resumable, and parallel through a backend (``bench.backends``: joblib,
+submitit or Ray).
 
 Planning (keys, capability checks) is ``bench.planner``; the stages and their typed jobs are ``bench.stages``.
 This module skips what is recorded or cached and runs each stage's jobs in parallel, appending records as
@@ -24,7 +25,8 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from bench import estimate, mixes
+from bench import backends, estimate, mixes
+from bench.backends import Backend, BackendOptions
 from bench.cache import Cache
 from bench.claims import DEFAULT_STALE, Claims
 from bench.matrix import Matrix, expand, load_matrix, select
@@ -51,12 +53,14 @@ class RunOptions:
     retry_failed: bool = False
     max_hours: float = estimate.DEFAULT_MAX_HOURS  # on a CPU, refuse a run estimated longer
     stale: float = DEFAULT_STALE  # seconds without a heartbeat after which another worker's claim is taken over
+    backend: BackendOptions = BackendOptions()  # where jobs run (bench.backends)
 
 
 def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] = print) -> dict[str, int]:
     """Run every missing cell of ``matrix``; returns counts of cells trained, skipped and failed."""
     cells = select(expand(matrix), list(options.only))
     claims = Claims(options.results / "claims", options.stale)  # checks the settings before any work
+    options.backend.check(options.device)
     cache = Cache(options.results / "cache")
     log = RecordLog(options.results / "runs" / matrix.name / "records.jsonl")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
@@ -85,7 +89,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     save_resolved(matrix, options.results / "runs" / matrix.name / "matrix.json")
     todo = [p for p in plans if p.cell_key not in recorded
             or (options.retry_failed and recorded[p.cell_key]["status"] != "ok")]
-    devices = _device_pool(options)
+    backend = backends.create(options.backend, options.results, options.jobs, options.threads, device, out)
     failures: dict[str, str] = {}
     since = time.time()
     counts = {"cells": len(plans), "trained": 0, "skipped": len(plans) - len(todo), "failed": 0}
@@ -95,12 +99,12 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
                                                  mixes.fitted_on(p.cell.mix, p.cell.poison_ratio), p.protection_fits)
                     for p in todo if p.protection_key and not cache.valid("protected", p.protection_key, p.protection_fits)}
     counts["protected"] = _run_stage(Stage("protect", claims, "protect"), protect_job, list(protect_jobs.values()),
-                                     options.jobs, devices, failures)
+                                     backend, failures)
     purify_jobs = {p.purify_key: PurifyJob(cache.root, options.threads, p)
                    for p in todo if p.purify_key and not cache.valid("purified", p.purify_key, p.purify_fits)
                    and p.protection_key not in failures}
     counts["purified"] = _run_stage(Stage("purify", claims, "purify"), purify_job, list(purify_jobs.values()),
-                                    options.jobs, devices, failures)
+                                    backend, failures)
 
     bar = tqdm(total=len(plans), initial=counts["skipped"], desc="cells", unit="cell", file=sys.stderr,
                dynamic_ncols=True)
@@ -120,7 +124,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
         bar.update()
 
     train = Stage("train", claims, f"train/{matrix.name}", log.path, options.retry_failed, since)
-    _run_claimed(train, _call, train_job, train_jobs, options.jobs, devices, record, elsewhere)
+    _run_claimed(train, _call, train_job, train_jobs, backend, record, elsewhere)
     bar.close()
     return counts
 
@@ -158,26 +162,6 @@ def save_resolved(matrix: Matrix, path: Path) -> None:
 
 # ---------------------------------------------------------------- parallel execution
 
-def _device_pool(options: RunOptions) -> Any:
-    """A device name, or a queue of GPU names when several GPUs serve several jobs (one cell per GPU)."""
-    name = options.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and torch.cuda.device_count() > 1 and options.jobs > 1:
-        return device_queue([f"cuda:{i}" for i in range(torch.cuda.device_count())])
-    return name
-
-
-def device_queue(names: list[str]) -> Any:
-    """A queue shared with joblib workers: a job takes a device from it and puts it back when done."""
-    import multiprocessing
-
-    queue = multiprocessing.Manager().Queue()
-    for name in names:
-        queue.put(name)
-    return queue
-
-
 @contextlib.contextmanager
 def _acquire(devices: Any, threads: int) -> Iterator[torch.device]:
     torch.set_num_threads(threads)
@@ -213,7 +197,7 @@ def _guarded(fn: Callable, job: ProtectJob | PurifyJob, devices: Any) -> dict[st
         return {"key": job.key, "error": traceback.format_exc()}
 
 
-def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], n_jobs: int, devices: Any, failures: dict[str, str]) -> int:
+def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, failures: dict[str, str]) -> int:
     """Run a cache-building stage; failures are remembered so that dependent cells are recorded as errors.
     Returns how many sets this run built (others may come from another run sharing the folder)."""
     built = [0]
@@ -228,13 +212,13 @@ def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], n_jobs: int, devices
                 bar.write(f"{stage.name} failed: {result['error'].strip().splitlines()[-1]}")
             else:
                 built[0] += 1
-        _run_claimed(stage, _guarded, fn, jobs, n_jobs, devices, done, lambda job: bar.update())
+        _run_claimed(stage, _guarded, fn, jobs, backend, done, lambda job: bar.update())
     return built[0]
 
 
-def _run_claimed(stage: Stage, runner: Callable, fn: Callable, jobs: list[Any], n_jobs: int, devices: Any,
+def _run_claimed(stage: Stage, runner: Callable, fn: Callable, jobs: list[Any], backend: Backend,
                  on_result: Callable[[dict], None], elsewhere: Callable[[Any], None]) -> None:
-    """``_parallel`` with each job under its claim; the jobs that another worker holds are waited for (``elsewhere``
+    """``backend.map`` with each job under its claim; the jobs that another worker holds are waited for (``elsewhere``
     sees those it finished), and run here if their claim is released without a result or goes stale."""
     by_key, pending = {job.key: job for job in jobs}, list(jobs)
     while pending:
@@ -249,31 +233,10 @@ def _run_claimed(stage: Stage, runner: Callable, fn: Callable, jobs: list[Any], 
             else:
                 on_result(result)
 
-        _parallel(functools.partial(claimed, runner=runner, stage=stage), fn, pending, n_jobs, devices, collect)
+        backend.map(functools.partial(claimed, runner=runner, stage=stage), fn, pending, collect)
         if deferred:
             who = stage.claims.holder(stage.folder, deferred[0].key) or {}
             tqdm.write(f"{stage.name}: {len(deferred)} claimed by another worker (e.g. {who.get('host', '?')} pid "
                        f"{who.get('pid', '?')}); waiting (a claim is taken over after {stage.claims.stale:g} s "
                        "without a heartbeat)", file=sys.stderr)
         pending = stage.claims.wait(stage.folder, deferred, lambda job: job.key, stage.finished, elsewhere)
-
-
-def _parallel(runner: Callable, fn: Callable, jobs: list[Any], n_jobs: int, devices: Any,
-              on_result: Callable[[dict], None]) -> None:
-    """``runner(fn, job, devices)`` over ``jobs``, in-process for one job, else in joblib worker processes;
-    ``on_result`` sees each result as it finishes (so records are appended as cells end)."""
-    if n_jobs <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            on_result(runner(fn, job, devices))
-        return
-    from joblib import Parallel, delayed
-
-    tasks = (delayed(runner)(fn, job, devices) for job in jobs)
-    try:
-        for result in Parallel(n_jobs=min(n_jobs, len(jobs)), return_as="generator_unordered")(tasks):
-            on_result(result)
-    except BaseException:  # Ctrl-C, SIGTERM: no worker outlives the run to keep computing (and writing the cache)
-        from joblib.externals.loky import get_reusable_executor
-
-        get_reusable_executor().shutdown(wait=False, kill_workers=True)
-        raise

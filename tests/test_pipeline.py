@@ -293,12 +293,13 @@ def test_cuda_requested_without_gpu_exits_2(tmp_path, capsys):
 
 def test_device_queue_gives_each_parallel_job_its_own_device():
     """With several GPUs, each running job holds one device (checked with stand-in names on CPU)."""
-    from bench.scheduler import _call, _parallel, device_queue
+    from bench.backends import Local, device_queue
+    from bench.scheduler import _call
     from conftest import hold_device
 
     results = []
     jobs = [types.SimpleNamespace(i=i, threads=1) for i in range(4)]
-    _parallel(_call, hold_device, jobs, 2, device_queue(["cuda:0", "cuda:1"]), results.append)
+    Local(2, device_queue(["cuda:0", "cuda:1"])).map(_call, hold_device, jobs, results.append)
     assert len(results) == 4 and {r["device"] for r in results} == {"cuda:0", "cuda:1"}
     assert len({r["pid"] for r in results}) == 2, "two worker processes ran the jobs"
     for a in results:

@@ -1,0 +1,148 @@
+"""`bench run --backend local|submitit|ray`: the same records from every backend (keys and accuracies), option
+checks before any work, and two runs of different backends on one folder computing each cell once."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.backends import BackendOptions
+from bench.cli import main
+from bench.records import RecordLog
+from bench.registry import ConfigError
+from conftest import REPO
+
+MATRIX = """
+description = "tiny backends matrix"
+seeds = [0]
+[recipe]
+name = "quick"
+epochs = 6
+[datasets.digits]
+per_class = 30
+test_per_class = 10
+[protections]
+clean = {}
+cwn = { epsilon = 8.0 }
+[countermeasures]
+none = {}
+[victims.cnn]
+width = 8
+"""
+
+
+def needs(package: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(importlib.util.find_spec(package) is None,
+                              reason=f"{package} is not installed (pip install -e '.[cluster]')")
+
+
+def outcome(results: Path) -> dict[str, tuple]:
+    """Each cell's key → its status, labels and test accuracies (final and per epoch)."""
+    return {r["cell"]: (r["status"], r["protection"], r["countermeasure"], r["test_acc_final"], r["test_acc"])
+            for r in RecordLog(results / "runs" / "tiny" / "records.jsonl").read()}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("backends") / "tiny.toml"
+    path.write_text(MATRIX)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(matrix) -> dict[str, tuple]:
+    results = matrix.parent / "local"
+    assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "2", "--device", "cpu"]) == 0
+    records = outcome(results)
+    assert len(records) == 2 and all(r[0] == "ok" for r in records.values())
+    assert max(r[3] for r in records.values()) > 0.3, "the clean cell learns something, so equal accuracies mean much"
+    return records
+
+
+@pytest.fixture
+def ray_session():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.mark.slow  # ~30 s each, plus ~20 s for the local run they are compared with
+@needs("ray")
+def test_ray_gives_the_records_of_local(matrix, local, ray_session, capsys):
+    results = matrix.parent / "ray"
+    assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "2", "--device", "cpu",
+                 "--backend", "ray"]) == 0
+    assert "ray: a local Ray instance" in capsys.readouterr().out
+    assert outcome(results) == local
+
+
+@pytest.mark.slow
+@needs("submitit")
+def test_submitit_local_executor_gives_the_records_of_local(matrix, local, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no sbatch: submitit's local executor
+    results = matrix.parent / "submitit"
+    assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "2", "--device", "cpu",
+                 "--backend", "submitit"]) == 0
+    assert "no sbatch on PATH, so its local executor" in capsys.readouterr().out
+    assert outcome(results) == local
+    assert any((results / "submitit").iterdir()), "submitit's logs and pickles are beside the results"
+
+
+@pytest.mark.slow
+@needs("ray")
+def test_a_ray_run_and_a_local_run_on_one_folder_compute_each_cell_once(matrix, local):
+    results = matrix.parent / "shared"
+    runs = [subprocess.Popen([sys.executable, "-m", "bench", "run", "--matrix", str(matrix), "--results", str(results),
+                              "--jobs", "1", "--device", "cpu", "--backend", backend], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for backend in ("ray", "local")]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    keys = [r["cell"] for r in RecordLog(results / "runs" / "tiny" / "records.jsonl").read()]
+    assert sorted(keys) == sorted(local), "each cell recorded once between the two runs"
+    assert outcome(results) == local
+
+
+@pytest.mark.parametrize("options, message", [
+    (BackendOptions("dask"), "--backend 'dask': expected one of local, submitit, ray"),
+    (BackendOptions("ray", slurm_partition="gpu"), "--slurm-partition is an option of --backend submitit"),
+    (BackendOptions("local", slurm_time_min=30), "--slurm-time-min is an option of --backend submitit"),
+    (BackendOptions("submitit", ray_address="auto"), "--ray-address is an option of --backend ray"),
+    (BackendOptions("local", gpus_per_task=1), "--gpus-per-task is for --backend submitit or ray"),
+    (BackendOptions("ray", gpus_per_task=0), "--gpus-per-task must be > 0"),
+    (BackendOptions("ray", gpus_per_task=-0.5), "--gpus-per-task must be > 0"),
+    (BackendOptions("submitit", gpus_per_task=0.5), "Slurm allocates whole GPUs"),
+    (BackendOptions("submitit", slurm_time_min=0), "--slurm-time-min must be > 0"),
+])
+def test_bad_backend_options_are_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        options.check()
+
+
+def test_gpus_with_device_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="not with --device cpu"):
+        BackendOptions("ray", gpus_per_task=1).check("cpu")
+
+
+def test_a_missing_package_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs the package 'ray': pip install -e '\.\[cluster\]'"):
+        BackendOptions("ray").check()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backend", "slurm"], "--backend 'slurm'"),
+    (["--backend", "ray", "--slurm-partition", "gpu"], "--slurm-partition is an option of --backend submitit"),
+    (["--backend", "ray", "--gpus-per-task", "0"], "--gpus-per-task must be > 0"),
+])
+def test_bad_backend_options_exit_2_before_any_work(tmp_path, capsys, extra, message):
+    (tmp_path / "tiny.toml").write_text(MATRIX)
+    assert main(["run", "--matrix", str(tmp_path / "tiny.toml"), "--results", str(tmp_path / "r"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
