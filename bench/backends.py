@@ -63,6 +63,11 @@ class BackendOptions:
             raise ConfigError(f"--backend {self.name} needs the package {self.name!r}: pip install -e '.[cluster]'")
 
 
+    def target(self, device: str) -> str:
+        """The device jobs run on: CUDA where a cluster backend is given GPUs, else ``device`` (resolved here)."""
+        return "cuda" if self.name != "local" and self.gpus_per_task else device
+
+
 def create(options: BackendOptions, results: Path, jobs: int, threads: int, device: str,
            out: Callable[[str], None] = print) -> Backend:
     """The backend ``options`` name, running ``jobs`` at once of ``threads`` CPU threads on ``device`` (resolved:
@@ -144,8 +149,7 @@ class Submitit:
             parameters["timeout_min"] = self.time_min or 7 * 24 * 60
         executor.update_parameters(**parameters, **({"slurm_partition": self.partition} if self.partition else {}))
         chunk = len(jobs) if self.cluster == "slurm" else max(1, self.jobs)
-        for start in range(0, len(jobs), chunk):
-            part = jobs[start:start + chunk]
+        for part in (jobs[start:start + chunk] for start in range(0, len(jobs), chunk)):
             submitted = executor.map_array(runner, [fn] * len(part), part, [self.devices] * len(part))
             try:
                 for job in submitit.helpers.as_completed(submitted, poll_frequency=1.0):
@@ -172,8 +176,7 @@ class Ray:
 
         if not ray.is_initialized():
             here = {} if self.address else {"num_cpus": self.jobs * self.threads, "num_gpus": torch.cuda.device_count()}
-            env = {"env_vars": {"PYTHONPATH": _pythonpath()}}
-            ray.init(address=self.address, include_dashboard=False, runtime_env=env, **here)
+            ray.init(self.address, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}}, **here)
         task = ray.remote(num_cpus=self.threads, num_gpus=self.gpus, max_retries=0)(_apply)
         pending = [task.remote(runner, fn, job, self.devices) for job in jobs]
         try:

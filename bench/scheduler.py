@@ -64,6 +64,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     cache = Cache(options.results / "cache")
     log = RecordLog(options.results / "runs" / matrix.name / "records.jsonl")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
+    device = options.backend.target(device)  # a cluster's GPUs, where it is given them
     check_budget(matrix, cells, cache, log.latest(), device, options, out)
     built, reasons = check_cells(cells, device.split(":")[0], lambda line: print(line, file=sys.stderr),
                                  refuse=not options.dry_run)

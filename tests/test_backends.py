@@ -146,3 +146,9 @@ def test_bad_backend_options_exit_2_before_any_work(tmp_path, capsys, extra, mes
     assert main(["run", "--matrix", str(tmp_path / "tiny.toml"), "--results", str(tmp_path / "r"), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_jobs_given_gpus_on_a_cluster_plan_for_cuda():
+    """From a login node without GPUs, `--gpus-per-task` makes the estimate and the checks plan for CUDA."""
+    assert BackendOptions("ray", gpus_per_task=0.5).target("cpu") == "cuda"
+    assert BackendOptions("submitit").target("cpu") == "cpu" and BackendOptions("local").target("cuda:1") == "cuda:1"
