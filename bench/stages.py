@@ -1,4 +1,5 @@
-"""The stages of one cell, each a function of one frozen job, run in joblib worker processes (or in-process).
+"""The stages of one cell, each a function of one frozen job, run by a backend (``bench.backends``: joblib worker
+processes or in-process, Slurm array tasks, Ray tasks).
 
 protect (clean train set → protected set and its fitted models, cached) → purify (data-stage countermeasure on
 the train set as the cell's mix assembles it, cached) → train and evaluate a victim on the clean test set
