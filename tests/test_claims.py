@@ -123,24 +123,11 @@ def test_concurrent_appends_give_whole_lines(tmp_path):
 
 # ------------------------------------------------------------------ two runs on one results folder
 
-SLOW_TINY = """
-description = "tiny matrix with long enough cells to kill one"
-seeds = [0]
-[recipe]
-name = "quick"
-epochs = {epochs}
-[datasets.digits]
-per_class = 20
-test_per_class = 10
-[protections]
-clean = {{}}
-cwp = {{ size_fraction = 0.375 }}
-[countermeasures]
-none = {{}}
-bdr = {{}}
-[victims.cnn]
-width = 8
-"""
+def slow_tiny(epochs: int) -> str:
+    """conftest's tiny matrix (clean, cwp × none, bdr) with cells long enough to kill one."""
+    from conftest import TINY
+
+    return TINY.format(extra_countermeasures="bdr = {}").replace("epochs = 2", f"epochs = {epochs}")
 
 
 def _start(matrix: str, results: Path, *extra: str) -> subprocess.Popen:
@@ -158,7 +145,7 @@ def _leaderboard(stdout: str) -> str:
 def test_two_runs_on_one_folder_train_each_cell_once(tmp_path, matrix):
     if matrix == "tiny":
         matrix = str(tmp_path / "tiny.toml")
-        Path(matrix).write_text(SLOW_TINY.format(epochs=20))
+        Path(matrix).write_text(slow_tiny(20))
     results = tmp_path / "r"
     runs = [_start(matrix, results) for _ in range(2)]
     outs = [run.communicate(timeout=1200) for run in runs]
@@ -174,7 +161,7 @@ def test_two_runs_on_one_folder_train_each_cell_once(tmp_path, matrix):
 
 def test_killed_worker_claim_is_taken_over(tmp_path):
     matrix = tmp_path / "tiny.toml"
-    matrix.write_text(SLOW_TINY.format(epochs=60))
+    matrix.write_text(slow_tiny(60))
     results = tmp_path / "r"
     first = _start(str(matrix), results)
     deadline = time.time() + 240
