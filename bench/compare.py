@@ -5,12 +5,14 @@ as the paper prints them (``[layout.labels]``): cells join on shown labels. A co
 then the paper's others, columns a MultiIndex (column, part in ``PARTS``), NaN where a side has none; Mean and Max
 ours over our columns (as the leaderboard) beside the paper's. ``attrs``: title, slug, source, ``setting`` (how
 data, victim and recipe differ from the paper's), ``marks`` (cell → symbols), ``legend`` (a line per symbol: a
-component off the paper's setting, ``PAPER_SETTINGS``), ``failed``, ``ran``. Markdown puts ``ours / paper / Δ``
+component off the paper's setting: a parameter it declares in ``paper_setting`` away from its default,
+which follows its paper), ``failed``, ``ran``. Markdown puts ``ours / paper / Δ``
 in each cell; LaTeX three sub-columns under each column; CSV the numbers under two header rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
@@ -20,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from bench import references
+from bench.components import COUNTERMEASURES, PROTECTIONS
 from bench.leaderboard import Layout, Table, build_tables
 from bench.records import RecordLog
 from bench.registry import ConfigError
@@ -30,17 +33,6 @@ SYMBOLS = ("*", "†", "‡", "§", "¶", "‖")
 PAPERS_SETTING = "the paper's dataset, victim and recipe"
 # our dataset → (the paper's, what ours is): compared as that dataset, and said so in the setting note
 SAME_DATA = {"cifar10-jpeg": ("cifar10", "a JPEG q75 copy")}
-# the papers' values of the parameters that set weights, sources, surrogates and budgets (the components'
-# defaults, which follow their papers); a cell whose component has another value is marked
-PAPER_SETTINGS: dict[str, dict[str, Any]] = {
-    "em": {"surrogate": "resnet18"}, "confoundergan": {"surrogate": "resnet18"},
-    "rem": {"surrogate": "resnet18", "train_steps": 5000, "steps": 10, "samples": 5, "adv_steps": 10},
-    "tap": {"surrogate": "resnet18", "restarts": 8}, "adv_training": {"steps": 10},
-    "dh": {"source": "diffusion", "extractor": "imagenet", "blocks": 16, "iterations": 5000},
-    "uge": {"encoder": "clip", "authorized": "resnet18", "epochs": 50, "width": 64},
-    "diffpure": {"model": "google/ddpm-cifar10-32", "sampler": "ddpm"},
-    "dncnn": {"epochs": 180, "depth": 17, "width": 64}, "dvae": {"epochs": 60, "width": 64, "latent_dim": 256},
-}
 
 
 def comparison_tables(results: Path, matrix: str, metric: str = "final") -> list[pd.DataFrame]:
@@ -137,13 +129,17 @@ def _marks(table: Table, cells: pd.DataFrame, layout: Layout,
 
 
 def deviations(record: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, ``param = value (paper: …)``) for a record's protection and countermeasure, per ``PAPER_SETTINGS``."""
+    """(label, ``param = value (paper: …)``) for a record's protection and countermeasure: each parameter the
+    component declares in ``paper_setting`` whose value is not its default (the paper's)."""
     found = []
-    for axis in ("protection", "countermeasure"):
-        params = record.get(f"{axis}_params")
+    for axis, registry in (("protection", PROTECTIONS), ("countermeasure", COUNTERMEASURES)):
+        params, name = record.get(f"{axis}_params"), str(record.get(f"{axis}_name"))
         params = params if isinstance(params, dict) else {}  # NaN where older records lack the field
-        off = [f"{k} = {params[k]!r} (paper: {v!r})" for k, v in
-               PAPER_SETTINGS.get(str(record.get(f"{axis}_name")), {}).items() if k in params and params[k] != v]
+        if name not in registry:
+            continue  # a plugin no longer installed: nothing to compare its parameters with
+        defaults = {f.name: f.default for f in dataclasses.fields(registry.get(name))}
+        off = [f"{k} = {params[k]!r} (paper: {defaults[k]!r})" for k in registry.get(name).paper_setting
+               if k in params and params[k] != defaults[k]]
         found += [(record[axis], ", ".join(off))] if off else []
     return found
 

@@ -39,6 +39,9 @@ class _Declared(Component):
     uses_models: ClassVar[tuple[str, ...]] = ()  # kinds it takes where the cell's protection fits them, else goes without
     expensive_on_cpu: ClassVar[bool] = False  # the planner warns when such a cell will run on a CPU
     model_methods: ClassVar[tuple[str, ...]] = ()  # the methods that take ``models`` when ``needs_models`` is set
+    # parameters whose defaults are the paper's setting (weights, sources, surrogates, budgets): a cell at another
+    # value is marked off the paper's setting beside the published table (``bench leaderboard --compare paper``)
+    paper_setting: ClassVar[tuple[str, ...]] = ()
 
     def pretrained_needed(self) -> tuple[Pretrained, ...]:
         """The weights these parameters need (a documented alternative may need none)."""
@@ -54,6 +57,8 @@ class _Declared(Component):
         """Raise TypeError where the declared capabilities and the overridden methods disagree."""
         if cls.surrogate_param is not None and cls.surrogate_param not in {f.name for f in dataclasses.fields(cls)}:
             raise TypeError(f"surrogate_param {cls.surrogate_param!r} is not a parameter")
+        if unknown := set(cls.paper_setting) - {f.name for f in dataclasses.fields(cls)}:
+            raise TypeError(f"paper_setting names {sorted(unknown)}, which are not parameters")
         if bool(cls.fits) != _overrides(cls, "build_model"):
             raise TypeError(f"declares fits = {cls.fits} but does not override build_model, or the reverse")
         if issubclass(cls, (Protection, Countermeasure)) and bool(cls.fits) != _overrides(cls, "fit"):
@@ -73,7 +78,7 @@ class _Declared(Component):
         return {"needs_labels": cls.needs_labels, "surrogate_param": cls.surrogate_param,
                 "pretrained": [p.name for p in cls.pretrained], "fits": list(cls.fits),
                 "needs_models": list(cls.needs_models), "uses_models": list(cls.uses_models),
-                "expensive_on_cpu": cls.expensive_on_cpu}
+                "expensive_on_cpu": cls.expensive_on_cpu, "paper_setting": list(cls.paper_setting)}
 
 
 def _takes_models(cls: type, method: str) -> bool:

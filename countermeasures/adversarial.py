@@ -38,6 +38,7 @@ class AdversarialTraining(Countermeasure):
 
     paper: ClassVar[str] = "Madry et al. 2018; DH §IV-A5 (AT L∞ 8/255, L2 1, PGD-10, step 2/255); REM settings"
     stages: ClassVar[frozenset[str]] = frozenset({"train"})
+    paper_setting: ClassVar[tuple[str, ...]] = ("steps",)
     needs_labels: ClassVar[bool] = True  # the PGD attack ascends the loss of the true labels
     norm: str = "linf"
     epsilon: float | None = None

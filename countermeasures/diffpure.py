@@ -54,6 +54,7 @@ class DiffPure(Countermeasure):
     paper: ClassVar[str] = "AVATAR (Dolatabadi et al. 2024; code hmdolatabadi/AVATAR); DiffPure (Nie et al. 2022) §3.1"
     stages: ClassVar[frozenset[str]] = frozenset({DATA})
     pretrained: ClassVar[tuple[Pretrained, ...]] = (DDPM,)
+    paper_setting: ClassVar[tuple[str, ...]] = ("model", "sampler")
     expensive_on_cpu: ClassVar[bool] = True
     t_star: int = 100
     sampler: str = "ddpm"

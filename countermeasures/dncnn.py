@@ -73,6 +73,7 @@ class DnCNNDenoiser(Countermeasure):
     paper: ClassVar[str] = "ConfounderGAN App. D Table 3 (adaptive denoiser); DnCNN (cszn/DnCNN, PyTorch training)"
     stages: ClassVar[frozenset[str]] = frozenset({DATA})
     fits: ClassVar[tuple[str, ...]] = ("denoiser",)
+    paper_setting: ClassVar[tuple[str, ...]] = ("epochs", "depth", "width")
     needs_attacker: ClassVar[bool] = True
     returns_subset: ClassVar[bool] = True
     expensive_on_cpu: ClassVar[bool] = True

@@ -67,6 +67,7 @@ class DVAEPurification(Countermeasure):
     paper: ClassVar[str] = "Yu et al. 2024 (D-VAE, ICML), Fig. 1 and two-stage purification; official yuyi-sd/D-VAE"
     needs_labels: ClassVar[bool] = True
     stages: ClassVar[frozenset[str]] = frozenset({"data"})
+    paper_setting: ClassVar[tuple[str, ...]] = ("epochs", "width", "latent_dim")
     expensive_on_cpu: ClassVar[bool] = True
     epochs: int = 60
     kl_targets: tuple[float, ...] = (1.0, 3.0)

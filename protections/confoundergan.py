@@ -121,6 +121,7 @@ class ConfounderGAN(Protection):
     fits: ClassVar[tuple[str, ...]] = ("generator",)
     encrypts_unseen: ClassVar[bool] = True
     surrogate_param: ClassVar[str | None] = "surrogate"
+    paper_setting: ClassVar[tuple[str, ...]] = ("surrogate",)
     expensive_on_cpu: ClassVar[bool] = True
     epsilon: float = 8.0
     epochs: int = 200

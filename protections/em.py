@@ -58,6 +58,7 @@ class ErrorMinimizingNoise(Protection):
     paper: ClassVar[str] = "Huang et al. 2021 (EM) Alg. 1; ConfounderGAN App. G.4; DH §IV-A (baseline)"
     version: ClassVar[int] = 2  # 2: official zero start, batch 512, class-wise 20 % update subset
     surrogate_param: ClassVar[str | None] = "surrogate"
+    paper_setting: ClassVar[tuple[str, ...]] = ("surrogate",)
     expensive_on_cpu: ClassVar[bool] = True
     mode: str = "samplewise"
     epsilon: float = 8.0
@@ -159,6 +160,7 @@ class RobustErrorMinimizingNoise(Protection):
 
     paper: ClassVar[str] = "Fu et al. 2022 (REM) Eq. 4–6, official defaults; DH §IV-A (baseline)"
     surrogate_param: ClassVar[str | None] = "surrogate"
+    paper_setting: ClassVar[tuple[str, ...]] = ("surrogate", "train_steps", "steps", "samples", "adv_steps")
     expensive_on_cpu: ClassVar[bool] = True
     epsilon: float = 8.0
     steps: int = 10

@@ -61,6 +61,7 @@ class TargetedAdversarialPoisoning(Protection):
     paper: ClassVar[str] = "Fowl et al. 2021 (TAP) §3, official defaults; DH §IV-A (baseline)"
     version: ClassVar[int] = 2  # 2: official 8 restarts and sub-pixel translation augmentation
     surrogate_param: ClassVar[str | None] = "surrogate"
+    paper_setting: ClassVar[tuple[str, ...]] = ("surrogate", "restarts")
     expensive_on_cpu: ClassVar[bool] = True
     epsilon: float = 8.0
     steps: int = 250

@@ -176,15 +176,33 @@ def test_cli_prints_and_writes_csv_markdown_latex(paper, tmp_path, capsys):
     assert not list(out_dir.glob("*.tmp*"))
 
 
-def test_paper_settings_are_the_components_defaults():
-    import dataclasses
-
+def test_paper_setting_is_declared_by_the_components_that_change_weights_or_budgets():
     from bench.components import COUNTERMEASURES, PROTECTIONS
 
-    for name, settings in C.PAPER_SETTINGS.items():
-        registry = PROTECTIONS if name in PROTECTIONS.names() else COUNTERMEASURES
-        defaults = {f.name: f.default for f in dataclasses.fields(registry.get(name))}
-        assert {k: defaults[k] for k in settings} == settings, name
+    assert PROTECTIONS.get("dh").paper_setting == ("source", "extractor", "blocks", "iterations")
+    assert "mode" not in PROTECTIONS.get("dh").paper_setting  # a variant of the paper, not a departure
+    assert COUNTERMEASURES.get("adv_training").paper_setting == ("steps",)
+    dh_cell = {"protection": "dh[mode=sample]", "protection_name": "dh", "countermeasure": "none",
+               "protection_params": {"mode": "sample", "blocks": 4, "source": "diffusion"},
+               "countermeasure_name": "none", "countermeasure_params": {}}
+    assert C.deviations(dh_cell) == [("dh[mode=sample]", "blocks = 4 (paper: 16)")]
+    assert C.deviations({**dh_cell, "protection_params": {"mode": "sample"}}) == []
+    assert C.deviations({**dh_cell, "protection_name": "gone"}) == []
+
+
+def test_a_paper_setting_that_is_no_parameter_is_refused():
+    import dataclasses
+    from typing import ClassVar
+
+    from bench.components import Protection
+
+    @dataclasses.dataclass(frozen=True)
+    class Typo(Protection):
+        surrogate: str = "resnet18"
+        paper_setting: ClassVar[tuple[str, ...]] = ("surogate",)
+
+    with pytest.raises(TypeError, match="surogate"):
+        Typo.check_declaration()
 
 
 def test_real_dh_table1_joins_the_matrix_labels():

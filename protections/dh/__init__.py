@@ -55,6 +55,7 @@ class DH(Protection):
     encrypts_unseen: ClassVar[bool] = True
     encrypt_needs_labels: ClassVar[bool] = True
     expensive_on_cpu: ClassVar[bool] = True
+    paper_setting: ClassVar[tuple[str, ...]] = ("source", "extractor", "blocks", "iterations")
     pretrained: ClassVar[tuple[Pretrained, ...]] = (SEM.STABLE_DIFFUSION, SEM.CONTROLNET, SEM.TEXT_CLIP, COCO,
                                                      RESNET18)
     mode: str = "class"

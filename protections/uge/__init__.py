@@ -72,6 +72,7 @@ class UGE(Protection):
     fits: ClassVar[tuple[str, ...]] = ("generator", "authorized")
     encrypts_unseen: ClassVar[bool] = True
     surrogate_param: ClassVar[str | None] = "authorized"
+    paper_setting: ClassVar[tuple[str, ...]] = ("encoder", "authorized", "epochs", "width")
     pretrained: ClassVar[tuple[Pretrained, ...]] = (E.CLIP,)
     expensive_on_cpu: ClassVar[bool] = True
     rho: float = 0.04
