@@ -194,11 +194,19 @@ def environment(latest: pd.DataFrame, saved: dict[str, Any]) -> list[Block]:
             {"version(s)": {lib: _distinct(versions[lib]) for lib in versions}}))]
     if "recipe_params" in latest:
         recipes = {json.dumps(p, sort_keys=True) for p in latest["recipe_params"] if isinstance(p, dict)}
-        blocks += [Heading(3, "Recipe"), Frame(pd.DataFrame([json.loads(r) for r in sorted(recipes)]), index=False)]
+        # a parameter per row (a recipe per column): one wide row of two dozen parameters does not fit a page
+        frame = pd.DataFrame({f"recipe {i + 1}": {k: _shown(v) for k, v in json.loads(r).items()}
+                              for i, r in enumerate(sorted(recipes))})
+        blocks += [Heading(3, "Recipe"), Frame(frame.rename_axis("parameter"))]
     if saved.get("recipe"):
         blocks.append(Text(f"matrix recipe: {json.dumps(saved['recipe'], sort_keys=True)}", note=True))
     blocks += [Heading(3, "Cells and cache keys"), Frame(cell_table(latest), index=False)]
     return blocks
+
+
+def _shown(value: Any) -> str:
+    """A recipe value as one short line (lists and dicts as compact JSON)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "))
 
 
 def cell_table(latest: pd.DataFrame) -> pd.DataFrame:
