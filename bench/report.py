@@ -173,7 +173,10 @@ def gradients(records: list[dict[str, Any]], order: dict[str, list[str]], layout
     """CAR and GCR tables (ConfounderGAN App. A) where records carry them."""
     if not any(r.get("car") is not None for r in records):
         return []
-    blocks: list[Block] = [Heading(2, "Gradient analysis (CAR / GCR)")]
+    blocks: list[Block] = [Heading(2, "Gradient analysis (CAR / GCR)"), Text(
+        "Measured on the final victim (the paper: a checkpoint drawn during training), on up to 2,000 protected "
+        "train images. GCR is Eq. 7's mean of per-image ratios: where the victim fits some clean originals "
+        "(their gradient ≈ 0) a few images dominate it, and it reaches thousands of per cent.", note=True)]
     for metric in ("car", "gcr"):
         blocks += [b for t in build_tables(records, order, metric, layout=layout)
                    for b in (Heading(3, t.title), Frame(t.display))]
