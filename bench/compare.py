@@ -119,10 +119,13 @@ def _marks(table: Table, cells: pd.DataFrame, layout: Layout,
     found = {at: [reasons[list(who).index(text)] for text in texts] for at, texts in found.items()}
     summary = [s for s in SUMMARY if s in table.mean.columns]
     ours, theirs = ([c for c in f.columns if c not in SUMMARY] for f in (table.mean, paper))
-    columns_differ = bool(summary) and not paper.empty and set(ours) != set(theirs)
-    reasons += [f"Mean and Max over our {len(ours)} columns, the paper's over its {len(theirs)}"] * columns_differ
-    for row in table.mean.index:
-        in_row = [r for (at, _), rs in found.items() if at == row for r in rs] + reasons[-1:] * columns_differ
+    for row in table.mean.index:  # per row: a row may lack cells (not yet run) that another row has
+        mine = set(table.mean.loc[row, ours].dropna().index)
+        printed = set(paper.loc[row, theirs].dropna().index) if row in paper.index else set(theirs)
+        differ = bool(summary) and not paper.empty and mine != printed
+        reason = f"Mean and Max over our {len(mine)} columns, the paper's over its {len(printed)}"
+        reasons += [reason] * (differ and reason not in reasons)
+        in_row = [r for (at, _), rs in found.items() if at == row for r in rs] + [reason] * differ
         found.update({(row, s): list(dict.fromkeys(in_row)) for s in summary})
     marks = {at: "".join(_symbol(reasons.index(r)) for r in rs) for at, rs in found.items() if rs}
     return marks, [f"{_symbol(i)} {reason}" for i, reason in enumerate(reasons)]

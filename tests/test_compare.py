@@ -236,3 +236,15 @@ def test_every_matrix_with_a_reference_joins_some_rows_and_columns(name):
     rows = {" · ".join(parts) for parts in itertools.product(*(shown[a] for a in matrix.layout.rows))}
     assert rows & set(paper["row"].str.replace(" | ", " · ", regex=False)), name
     assert shown[matrix.layout.columns] & set(paper["column"]), name
+
+
+def test_mean_is_marked_per_row_where_that_row_lacks_columns(paper, tmp_path):
+    """A row's Mean is marked when its own columns differ from the paper's row (a cell not yet run), not others."""
+    records = [rec(p, c, a) for (p, c), a in OURS.items() if (p, c) != ("clean", "jpeg[quality=10]")]
+    frame = only(write_run(tmp_path, records))
+    marks, legend = frame.attrs["marks"], frame.attrs["legend"]
+    assert any("our 1 columns, the paper's over its 2" in line for line in legend)  # Clean: JPEG10 missing
+    assert any("our 2 columns, the paper's over its 3" in line for line in legend)  # EM: Gray not in the matrix
+    assert marks.get(("Clean", "Mean")) and marks.get(("EM", "Mean")) and marks[("Clean", "Mean")] != marks[("EM", "Mean")]
+    full = only(write_run(tmp_path / "all", [rec(p, c, a) for (p, c), a in OURS.items()]))
+    assert ("Clean", "Mean") not in full.attrs["marks"]  # Clean has every column the paper prints for it
