@@ -140,8 +140,9 @@ def deviations(record: dict[str, Any]) -> list[tuple[str, str]]:
         params = params if isinstance(params, dict) else {}  # NaN where older records lack the field
         if name not in registry:
             continue  # a plugin no longer installed: nothing to compare its parameters with
-        defaults = {f.name: f.default for f in dataclasses.fields(registry.get(name))}
-        off = [f"{k} = {params[k]!r} (paper: {defaults[k]!r})" for k in registry.get(name).paper_setting
+        component = registry.get(name)
+        defaults = {f.name: f.default for f in dataclasses.fields(component)}
+        off = [f"{k} = {params[k]!r} (paper: {defaults[k]!r})" for k in component.paper_setting
                if k in params and params[k] != defaults[k]]
         found += [(record[axis], ", ".join(off))] if off else []
     return found

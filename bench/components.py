@@ -55,9 +55,10 @@ class _Declared(Component):
     @classmethod
     def check_declaration(cls) -> None:
         """Raise TypeError where the declared capabilities and the overridden methods disagree."""
-        if cls.surrogate_param is not None and cls.surrogate_param not in {f.name for f in dataclasses.fields(cls)}:
+        parameters = {f.name for f in dataclasses.fields(cls)}
+        if cls.surrogate_param is not None and cls.surrogate_param not in parameters:
             raise TypeError(f"surrogate_param {cls.surrogate_param!r} is not a parameter")
-        if unknown := set(cls.paper_setting) - {f.name for f in dataclasses.fields(cls)}:
+        if unknown := set(cls.paper_setting) - parameters:
             raise TypeError(f"paper_setting names {sorted(unknown)}, which are not parameters")
         if bool(cls.fits) != _overrides(cls, "build_model"):
             raise TypeError(f"declares fits = {cls.fits} but does not override build_model, or the reverse")
