@@ -25,5 +25,8 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Keeps what git tracks under results/ (README.md, runs/dh-table1-cpu/records.jsonl: see results/README.md).
 clean:
-	rm -rf results/cache results/runs results/leaderboards
+	rm -rf results/cache results/leaderboards results/reports results/claims
+	find results/runs -mindepth 1 ! -path results/runs/dh-table1-cpu ! -path results/runs/dh-table1-cpu/records.jsonl \
+		-delete 2>/dev/null || true
