@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MATRIX ?= smoke
+# Test workers (pytest-xdist): the tests are single-threaded, so one per core; 2 cores here.
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test test-slow clean
 
@@ -20,10 +22,10 @@ run: $(STAMP)
 	$(PY) -m bench run --matrix $(MATRIX)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow
 
 # Keeps what git tracks under results/ (README.md, runs/dh-table1-cpu/records.jsonl: see results/README.md).
 clean:
