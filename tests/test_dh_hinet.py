@@ -122,3 +122,31 @@ def test_blocks_are_true_couplings() -> None:
             recovered, revealed = net.reveal(stego2, latent2)  # inversion holds whatever the weights
             assert torch.allclose(recovered, cover, atol=1e-4) and torch.allclose(revealed, secret, atol=1e-4)
             stego, latent = stego2, latent2
+
+
+def test_wavelets_and_couplings_keep_fp32_under_bf16_autocast() -> None:
+    """DH trains under bf16 autocast: only the sub-networks' convs drop to bf16. The Haar transform (whose LL band
+    feeds L_freq) and the coupling sums stay fp32, so the stego image is as precise as the cover."""
+    net = randomise(HidingNetwork(3, blocks=2, growth=8))
+    cover, secret = pair(3, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = dwt(cover)
+        stego, latent = net.hide(cover, secret)
+    assert z.dtype == stego.dtype == latent.dtype == torch.float32
+    assert torch.equal(z, dwt(cover))
+    assert (stego - cover).abs().max() > 0  # the randomised network does hide something
+
+
+def test_concentration_loss_is_non_negative_under_bf16_autocast() -> None:
+    """1 − cos of near-collinear features: in bf16 the cosines overshoot 1 and the loss went below 0 (seen: −0.17)."""
+    from protections.dh.losses import concentration_loss
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 64, 3, padding=1)
+    base = torch.rand(1, 3, 8, 8)
+    perturbation = base + 1e-3 * torch.rand(24, 3, 8, 8)  # 24 maps of one class, nearly the same
+    labels = torch.zeros(24, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = concentration_loss(conv, perturbation, labels)
+    assert loss.dtype == torch.float32
+    assert 0 <= loss.item() < 0.05

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from bench.components import PROTECTIONS, Fitted, ImageSet, Models, Pretrained, Protection
 from bench.data import train_images_like
+from bench.train import autocast, resolve_precision
 from protections import _surrogate as S
 from protections.dh import semantic as SEM
 from protections.dh.hider import Hider
@@ -47,7 +48,10 @@ class DH(Protection):
     The record says which source, extractor and covers ran, with PSNR/SSIM and the reveal PSNR.
 
     Unstated in the paper, from HiNet's official code: weight decay 1e-5, growth 32, clamp 2; chosen here: the
-    mean-squared form of L_freq and L_reveal (the ω3 ≈ 1e-3 scale the paper reports needs means, not sums).
+    mean-squared form of L_freq and L_reveal (the ω3 ≈ 1e-3 scale the paper reports needs means, not sums), and
+    bench's mixed precision: the sub-networks train under bf16 autocast where victims do (CUDA, bf16 CPUs: 2.2×
+    per iteration here), the wavelets, couplings and losses in fp32; publishing runs in fp32 (the record's
+    ``precision``).
     """
 
     paper: ClassVar[str] = "DH (semantic deep hiding) §III-B, Eq. 3–11; §IV-A2"
@@ -137,15 +141,18 @@ class DH(Protection):
         optimizer = torch.optim.Adam(hider.network.parameters(), lr=self.lr, betas=(0.5, 0.999), eps=1e-6,
                                      weight_decay=self.weight_decay)
         stream, last = S.shuffled_batches(len(x), self.batch_size, gen, device), max(1, self.iterations // 10)
+        precision = resolve_precision("auto", device)  # bf16 where bench trains in bf16 (CUDA, bf16 CPUs)
         totals = torch.zeros(4, device=device)
         for step in range(self.iterations):
             idx = next(stream)
             cover, labels = x[idx], y[idx]
             secret = hider.secret(labels, torch.randint(per_class, (len(idx),), generator=gen).to(device))
-            stego, latent = hider.network.hide(cover, secret)
-            revealed = hider.network.reveal(stego, torch.randn(latent.shape, generator=gen).to(device))[1]
+            with autocast(device, precision):  # the sub-networks' convs in bf16; the couplings' sums stay fp32
+                stego, latent = hider.network.hide(cover, secret)
+                revealed = hider.network.reveal(stego, torch.randn(latent.shape, generator=gen).to(device))[1]
+                conc = concentration_loss(features, stego - cover, labels)
             parts = torch.stack([hide_loss(stego, cover, self.epsilon / 255), frequency_loss(stego, cover),
-                                 F.mse_loss(revealed, secret), concentration_loss(features, stego - cover, labels)])
+                                 F.mse_loss(revealed, secret), conc])
             loss = parts[0] + self.omega1 * parts[1] + self.omega2 * parts[2] + self.omega3 * parts[3]
             if not torch.isfinite(loss):
                 raise RuntimeError(f"dh: the loss became {loss.item()} at iteration {step + 1}: lower lr")
@@ -159,7 +166,7 @@ class DH(Protection):
         published = hider.publish(train.images, train.labels, variants)
         info = {"mode": self.mode, "source": images.source, "semantic_names": list(images.names),
                 "extractor": extractor_ran, "covers": covers_ran, "variants": per_class,
-                "iterations": self.iterations, "blocks": self.blocks,
+                "iterations": self.iterations, "blocks": self.blocks, "precision": precision,
                 **dict(zip(("hide_loss", "freq_loss", "reveal_loss", "conc_loss"), totals.tolist())),
                 **hider.quality(train.images, published, train.labels, variants, seed=seed),
                 "ran": f"semantic images: {images.source}; extractor: {extractor_ran}; covers: {covers_ran}",

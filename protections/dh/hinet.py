@@ -9,7 +9,15 @@ from torch import nn
 INIT_SCALE = 0.01  # HiNet config.init_scale: std of every weight and bias except the dense blocks' last conv
 # Rows: LL, HL, LH, HH; columns: the 2×2 block's pixels (0,0), (0,1), (1,0), (1,1) as (row, col) offsets.
 # Orthonormal (HiNet divides by 2, not 4), so the inverse transform is the transpose.
-_HAAR = torch.tensor([[1.0, 1.0, 1.0, 1.0], [-1.0, 1.0, -1.0, 1.0], [-1.0, -1.0, 1.0, 1.0], [1.0, -1.0, -1.0, 1.0]]) / 2
+_HAAR = ((1, 1, 1, 1), (-1, 1, -1, 1), (-1, -1, 1, 1), (1, -1, -1, 1))
+
+
+def _mix(parts: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """out[k] = ½ Σ_q H[k][q] · parts[q] along dim 2 (H transposed for the inverse). Signed sums, not a matmul,
+    so bf16 autocast leaves the transform in the input's precision (its LL band feeds L_freq)."""
+    terms = parts.unbind(2)
+    weight = (lambda k, q: _HAAR[q][k]) if transpose else (lambda k, q: _HAAR[k][q])
+    return torch.stack([sum(weight(k, q) * terms[q] for q in range(4)) / 2 for k in range(4)], 2)
 
 
 def _check_even(x: torch.Tensor) -> None:
@@ -28,15 +36,14 @@ def dwt(x: torch.Tensor) -> torch.Tensor:
     _check_even(x)
     n, c, h, w = x.shape
     pixels = F.pixel_unshuffle(x, 2).reshape(n, c, 4, h // 2, w // 2)  # dim 2: the 4 pixels of each 2×2 block
-    bands = torch.einsum("kq,ncqhw->nkchw", _HAAR.to(x), pixels)
-    return bands.reshape(n, 4 * c, h // 2, w // 2)
+    return _mix(pixels, transpose=False).transpose(1, 2).reshape(n, 4 * c, h // 2, w // 2)
 
 
 def idwt(z: torch.Tensor) -> torch.Tensor:
     """Exact inverse of :func:`dwt`: N×4C×h×w → N×C×2h×2w."""
     _check_bands(z, "idwt")
     n, c4, h, w = z.shape
-    pixels = torch.einsum("kq,nkchw->ncqhw", _HAAR.to(z), z.reshape(n, 4, c4 // 4, h, w))
+    pixels = _mix(z.reshape(n, 4, c4 // 4, h, w).transpose(1, 2), transpose=True)
     return F.pixel_shuffle(pixels.reshape(n, c4, h, w), 2)
 
 

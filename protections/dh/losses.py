@@ -39,10 +39,14 @@ def frequency_loss(stego: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
 
 
 def concentration_loss(features: Features, perturbation: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Eq. 10: Σ over same-class ordered pairs (i, j) of the cosine distance of 𝒢(x_pm^i) and 𝒢(x_pm^j)."""
-    f = F.normalize(features(perturbation).flatten(1), dim=1)
-    same = (labels[:, None] == labels[None, :]).to(f.dtype)
-    return ((1 - f @ f.T) * same).sum()
+    """Eq. 10: Σ over same-class ordered pairs (i, j) of the cosine distance of 𝒢(x_pm^i) and 𝒢(x_pm^j).
+
+    𝒢 may run under bf16 autocast; the cosines are taken in fp32 (in bf16, 1 − cos of near-collinear features
+    comes out below 0)."""
+    f = F.normalize(features(perturbation).flatten(1).float(), dim=1)
+    same = (labels[:, None] == labels[None, :]).float()
+    with torch.autocast(f.device.type, enabled=False):
+        return ((1 - f @ f.T) * same).sum()
 
 
 def extractor(kind: str, train: ImageSet, *, arch: str = "resnet18", epochs: int, seed: int,
