@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                           "label matches GLOB; repeatable")
     run.add_argument("--dry-run", action="store_true", help="print every cell and whether it is cached, run nothing")
     run.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed")
+    run.add_argument("--rebuild-sets", action="store_true",
+                     help="also build the protected sets of recorded cells missing from the cache (records kept from "
+                          "another machine), so that `bench report` shows their images; no cell is retrained")
     run.add_argument("--max-hours", type=float, metavar="H",
                      help="on a CPU, refuse (exit 2, before any work) a run whose estimated remaining wall time exceeds "
                           "H hours (default: 12); --dry-run only prints the estimate")
@@ -134,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     jobs = args.jobs or gpus or max(1, (os.cpu_count() or 1) // args.threads)
     start = time.perf_counter()
     options = RunOptions(args.results, jobs, args.device, args.threads, tuple(args.only), args.dry_run,
-                         args.retry_failed, stale=args.stale_after, backend=backend)
+                         args.retry_failed, args.rebuild_sets, stale=args.stale_after, backend=backend)
     if args.max_hours is not None:  # else RunOptions' default (bench.estimate.DEFAULT_MAX_HOURS)
         if args.max_hours <= 0:
             raise ConfigError(f"--max-hours must be > 0, got {args.max_hours:g}")

@@ -165,7 +165,8 @@ def load_protected(cache: Path, record: dict[str, Any]) -> ProtectedSet | str:
     key = record["protection_key"]
     folder = cache / "protected" / key
     if not (folder / "manifest.json").is_file():
-        return f"cache entry protected/{key} is missing under {cache}; rerun `bench run` to rebuild it"
+        return (f"cache entry protected/{key} is missing under {cache}; `bench run --matrix {record['matrix']} "
+                "--rebuild-sets` builds it (and retrains no recorded cell)")
     dataset = record.get("dataset_key")  # NaN in a frame where other records carry one
     if not isinstance(dataset, str):
         dataset = _dataset_key(cache, json.loads((folder / "manifest.json").read_text()), record)

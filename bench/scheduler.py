@@ -51,6 +51,7 @@ class RunOptions:
     only: tuple[str, ...] = ()
     dry_run: bool = False
     retry_failed: bool = False
+    rebuild_sets: bool = False  # also build the missing protected sets of recorded cells (for bench report)
     max_hours: float = estimate.DEFAULT_MAX_HOURS  # on a CPU, refuse a run estimated longer
     stale: float = DEFAULT_STALE  # seconds without a heartbeat after which another worker's claim is taken over
     backend: BackendOptions = BackendOptions()  # where jobs run (bench.backends)
@@ -98,7 +99,8 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     protect_jobs = {p.protection_key: ProtectJob(cache.root, options.threads, p.protection_key, p.dataset_key,
                                                  p.cell.protection, p.cell.seed,
                                                  mixes.fitted_on(p.cell.mix, p.cell.poison_ratio), p.protection_fits)
-                    for p in todo if p.protection_key and not cache.valid("protected", p.protection_key, p.protection_fits)}
+                    for p in (plans if options.rebuild_sets else todo)
+                    if p.protection_key and not cache.valid("protected", p.protection_key, p.protection_fits)}
     counts["protected"] = _run_stage(Stage("protect", claims, "protect"), protect_job, list(protect_jobs.values()),
                                      backend, failures)
     purify_jobs = {p.purify_key: PurifyJob(cache.root, options.threads, p)

@@ -180,6 +180,29 @@ def test_corrupted_cache_entry_is_detected_and_rebuilt(tmp_path, capsys):
     assert all(r["status"] == "ok" for r in records(results))
 
 
+def test_rebuild_sets_builds_a_recorded_cells_missing_set_without_retraining(tmp_path, capsys):
+    """Records kept without their cache (another machine): a plain rerun builds nothing, --rebuild-sets builds the
+    protected set with the same bytes and trains no cell, and `bench report` then shows its images."""
+    from bench.figures import load_protected
+
+    matrix = tiny_matrix(tmp_path)
+    results = tmp_path / "r"
+    assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "1"]) == 0
+    entry = next((results / "cache" / "protected").iterdir())
+    original = json.loads((entry / "manifest.json").read_text())["sha256"]["images.npy"]
+    shutil.rmtree(results / "cache" / "protected")
+    cwp = next(r for r in records(results) if r["protection"] == "cwp")
+    assert "--rebuild-sets" in load_protected(results / "cache", cwp)
+    for extra, built in (([], 0), (["--rebuild-sets"], 1)):
+        capsys.readouterr()
+        assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "1", *extra]) == 0
+        assert f"0 trained, 4 already recorded, 0 failed" in capsys.readouterr().out
+        assert len(list((results / "cache" / "protected").glob("*/manifest.json"))) == built
+    assert json.loads((entry / "manifest.json").read_text())["sha256"]["images.npy"] == original
+    assert len(records(results)) == 4
+    assert not isinstance(load_protected(results / "cache", cwp), str)
+
+
 def test_dry_run_only_and_leaderboard_command(tmp_path, capsys):
     """--dry-run lists cells and cache state without running; --only filters; `bench leaderboard` reprints."""
     matrix = tiny_matrix(tmp_path)
