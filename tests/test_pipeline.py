@@ -196,7 +196,7 @@ def test_rebuild_sets_builds_a_recorded_cells_missing_set_without_retraining(tmp
     for extra, built in (([], 0), (["--rebuild-sets"], 1)):
         capsys.readouterr()
         assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "1", *extra]) == 0
-        assert f"0 trained, 4 already recorded, 0 failed" in capsys.readouterr().out
+        assert "0 trained, 4 already recorded, 0 failed" in capsys.readouterr().out
         assert len(list((results / "cache" / "protected").glob("*/manifest.json"))) == built
     assert json.loads((entry / "manifest.json").read_text())["sha256"]["images.npy"] == original
     assert len(records(results)) == 4

@@ -10,14 +10,14 @@ INIT_SCALE = 0.01  # HiNet config.init_scale: std of every weight and bias excep
 # Rows: LL, HL, LH, HH; columns: the 2×2 block's pixels (0,0), (0,1), (1,0), (1,1) as (row, col) offsets.
 # Orthonormal (HiNet divides by 2, not 4), so the inverse transform is the transpose.
 _HAAR = ((1, 1, 1, 1), (-1, 1, -1, 1), (-1, -1, 1, 1), (1, -1, -1, 1))
+_HAAR_T = tuple(zip(*_HAAR))
 
 
-def _mix(parts: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """out[k] = ½ Σ_q H[k][q] · parts[q] along dim 2 (H transposed for the inverse). Signed sums, not a matmul,
-    so bf16 autocast leaves the transform in the input's precision (its LL band feeds L_freq)."""
+def _mix(parts: torch.Tensor, matrix: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """out[k] = ½ Σ_q matrix[k][q] · parts[q] along dim 2. Signed sums, not a matmul, so bf16 autocast leaves the
+    transform in the input's precision (its LL band feeds L_freq)."""
     terms = parts.unbind(2)
-    weight = (lambda k, q: _HAAR[q][k]) if transpose else (lambda k, q: _HAAR[k][q])
-    return torch.stack([sum(weight(k, q) * terms[q] for q in range(4)) / 2 for k in range(4)], 2)
+    return torch.stack([sum(w * t for w, t in zip(row, terms)) / 2 for row in matrix], 2)
 
 
 def _check_even(x: torch.Tensor) -> None:
@@ -36,14 +36,14 @@ def dwt(x: torch.Tensor) -> torch.Tensor:
     _check_even(x)
     n, c, h, w = x.shape
     pixels = F.pixel_unshuffle(x, 2).reshape(n, c, 4, h // 2, w // 2)  # dim 2: the 4 pixels of each 2×2 block
-    return _mix(pixels, transpose=False).transpose(1, 2).reshape(n, 4 * c, h // 2, w // 2)
+    return _mix(pixels, _HAAR).transpose(1, 2).reshape(n, 4 * c, h // 2, w // 2)
 
 
 def idwt(z: torch.Tensor) -> torch.Tensor:
     """Exact inverse of :func:`dwt`: N×4C×h×w → N×C×2h×2w."""
     _check_bands(z, "idwt")
     n, c4, h, w = z.shape
-    pixels = _mix(z.reshape(n, 4, c4 // 4, h, w).transpose(1, 2), transpose=True)
+    pixels = _mix(z.reshape(n, 4, c4 // 4, h, w).transpose(1, 2), _HAAR_T)
     return F.pixel_shuffle(pixels.reshape(n, c4, h, w), 2)
 
 
