@@ -53,7 +53,7 @@ class DVAEPurification(Countermeasure):
     darker); training runs under bf16 autocast where bench's training would (CUDA, bf16 CPUs), decoding in fp32;
     any channel count and even side (official: 3 × 32 × 32, the embedding hard-coded 128 × 16 × 16; its
     ImageNet-subset setting uses a deeper stem, not implemented here). ``info``: per round the last epoch's mean
-    losses, KL and seconds.
+    losses, KL, optimizer steps and seconds.
 
     Attributes:
         epochs: training epochs per round.
@@ -132,7 +132,9 @@ class DVAEPurification(Countermeasure):
         means = (sums / (n // batch)).tolist()
         stats = dict(zip(("loss_rec", "loss_rec_p", "kl", "loss_p"), means))
         stats["psnr_rec"] = -10 * math.log10(max(stats["loss_rec"], 1e-12))
-        return net.eval(), {k: round(v, 5) for k, v in stats.items()}
+        # The budget in optimizer steps: epochs alone hide how little a small set trains (500 images at batch
+        # 128 are 3 steps an epoch, and the output is blur).
+        return net.eval(), {**{k: round(v, 5) for k, v in stats.items()}, "steps": self.epochs * (n // batch)}
 
     @torch.no_grad()
     def decode(self, net: DVAE, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,

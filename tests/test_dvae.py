@@ -28,7 +28,7 @@ def rgb() -> ImageSet:
 
 def test_contract_on_photographs(rgb):
     """uint8 of the same shape, labels kept, input untouched, the same bytes for a seed, other bytes for another;
-    ``info`` reports each round's target, losses, KL and seconds."""
+    ``info`` reports each round's target, losses, KL, steps and seconds."""
     before = rgb.images.clone()
     dvae = COUNTERMEASURES.create("dvae", **TINY)
     out = dvae.purify(rgb, seed=0, device=CPU)
@@ -38,7 +38,8 @@ def test_contract_on_photographs(rgb):
     assert not torch.equal(dvae.purify(rgb, seed=1, device=CPU).images, out.images)
     rounds = out.info["rounds"]
     assert [r["kl_target"] for r in rounds] == [1.0, 3.0]
-    assert all({"loss_rec", "loss_rec_p", "kl", "loss_p", "psnr_rec", "seconds"} <= set(r) for r in rounds)
+    assert all({"loss_rec", "loss_rec_p", "kl", "loss_p", "psnr_rec", "steps", "seconds"} <= set(r) for r in rounds)
+    assert [r["steps"] for r in rounds] == [40 // 16] * 2  # 1 epoch of 2 full batches (the partial one dropped)
     assert (out.images != rgb.images).float().mean() > 0.5
 
 
