@@ -108,10 +108,11 @@ class DVAEPurification(Countermeasure):
         precision = resolve_precision("auto", device)
         n = len(images)
         batch = min(self.batch_size, n)
+        steps = n // batch  # per epoch; the last partial batch is dropped
         sums = torch.zeros(4, device=device)
         for epoch in range(self.epochs):
             order, sums = torch.randperm(n, generator=gen).to(device), sums.zero_()
-            for step in range(n // batch):
+            for step in range(steps):
                 index = order[step * batch:(step + 1) * batch]
                 x = images[index].float().div(255)
                 with autocast(device, precision):
@@ -129,12 +130,13 @@ class DVAEPurification(Countermeasure):
                 optimizer.step()
                 sums += torch.stack([loss_rec, loss_rec_p, kl, loss_p]).detach()
             schedule.step()
-        means = (sums / (n // batch)).tolist()
+        means = (sums / steps).tolist()
         stats = dict(zip(("loss_rec", "loss_rec_p", "kl", "loss_p"), means))
         stats["psnr_rec"] = -10 * math.log10(max(stats["loss_rec"], 1e-12))
+        stats = {k: round(v, 5) for k, v in stats.items()}
         # The budget in optimizer steps: epochs alone hide how little a small set trains (500 images at batch
         # 128 are 3 steps an epoch, and the output is blur).
-        return net.eval(), {**{k: round(v, 5) for k, v in stats.items()}, "steps": self.epochs * (n // batch)}
+        return net.eval(), {**stats, "steps": self.epochs * steps}
 
     @torch.no_grad()
     def decode(self, net: DVAE, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
