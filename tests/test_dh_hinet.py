@@ -150,3 +150,24 @@ def test_concentration_loss_is_non_negative_under_bf16_autocast() -> None:
         loss = concentration_loss(conv, perturbation, labels)
     assert loss.dtype == torch.float32
     assert 0 <= loss.item() < 0.05
+
+
+def test_dense_block_channels_last_matches_the_plain_computation() -> None:
+    """The sub-network runs channels-last and feeds x to its convs in their dtype (for speed); its output is the
+    plain NCHW computation's, bit for bit under bf16 autocast, and comes back NCHW-contiguous."""
+    from protections.dh.hinet import DenseBlock
+
+    block = randomise(DenseBlock(12, 8))
+    x = torch.rand(4, 12, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for conv in block.convs[:-1]:
+            features.append(block.act(conv(torch.cat(features, 1))))
+        return block.convs[-1](torch.cat(features, 1))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = block(x), plain(x)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous()
+    assert torch.equal(out, expected)
+    assert torch.allclose(block(x), plain(x), atol=1e-5)  # fp32: oneDNN's channels-last kernels, same sums

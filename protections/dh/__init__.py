@@ -55,7 +55,7 @@ class DH(Protection):
     """
 
     paper: ClassVar[str] = "DH (semantic deep hiding) §III-B, Eq. 3–11; §IV-A2"
-    version: ClassVar[int] = 2  # 2: bf16 autocast training where bench trains victims in bf16
+    version: ClassVar[int] = 3  # 2: bf16 autocast training; 3: channels-last sub-networks (bf16 grads round anew)
     fits: ClassVar[tuple[str, ...]] = ("hiding",)
     encrypts_unseen: ClassVar[bool] = True
     encrypt_needs_labels: ClassVar[bool] = True

