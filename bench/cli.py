@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.claims import DEFAULT_STALE
-from bench.registry import ConfigError, describe_params
+from bench.execute.claims import DEFAULT_STALE
+from bench.core.registry import ConfigError, describe_params
 
 KINDS = ("protections", "countermeasures", "victims", "datasets")
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="output folder (default: ./results or $BENCH_RESULTS)")
     args = parser.parse_args(argv)
     if args.command in ("perf", "protect"):  # `run` does it in each job's process
-        from bench.train import keep_freed_memory
+        from bench.execute.train import keep_freed_memory
 
         keep_freed_memory()
     try:
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.matrix import load_matrix
-    from bench.backends import BackendOptions
-    from bench.scheduler import RunOptions, run_matrix
+    from bench.plan.matrix import load_matrix
+    from bench.execute.backends import BackendOptions
+    from bench.execute.scheduler import RunOptions, run_matrix
 
     if args.data_root:
         os.environ["BENCH_DATA_ROOT"] = str(Path(args.data_root).resolve())
@@ -138,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     options = RunOptions(args.results, jobs, args.device, args.threads, tuple(args.only), args.dry_run,
                          args.retry_failed, args.rebuild_sets, stale=args.stale_after, backend=backend)
-    if args.max_hours is not None:  # else RunOptions' default (bench.estimate.DEFAULT_MAX_HOURS)
+    if args.max_hours is not None:  # else RunOptions' default (bench.plan.estimate.DEFAULT_MAX_HOURS)
         if args.max_hours <= 0:
             raise ConfigError(f"--max-hours must be > 0, got {args.max_hours:g}")
         options = dataclasses.replace(options, max_hours=args.max_hours)
@@ -156,7 +156,7 @@ def _report_failures(log: Path, failed: int) -> int:
     """Exit status of a run: 1 (with each distinct error's last line on stderr) if any cell failed."""
     if not failed:
         return 0
-    from bench.records import RecordLog
+    from bench.store.records import RecordLog
 
     errors = {r["error"].strip().splitlines()[-1] for r in RecordLog(log).latest().values() if r["status"] == "error"}
     print(f"bench: {failed} cell(s) failed; full tracebacks in {log}; fix the cause and rerun with --retry-failed:",
@@ -167,8 +167,8 @@ def _report_failures(log: Path, failed: int) -> int:
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
-    from bench.components import VICTIMS
-    from bench.perf import PerfSettings, markdown, run_perf
+    from bench.core.components import VICTIMS
+    from bench.execute.perf import PerfSettings, markdown, run_perf
 
     victims = tuple(v for v in args.victims.split(",") if v)
     for victim in victims:
@@ -182,7 +182,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    from bench.encrypt import protect_folder
+    from bench.execute.encrypt import protect_folder
 
     print(protect_folder(args.model, args.input, args.output, results=args.results, protection=args.protection,
                          device=args.device, batch_size=args.batch_size, label=args.label))
@@ -190,8 +190,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.matrix import resolve_path
-    from bench.report import build_report
+    from bench.plan.matrix import resolve_path
+    from bench.report.page import build_report
 
     name = args.matrix if (args.results / "runs" / args.matrix).is_dir() else resolve_path(args.matrix).stem
     print(f"report written: {build_report(args.results, name, args.out)[0]}")
@@ -199,7 +199,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from bench.matrix import resolve_path
+    from bench.plan.matrix import resolve_path
 
     name = args.matrix
     if not (args.results / "runs" / name).is_dir():
@@ -214,10 +214,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def _print_leaderboard(results: Path, name: str, metric: str, mix_recipes: bool = False,
                        compare: str | None = None) -> None:
-    from bench.leaderboard import leaderboard, markdown
+    from bench.report.leaderboard import leaderboard, markdown
 
     if compare == "paper":
-        from bench import compare as paper
+        from bench.report import compare as paper
 
         frames = paper.comparison_tables(results, name, metric)
         print("".join("\n" + paper.markdown(frame) for frame in frames))
@@ -232,8 +232,8 @@ def _print_leaderboard(results: Path, name: str, metric: str, mix_recipes: bool 
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
-    from bench.data import DATASETS
+    from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
+    from bench.data.datasets import DATASETS
 
     registries = {"protections": PROTECTIONS, "countermeasures": COUNTERMEASURES, "victims": VICTIMS,
                   "datasets": DATASETS}
@@ -256,7 +256,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def describe_capabilities(cls: type) -> str:
-    """One line of what a component declares it needs and offers (``bench.components``)."""
+    """One line of what a component declares it needs and offers (``bench.core.components``)."""
     caps = cls.capabilities()
     parts = [f"stages: {'+'.join(caps['stages']) or 'none'}"] if "stages" in caps else []
     parts.append("needs labels" if caps["needs_labels"] else "no labels")

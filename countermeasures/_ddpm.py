@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.components import Pretrained
-from bench.registry import ConfigError
+from bench.api import ConfigError, Pretrained
 
 TRAINED_ARCH = {"layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from countermeasures._ops import (affine, brightness, contrast, device_generator, draw, identity_matrix, per_image,
+from bench.countermeasures._ops import (affine, brightness, contrast, device_generator, draw, identity_matrix, per_image,
                                   rotate, sharpness, signed)
 
 

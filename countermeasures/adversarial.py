@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.components import COUNTERMEASURES, Countermeasure, TrainHooks
-from countermeasures import _ops
+from bench.api import COUNTERMEASURES, Countermeasure, TrainHooks
+from bench.countermeasures import _ops
 
 DEFAULT_EPSILON = {"linf": 8 / 255, "l2": 1.0}
 

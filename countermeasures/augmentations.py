@@ -2,7 +2,7 @@
 Mixup) and ConfounderGAN App. G.6 / Table 2 (RHF, RC, RHF+RC, CutOut, MixUp, CutMix, FA).
 
 Each runs as ``TrainHooks.batch_transform`` on float batches in [0, 1] *after* the recipe's standard
-augmentation (``bench.augment``: crop + flip on CIFAR); where a table's baseline has no augmentation
+augmentation (``bench.execute.augment``: crop + flip on CIFAR); where a table's baseline has no augmentation
 (ConfounderGAN Table 2 'No augmentation') set the recipe's ``augment = "none"``. Random draws come from the
 loop's generator; mixup and cutmix return soft labels N×K that sum to 1.
 """
@@ -14,9 +14,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.augment import random_crop, random_flip
-from bench.components import COUNTERMEASURES, Countermeasure, TrainHooks
-from countermeasures import _ops
+from bench.api import COUNTERMEASURES, Countermeasure, TrainHooks, random_crop, random_flip
+from bench.countermeasures import _ops
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 _check, _mix = _ops.require, _ops.mix_labels

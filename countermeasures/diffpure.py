@@ -10,11 +10,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from bench.cache import make_key
-from bench.components import COUNTERMEASURES, DATA, Countermeasure, ImageSet, Pretrained
-from bench.data import DATASETS, fingerprint, train_images_like
-from bench.registry import ConfigError
-from countermeasures import _ddpm
+from bench.api import (COUNTERMEASURES, DATA, DATASETS, ConfigError, Countermeasure, ImageSet, Pretrained, fingerprint,
+                       make_key, train_images_like)
+from bench.countermeasures import _ddpm
 
 TRAINED = "trained"
 DDPM = Pretrained("DDPM", env="BENCH_DDPM", hub_id="google/ddpm-cifar10-32",

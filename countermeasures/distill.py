@@ -8,11 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.augment import KINDS
-from bench.components import COUNTERMEASURES, DATA, TRAIN, VICTIMS, Countermeasure, Fitted, ImageSet, Models, TrainHooks
-from bench.recipes import RECIPES, make_recipe
-from bench.train import Normalize, train_and_evaluate
-from victims.authorized import authorized_arch, authorized_start
+from bench.api import (AUGMENTATIONS as KINDS, COUNTERMEASURES, DATA, RECIPES, TRAIN, VICTIMS, Countermeasure, Fitted,
+                       ImageSet, Models, Normalize, TrainHooks, make_recipe, train_and_evaluate)
+from bench.victims.authorized import authorized_arch, authorized_start
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 

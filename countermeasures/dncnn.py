@@ -9,9 +9,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.components import COUNTERMEASURES, DATA, Attacker, Countermeasure, Fitted, ImageSet, Models
-from bench.mixes import ATTACKER_SEED, class_mask
-from countermeasures import _ops
+from bench.api import (ATTACKER_SEED, COUNTERMEASURES, DATA, Attacker, Countermeasure, Fitted, ImageSet, Models,
+                       class_mask)
+from bench.countermeasures import _ops
 
 
 class DnCNN(nn.Module):

@@ -11,10 +11,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.components import COUNTERMEASURES, Countermeasure, ImageSet
-from bench.train import autocast, resolve_precision
-from countermeasures import _ops
-from countermeasures._dvae_net import DVAE
+from bench.api import COUNTERMEASURES, Countermeasure, ImageSet, autocast, resolve_precision
+from bench.countermeasures import _ops
+from bench.countermeasures._dvae_net import DVAE
 
 GRAD_CLIP = 5.0  # clip_grad_norm_ (configs/cifar10/resnet18*.yaml grad_clip)
 PERTURBATION_FLOOR, PERTURBATION_AFTER = 0.002, 10  # + max(mean p², 0.002) once epoch > 10 (0-based)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from bench.components import COUNTERMEASURES, Countermeasure
+from bench.api import COUNTERMEASURES, Countermeasure
 
 
 @COUNTERMEASURES.register("early_stop")

@@ -14,7 +14,7 @@ import kornia
 import torch
 import torch.nn.functional as F
 
-from bench.components import COUNTERMEASURES, Countermeasure, ImageSet
+from bench.api import COUNTERMEASURES, Countermeasure, ImageSet
 
 CHUNK = 2 ** 22
 

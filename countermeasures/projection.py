@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.components import COUNTERMEASURES, Countermeasure, ImageSet
-from countermeasures import _ops
+from bench.api import COUNTERMEASURES, Countermeasure, ImageSet
+from bench.countermeasures import _ops
 
 CHUNK = 2 ** 24  # values per chunk of flattened images (float32) when fitting and projecting
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torchvision.io import decode_jpeg, encode_jpeg
 
-from bench.components import COUNTERMEASURES, Countermeasure, ImageSet
+from bench.api import COUNTERMEASURES, Countermeasure, ImageSet
 
 
 @COUNTERMEASURES.register("jpeg")

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.components import COUNTERMEASURES, Countermeasure, TrainHooks
-from countermeasures import _ops
-from countermeasures._trivial import ueraser_augment
+from bench.api import COUNTERMEASURES, Countermeasure, TrainHooks
+from bench.countermeasures import _ops
+from bench.countermeasures._trivial import ueraser_augment
 
 # variant → fraction of the epochs with the max-over-K loss (APBench train.py --repeat_epoch 0 / 50 / 300 of
 # its 200 epochs; UEraser-Max trains 300 epochs, all adversarial: set the epochs in the recipe).
@@ -75,7 +75,7 @@ class UEraserLoss:
             return self.fraction == 1.0
         if self.progress is None:
             raise RuntimeError("ueraser variant 'standard' needs TrainHooks.epoch_start called before the first "
-                               "step (bench.train does; a loop of your own must too), or use variant 'lite' or 'max'")
+                               "step (bench.execute.train does; a loop of your own must too), or use variant 'lite' or 'max'")
         return self.progress < self.fraction
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,

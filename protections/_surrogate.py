@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.components import VICTIMS, ImageSet
-from bench.recipes import Recipe
-from bench.train import Normalize, autocast, channel_stats, resolve_precision, train_and_evaluate
+from bench.api import (VICTIMS, ImageSet, Normalize, Recipe, autocast, channel_stats, resolve_precision,
+                       train_and_evaluate)
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

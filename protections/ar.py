@@ -8,7 +8,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
-from bench.components import PROTECTIONS, ImageSet, Protection
+from bench.api import PROTECTIONS, ImageSet, Protection
 
 # The 8 causal neighbours of a 3×3 window as (row, column) offsets back from the pixel being generated.
 OFFSETS = torch.tensor([(dr, dc) for dr in range(3) for dc in range(3) if (dr, dc) != (0, 0)])

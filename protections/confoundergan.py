@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.components import PROTECTIONS, Fitted, ImageSet, Models, Protection
-from protections import _surrogate as S
+from bench.api import PROTECTIONS, Fitted, ImageSet, Models, Protection
+from bench.protections import _surrogate as S
 
 LR = 0.025  # App. G.3: generator (cosine) and discriminator (constant)
 
@@ -92,7 +92,7 @@ class ConfounderGAN(Protection):
     hinge pulls the noise energy towards c = ``hinge_ratio``·ε·√(C·H·W), the L2 norm of noise of RMS
     ``hinge_ratio``·ε. ε as §5.1: 8 for 32×32 sets (SVHN, CIFAR-10), 16 otherwise (ImageNet25, medical).
     ``epochs`` per App. G.3: 200 SVHN/CIFAR-10/Keratitis, 100 BloodMNIST, 400 ISIC, 5000 ImageNet25. ``fit``
-    returns the generator (``fits = ("generator",)``); the harness saves it beside the poison (``bench.artifacts``)
+    returns the generator (``fits = ("generator",)``); the harness saves it beside the poison (``bench.store.artifacts``)
     and ``encrypt`` protects unseen images with it, without labels (§4.3 Fig. 3(b): the ``ood`` mix of §5.2.2,
     ``bench protect``).
 

@@ -9,9 +9,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.augment import standard_augment
-from bench.components import PROTECTIONS, ImageSet, Protection
-from protections import _surrogate as S
+from bench.api import PROTECTIONS, ImageSet, Protection, standard_augment
+from bench.protections import _surrogate as S
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.components import PROTECTIONS, ImageSet, Protection
-from bench.registry import ConfigError
+from bench.api import PROTECTIONS, ConfigError, ImageSet, Protection
 
 ORDER = "one protected image per train image in the dataset's train order (after its per_class subsetting)"
 # spec() runs once per cell while planning: hash an unchanged source (same names, sizes, mtimes) only once.

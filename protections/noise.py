@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.components import PROTECTIONS, ImageSet, Protection
+from bench.api import PROTECTIONS, ImageSet, Protection
 
 
 def add_noise(train: ImageSet, noise: torch.Tensor) -> ImageSet:

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.components import PROTECTIONS, ImageSet, Protection
+from bench.api import PROTECTIONS, ImageSet, Protection
 
 # ConfounderGAN App. G.2, verbatim (classes 16–19 and 20–23 share colours as printed in the paper).
 PAPER_COLOURS = ((220, 0, 0), (230, 0, 0), (240, 0, 0), (250, 0, 0), (0, 220, 0), (0, 230, 0), (0, 240, 0),

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from bench.components import PROTECTIONS, ImageSet, Protection
-from protections.ar import publish
+from bench.api import PROTECTIONS, ImageSet, Protection
+from bench.protections.ar import publish
 
 CHUNK = 4096  # images per batch when summing class statistics
 CLASS_SEP = 10.0  # the official make_classification(class_sep=10.)

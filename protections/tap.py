@@ -8,9 +8,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.components import PROTECTIONS, ImageSet, Protection
-from bench.train import channel_stats
-from protections import _surrogate as S
+from bench.api import PROTECTIONS, ImageSet, Protection, channel_stats
+from bench.protections import _surrogate as S
 
 
 def translate_flip(x: torch.Tensor, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

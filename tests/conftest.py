@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 def cifar10_jpeg_path() -> Path | None:
     """The CIFAR-10 JPEG copy where ``cifar10-jpeg`` finds it ($BENCH_CIFAR10_JPEG, the data root, ../shared/data
     beside the repository), or None."""
-    from bench.data import Cifar10Jpeg
+    from bench.data.datasets import Cifar10Jpeg
 
     return next((path for path in Cifar10Jpeg().candidates() if path.is_file()), None)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.backends import BackendOptions
+from bench.execute.backends import BackendOptions
 from bench.cli import main
-from bench.records import RecordLog
-from bench.registry import ConfigError
+from bench.store.records import RecordLog
+from bench.core.registry import ConfigError
 from conftest import REPO
 
 MATRIX = """

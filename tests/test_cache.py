@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cache import Cache, make_key
-from bench.components import ImageSet
-from bench.metrics import perturbation_metrics
-from bench.records import RecordLog
+from bench.store.cache import Cache, make_key
+from bench.core.components import ImageSet
+from bench.execute.metrics import perturbation_metrics
+from bench.store.records import RecordLog
 
 # ------------------------------------------------------------------ make_key
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.claims import Claims
-from bench.records import RecordLog
-from bench.registry import ConfigError
+from bench.execute.claims import Claims
+from bench.store.records import RecordLog
+from bench.core.registry import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-SPAWN = multiprocessing.get_context("spawn")  # children import only bench.claims / bench.records, not torch
+SPAWN = multiprocessing.get_context("spawn")  # children import only bench.execute.claims / bench.store.records, not torch
 
 
 def _contend(root: str, stale: float, start: float) -> tuple[int, bool]:

@@ -8,12 +8,12 @@ import math
 import pandas as pd
 import pytest
 
-from bench import compare as C
-from bench import references
+from bench.report import compare as C
+from bench.report import references
 from bench.cli import main
-from bench.matrix import parse_matrix
-from bench.records import RecordLog
-from bench.registry import ConfigError
+from bench.plan.matrix import parse_matrix
+from bench.store.records import RecordLog
+from bench.core.registry import ConfigError
 
 PAPER = [("Clean", "Vanilla", 94.0), ("Clean", "JPEG10", 85.0), ("Clean", "Mean", 89.5), ("Clean", "Max", 94.0),
          ("EM", "Vanilla", 10.0), ("EM", "JPEG10", 84.0), ("EM", "Gray", 69.0), ("EM", "Mean", 54.33),
@@ -177,7 +177,7 @@ def test_cli_prints_and_writes_csv_markdown_latex(paper, tmp_path, capsys):
 
 
 def test_paper_setting_is_declared_by_the_components_that_change_weights_or_budgets():
-    from bench.components import COUNTERMEASURES, PROTECTIONS
+    from bench.core.components import COUNTERMEASURES, PROTECTIONS
 
     assert PROTECTIONS.get("dh").paper_setting == ("source", "extractor", "blocks", "iterations")
     assert "mode" not in PROTECTIONS.get("dh").paper_setting  # a variant of the paper, not a departure
@@ -194,7 +194,7 @@ def test_a_paper_setting_that_is_no_parameter_is_refused():
     import dataclasses
     from typing import ClassVar
 
-    from bench.components import Protection
+    from bench.core.components import Protection
 
     @dataclasses.dataclass(frozen=True)
     class Typo(Protection):
@@ -206,7 +206,7 @@ def test_a_paper_setting_that_is_no_parameter_is_refused():
 
 
 def test_real_dh_table1_joins_the_matrix_labels():
-    from bench.matrix import load_matrix
+    from bench.plan.matrix import load_matrix
 
     matrix = load_matrix("dh-table1")
     paper = references.reference_pivot("dh-table1", "cifar10", "resnet18")
@@ -217,7 +217,7 @@ def test_real_dh_table1_joins_the_matrix_labels():
 
 
 def test_save_resolved_keeps_the_reference(paper, tmp_path):
-    from bench.scheduler import save_resolved
+    from bench.execute.scheduler import save_resolved
 
     raw = {"datasets": ["digits"], "protections": ["clean"], "countermeasures": ["none"], "victims": ["cnn"]}
     save_resolved(parse_matrix({**raw, "reference": "t-table1"}, "m"), tmp_path / "matrix.json")
@@ -228,7 +228,7 @@ def test_save_resolved_keeps_the_reference(paper, tmp_path):
 def test_every_matrix_with_a_reference_joins_some_rows_and_columns(name):
     import itertools
 
-    from bench.matrix import load_matrix
+    from bench.plan.matrix import load_matrix
 
     matrix = load_matrix(name)
     paper = references.load_reference(matrix.reference)

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from bench import mixes
-from bench.components import COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, VICTIMS, Attacker, ImageSet, Models, TrainHooks
-from bench.data import DATASETS
+from bench.data import mixes
+from bench.core.components import COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, VICTIMS, Attacker, ImageSet, Models, TrainHooks
+from bench.data.datasets import DATASETS
 from conftest import require_cifar10_jpeg
-from protections.patches import PAPER_COLOURS
+from bench.protections.patches import PAPER_COLOURS
 
 CPU = torch.device("cpu")
 
@@ -334,7 +334,7 @@ HOOK_PARAMS = {"adv_training": {"steps": 2}, "ueraser": {"repeats": 2}}
 
 
 def run_hooks(hooks: TrainHooks, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int):
-    """One step's hooks in the loop's order (``bench.train``), on one generator: (x, y, loss)."""
+    """One step's hooks in the loop's order (``bench.execute.train``), on one generator: (x, y, loss)."""
     gen = torch.Generator().manual_seed(seed)
     if hooks.epoch_start:
         hooks.epoch_start(0, 4)

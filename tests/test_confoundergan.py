@@ -16,16 +16,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bench import metrics
-from bench.artifacts import load_models
-from bench.cache import Cache
+from bench.execute import metrics
+from bench.store.artifacts import load_models
+from bench.store.cache import Cache
 from bench.cli import main
-from bench.components import PROTECTIONS, VICTIMS, ImageSet
-from bench.data import DATASETS
-from bench.recipes import make_recipe
-from bench.train import train_and_evaluate
-from protections import _surrogate as S
-from protections.confoundergan import Discriminator, Generator, encrypt
+from bench.core.components import PROTECTIONS, VICTIMS, ImageSet
+from bench.data.datasets import DATASETS
+from bench.plan.recipes import make_recipe
+from bench.execute.train import train_and_evaluate
+from bench.protections import _surrogate as S
+from bench.protections.confoundergan import Discriminator, Generator, encrypt
 from tests.conftest import require_cifar10_jpeg
 
 CPU = torch.device("cpu")
@@ -301,9 +301,9 @@ def test_corrupted_generator_is_refused(digits, tmp_path, capsys):
 def test_protect_stage_saves_the_generator_beside_its_poison(tmp_path):
     """A matrix cell's protect stage saves the generator in the protected set's cache entry (its key is the
     protection key), where load_models verifies it; a truncated model makes the entry invalid."""
-    from bench import stages
-    from bench.matrix import Choice
-    from bench.planner import prepare_dataset
+    from bench.execute import stages
+    from bench.plan.matrix import Choice
+    from bench.plan.planner import prepare_dataset
 
     cache = Cache(tmp_path / "cache")
     dataset_key = prepare_dataset(cache, Choice("digits", (("per_class", 4),), "digits"))

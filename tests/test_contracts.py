@@ -11,12 +11,12 @@ from typing import ClassVar
 import pytest
 import torch
 
-from bench.components import Countermeasure, ImageSet, Protection, TrainHooks
-from bench.data import DATASETS
-from bench.recipes import make_recipe
-from bench.registry import Registry
-from bench.train import train_and_evaluate
-from bench.records import RecordLog
+from bench.core.components import Countermeasure, ImageSet, Protection, TrainHooks
+from bench.data.datasets import DATASETS
+from bench.plan.recipes import make_recipe
+from bench.core.registry import Registry
+from bench.execute.train import train_and_evaluate
+from bench.store.records import RecordLog
 from tests.conftest import REPO, run_subprocess, tiny_matrix
 
 CPU = torch.device("cpu")
@@ -99,7 +99,7 @@ def test_protection_capabilities_must_match_the_methods():
 
 BOTH = '''
 from typing import ClassVar
-from bench.components import COUNTERMEASURES, Countermeasure, ImageSet, TrainHooks
+from bench.core.components import COUNTERMEASURES, Countermeasure, ImageSet, TrainHooks
 
 
 @COUNTERMEASURES.register("both_test")
@@ -162,7 +162,7 @@ def test_attack_and_loss_hooks_get_the_cells_generator(digits):
 # ------------------------------------------------------------------ plugins: import errors stick
 
 
-BROKEN = "from bench.components import PROTECTIONS\nraise RuntimeError('half-written plugin')\n"
+BROKEN = "from bench.core.components import PROTECTIONS\nraise RuntimeError('half-written plugin')\n"
 
 
 def test_a_broken_plugin_fails_every_registry_call_naming_the_file(tmp_path):
@@ -170,8 +170,8 @@ def test_a_broken_plugin_fails_every_registry_call_naming_the_file(tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "halfway.py").write_text(BROKEN)
-    code = ("from bench.components import PROTECTIONS, VICTIMS\n"
-            "from bench.registry import PluginImportError\n"
+    code = ("from bench.core.components import PROTECTIONS, VICTIMS\n"
+            "from bench.core.registry import PluginImportError\n"
             "for call in (PROTECTIONS.names, lambda: VICTIMS.get('cnn'), lambda: 'em' in PROTECTIONS):\n"
             "    try:\n"
             "        call()\n"
@@ -202,7 +202,7 @@ def test_a_broken_plugin_fails_bench_commands_with_exit_2(tmp_path, args):
 NEEDS_GENERATOR = '''
 from typing import ClassVar
 import torch
-from bench.components import COUNTERMEASURES, VICTIMS, Countermeasure, Fitted, Models, Pretrained, Victim
+from bench.core.components import COUNTERMEASURES, VICTIMS, Countermeasure, Fitted, Models, Pretrained, Victim
 
 
 @VICTIMS.register("from_generator_test")
@@ -331,7 +331,7 @@ def test_a_countermeasure_fitting_a_model_keeps_it_beside_its_purified_set(tmp_p
     (record,) = records(tmp_path / "r")
     assert record["purify_models"] == ["denoiser"] and record["purify_info"] == {"fitted": True}
     (entry,) = (tmp_path / "r" / "cache" / "purified").iterdir()
-    code = ("import torch; from pathlib import Path; from bench.artifacts import load_models; "
+    code = ("import torch; from pathlib import Path; from bench.store.artifacts import load_models; "
             f"net = load_models(Path({str(entry)!r}), ('denoiser',), torch.device('cpu'))['denoiser']; "
             "print(type(net).__name__, net.arch)")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from scipy import ndimage
 
-from bench.components import COUNTERMEASURES, TRAIN, VICTIMS, ImageSet, TrainHooks
-from bench.data import DATASETS
-from bench.matrix import expand, load_matrix
+from bench.core.components import COUNTERMEASURES, TRAIN, VICTIMS, ImageSet, TrainHooks
+from bench.data.datasets import DATASETS
+from bench.plan.matrix import expand, load_matrix
 from conftest import require_cifar10_jpeg
-from countermeasures import _ops, _trivial
+from bench.countermeasures import _ops, _trivial
 
 CPU = torch.device("cpu")
 # Train stages whose hooks need models their own data stage fitted (distill's teacher: tests/test_uge.py).
@@ -262,7 +262,7 @@ def test_gauss_noise_clamps_at_black():
 
 
 def test_filters_do_not_depend_on_chunking(monkeypatch, rgb):
-    import countermeasures.filters as filters
+    import bench.countermeasures.filters as filters
 
     whole = {n: purify(n, rgb).images for n in ("mean_filter", "median_filter", "gauss_filter")}
     monkeypatch.setattr(filters, "CHUNK", 3 * 32 * 32 * 7)  # 7 images per chunk
@@ -373,7 +373,7 @@ def test_ueraser_augmentation_is_strong_and_seeded(rgb):
 def test_orthogonal_projection_removes_the_class_directions(rgb):
     """After projection, the fitted linear model's K logits are (nearly) equal for every image; before, they
     separate the classes of a class-wise perturbed set."""
-    from bench.components import PROTECTIONS
+    from bench.core.components import PROTECTIONS
 
     protected = PROTECTIONS.create("cwn", epsilon=16.0).protect(rgb, seed=0, device=CPU)
     op = COUNTERMEASURES.create("orthogonal_projection", steps=100)
@@ -418,8 +418,8 @@ def test_dh_table1_matrices_follow_the_column_order(name):
 @pytest.mark.parametrize("name", TRAIN_STAGE)
 def test_train_stage_countermeasures_run_in_the_loop(name):
     """One epoch of the real loop on digits with each train-stage countermeasure (soft labels, attack, loss)."""
-    from bench.recipes import make_recipe
-    from bench.train import train_and_evaluate
+    from bench.plan.recipes import make_recipe
+    from bench.execute.train import train_and_evaluate
 
     train, test = DATASETS.create("digits", per_class=10, test_per_class=5).load()
     hooks = COUNTERMEASURES.create(name, **HOOK_PARAMS.get(name, {})).train_hooks(train.num_classes, train.size)
@@ -433,9 +433,9 @@ def test_train_stage_countermeasures_run_in_the_loop(name):
 def test_data_stage_countermeasures_leave_the_test_set_alone(tmp_path):
     """A run with every new data-stage countermeasure: all cells train, and the cached test split is the
     dataset's test split, byte for byte (purification sees only the train set)."""
-    from bench.cache import Cache
+    from bench.store.cache import Cache
     from bench.cli import main
-    from bench.records import RecordLog
+    from bench.store.records import RecordLog
     from conftest import TINY, tiny_matrix
 
     extra = ("mean_filter = {}\ngauss_filter = {}\ngauss_noise = {}\northogonal_projection = { steps = 20 }\n"
@@ -457,14 +457,14 @@ def test_data_stage_countermeasures_leave_the_test_set_alone(tmp_path):
 
 
 def test_ueraser_standard_is_adversarial_for_the_first_quarter_in_the_loop(monkeypatch):
-    from bench.recipes import make_recipe
-    from bench.train import train_and_evaluate
+    from bench.plan.recipes import make_recipe
+    from bench.execute.train import train_and_evaluate
 
     train, test = DATASETS.create("digits", per_class=10, test_per_class=5).load()
     hooks = COUNTERMEASURES.create("ueraser", repeats=3).train_hooks(train.num_classes, train.size)
     draws = []
     real = _trivial.ueraser_augment
-    monkeypatch.setattr("countermeasures.ueraser.ueraser_augment", lambda x, gen: draws.append(1) or real(x, gen))
+    monkeypatch.setattr("bench.countermeasures.ueraser.ueraser_augment", lambda x, gen: draws.append(1) or real(x, gen))
     torch.manual_seed(0)
     model = VICTIMS.create("cnn", width=8).build(10, 1, train.size)
     train_and_evaluate(model, train, test, make_recipe("quick", epochs=4, batch_size=50), seed=0, device=CPU,
@@ -473,7 +473,7 @@ def test_ueraser_standard_is_adversarial_for_the_first_quarter_in_the_loop(monke
 
 
 def test_leaderboard_shows_the_best_epoch_for_early_stop():
-    from bench.leaderboard import build_tables
+    from bench.report.leaderboard import build_tables
 
     base = {"dataset": "d", "victim": "v", "recipe": "quick", "poison_ratio": 1.0, "protection": "cwn",
             "status": "ok", "test_acc_final": 0.2, "test_acc_best": 0.7}

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-import bench.data
-from bench.components import ImageSet
-from bench.data import CIFAR10_JPEG_ENV, DATA_ROOT_ENV, DATASETS, balanced_subset, data_root, fingerprint
-from bench.registry import ConfigError
+import bench.data.datasets
+from bench.core.components import ImageSet
+from bench.data.datasets import CIFAR10_JPEG_ENV, DATA_ROOT_ENV, DATASETS, balanced_subset, data_root, fingerprint
+from bench.core.registry import ConfigError
 from conftest import cifar10_jpeg_path, requires_cifar10_jpeg
 
 
@@ -169,7 +169,7 @@ def test_cifar10_jpeg_not_found_names_env_var_and_places(tmp_path, monkeypatch):
     empty = tmp_path / "data"
     empty.mkdir()
     monkeypatch.setenv(DATA_ROOT_ENV, str(empty))
-    monkeypatch.setattr(bench.data, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(bench.data.datasets, "REPO_ROOT", tmp_path / "repo")
     with pytest.raises(ConfigError) as info:
         DATASETS.create("cifar10-jpeg", per_class=1).load()
     message = str(info.value)
@@ -181,7 +181,7 @@ def test_cifar10_jpeg_not_found_names_env_var_and_places(tmp_path, monkeypatch):
 def test_cifar10_jpeg_env_var_pointing_nowhere(tmp_path, monkeypatch):
     monkeypatch.setenv(CIFAR10_JPEG_ENV, str(tmp_path / "absent.npz"))
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
-    monkeypatch.setattr(bench.data, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(bench.data.datasets, "REPO_ROOT", tmp_path / "repo")
     with pytest.raises(ConfigError) as info:
         DATASETS.create("cifar10-jpeg").load()
     assert str(tmp_path / "absent.npz") in str(info.value)
@@ -189,7 +189,7 @@ def test_cifar10_jpeg_env_var_pointing_nowhere(tmp_path, monkeypatch):
 
 def test_tests_find_the_copy_as_the_dataset_does(tmp_path, monkeypatch):
     """tests/conftest.py's cifar10_jpeg_path follows Cifar10Jpeg's search: the env var first, then the data root."""
-    monkeypatch.setattr(bench.data, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(bench.data.datasets, "REPO_ROOT", tmp_path / "repo")
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "root"))
     monkeypatch.delenv(CIFAR10_JPEG_ENV, raising=False)
     assert cifar10_jpeg_path() is None
@@ -243,7 +243,7 @@ def test_cifar10_jpeg_matches_independent_decoding(tmp_path, monkeypatch):
     path = cifar10_jpeg_path()
     monkeypatch.setenv(CIFAR10_JPEG_ENV, str(path))
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
-    monkeypatch.setattr(bench.data, "REPO_ROOT", tmp_path / "repo")  # only the env var can find it
+    monkeypatch.setattr(bench.data.datasets, "REPO_ROOT", tmp_path / "repo")  # only the env var can find it
     train, _ = DATASETS.create("cifar10-jpeg", per_class=1, test_per_class=1).load()
     arrays = np.load(path)
     labels, blob, offsets = arrays["train_labels"], arrays["train_jpeg"], arrays["train_offsets"]
@@ -258,7 +258,7 @@ def test_cifar10_jpeg_matches_independent_decoding(tmp_path, monkeypatch):
 def test_cifar10_jpeg_found_in_data_root(tmp_path, monkeypatch):
     monkeypatch.delenv(CIFAR10_JPEG_ENV, raising=False)
     (tmp_path / "cifar10_jpeg75.npz").symlink_to(cifar10_jpeg_path())
-    monkeypatch.setattr(bench.data, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(bench.data.datasets, "REPO_ROOT", tmp_path / "repo")
     train, test = DATASETS.create("cifar10-jpeg", root=str(tmp_path), per_class=1, test_per_class=1).load()
     assert len(train) == 10 and len(test) == 10
 

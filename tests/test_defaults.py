@@ -11,13 +11,13 @@ import dataclasses
 import pytest
 import torch
 
-from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
-from bench.data import DATASETS, balanced_subset
-from bench.matrix import load_matrix
-from bench.recipes import RECIPES, Recipe, make_recipe
-from bench.registry import ConfigError
-from bench.train import train_and_evaluate
-from protections import _surrogate
+from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
+from bench.data.datasets import DATASETS, balanced_subset
+from bench.plan.matrix import load_matrix
+from bench.plan.recipes import RECIPES, Recipe, make_recipe
+from bench.core.registry import ConfigError
+from bench.execute.train import train_and_evaluate
+from bench.protections import _surrogate
 
 CPU = torch.device("cpu")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from bench.components import COUNTERMEASURES, PROTECTIONS
+from bench.core.components import COUNTERMEASURES, PROTECTIONS
 
 TABLE = Path(__file__).resolve().parent.parent / "bench" / "DEVIATIONS.md"
 

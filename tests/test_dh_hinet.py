@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protections.dh.hinet import HidingNetwork, dwt, idwt, low_band
+from bench.protections.dh.hinet import HidingNetwork, dwt, idwt, low_band
 
 
 def randomise(net: nn.Module, std: float = 0.05) -> nn.Module:
@@ -139,7 +139,7 @@ def test_wavelets_and_couplings_keep_fp32_under_bf16_autocast() -> None:
 
 def test_concentration_loss_is_non_negative_under_bf16_autocast() -> None:
     """1 − cos of near-collinear features: in bf16 the cosines overshoot 1 and the loss went below 0 (seen: −0.17)."""
-    from protections.dh.losses import concentration_loss
+    from bench.protections.dh.losses import concentration_loss
 
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 64, 3, padding=1)
@@ -155,7 +155,7 @@ def test_concentration_loss_is_non_negative_under_bf16_autocast() -> None:
 def test_dense_block_channels_last_matches_the_plain_computation() -> None:
     """The sub-network runs channels-last and feeds x to its convs in their dtype (for speed); its output is the
     plain NCHW computation's, bit for bit under bf16 autocast, and comes back NCHW-contiguous."""
-    from protections.dh.hinet import DenseBlock
+    from bench.protections.dh.hinet import DenseBlock
 
     block = randomise(DenseBlock(12, 8))
     x = torch.rand(4, 12, 8, 8, generator=torch.Generator().manual_seed(0))

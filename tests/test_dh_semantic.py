@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from skimage import filters, morphology
 
-from bench.registry import ConfigError
-from protections.dh import diffusion as D
-from protections.dh import semantic as SEM
-from protections.uge.encoders import CLIP
+from bench.core.registry import ConfigError
+from bench.protections.dh import diffusion as D
+from bench.protections.dh import semantic as SEM
+from bench.protections.uge.encoders import CLIP
 
 
 def skimage(classes=10, per_class=1, channels=3, size=32, seed=0):

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from bench.components import COUNTERMEASURES, ImageSet
-from bench.data import DATASETS
-from bench.matrix import Cell, Choice
-from bench.planner import Components, missing_capabilities
-from bench.registry import ConfigError
+from bench.core.components import COUNTERMEASURES, ImageSet
+from bench.data.datasets import DATASETS
+from bench.plan.matrix import Cell, Choice
+from bench.plan.planner import Components, missing_capabilities
+from bench.core.registry import ConfigError
 from conftest import require_cifar10_jpeg
-from countermeasures import _ddpm
-from countermeasures.diffpure import DDPM
+from bench.countermeasures import _ddpm
+from bench.countermeasures.diffpure import DDPM
 
 CPU = torch.device("cpu")
 TINY = {"model": "trained", "train_steps": 2, "train_width": 8, "train_batch_size": 8, "t_star": 10}

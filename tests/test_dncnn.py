@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import mixes
+from bench.data import mixes
 from bench.cli import main
-from bench.components import COUNTERMEASURES, Attacker, Countermeasure, ImageSet
-from bench.data import DATASETS
-from bench.records import RecordLog
+from bench.core.components import COUNTERMEASURES, Attacker, Countermeasure, ImageSet
+from bench.data.datasets import DATASETS
+from bench.store.records import RecordLog
 from conftest import require_cifar10_jpeg
-from countermeasures.dncnn import DnCNN, dihedral, halves
+from bench.countermeasures.dncnn import DnCNN, dihedral, halves
 
 CPU = torch.device("cpu")
 
@@ -106,7 +106,7 @@ def test_needs_attacker_must_match_the_signature():
 
 
 def test_attacker_encrypts_with_fitted_models_else_runs_the_protection(rgb):
-    from bench.components import PROTECTIONS, Models
+    from bench.core.components import PROTECTIONS, Models
 
     sets = mixes.TrainSet(rgb, rgb, torch.ones(len(rgb), dtype=torch.bool))
     runs = mixes.attacker(PROTECTIONS.create("random_noise"), Models(), sets, seed=0, device=CPU)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
-from bench.data import DATASETS
-from bench.recipes import make_recipe
-from bench.registry import ConfigError
-from bench.train import train_and_evaluate
+from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
+from bench.data.datasets import DATASETS
+from bench.plan.recipes import make_recipe
+from bench.core.registry import ConfigError
+from bench.execute.train import train_and_evaluate
 from conftest import require_cifar10_jpeg
 
 CPU = torch.device("cpu")

@@ -13,11 +13,11 @@ from collections import Counter
 import pytest
 import torch
 
-from bench.components import PROTECTIONS, ImageSet
-from bench.data import DATASETS
-from bench.registry import ConfigError
-from protections import _surrogate as S
-from protections import tap as T
+from bench.core.components import PROTECTIONS, ImageSet
+from bench.data.datasets import DATASETS
+from bench.core.registry import ConfigError
+from bench.protections import _surrogate as S
+from bench.protections import tap as T
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""The cost estimate before a run (bench.estimate) and the CPU refusal of GPU-sized matrices; no training."""
+"""The cost estimate before a run (bench.plan.estimate) and the CPU refusal of GPU-sized matrices; no training."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from bench.cache import Cache
+from bench.store.cache import Cache
 from bench.cli import main
-from bench.estimate import Estimate, estimate, refusal, timings
-from bench.matrix import expand, load_matrix, parse_matrix
-from bench.registry import ConfigError
+from bench.plan.estimate import Estimate, estimate, refusal, timings
+from bench.plan.matrix import expand, load_matrix, parse_matrix
+from bench.core.registry import ConfigError
 
 TRANSFER = {"full": {"resnet50", "vgg19", "densenet121", "vit"}, "full-cpu": {"resnet20", "vgg11", "mobilenetv2", "vit"}}
 

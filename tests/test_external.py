@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.cache import make_key
+from bench.store.cache import make_key
 from bench.cli import main
-from bench.components import PROTECTIONS, ImageSet, Protection
-from bench.data import DATASETS
-from bench.records import RecordLog
-from bench.registry import ConfigError
+from bench.core.components import PROTECTIONS, ImageSet, Protection
+from bench.data.datasets import DATASETS
+from bench.store.records import RecordLog
+from bench.core.registry import ConfigError
 from conftest import TINY, run_subprocess, tiny_matrix
 from test_components import assert_image_set_contract, digits_batch, rgb_batch
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from bench.leaderboard import Layout, build_tables, leaderboard, markdown, write_tables
+from bench.report.leaderboard import Layout, build_tables, leaderboard, markdown, write_tables
 
 
 def rec(protection: str, countermeasure: str, acc: float | None = 0.5, *, seed: int = 0, best: float | None = None,
@@ -199,7 +199,7 @@ def test_leaderboard_is_a_pure_step_over_records(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, json; from pathlib import Path; from bench.leaderboard import leaderboard; "
+    code = ("import sys, json; from pathlib import Path; from bench.report.leaderboard import leaderboard; "
             f"run = Path({str(tmp_path)!r}) / 'runs' / 'm'; run.mkdir(parents=True); "
             f"(run / 'records.jsonl').write_text(json.dumps({rec('clean', 'none')!r}) + '\\n'); "
             "(run / 'matrix.json').write_text(json.dumps({'axes': {}, 'layout': {'summary': False}})); "

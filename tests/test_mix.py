@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.cache import Cache
+from bench.store.cache import Cache
 from bench.cli import main
-from bench.leaderboard import build_tables
-from bench.matrix import expand, parse_matrix
-from bench.records import RecordLog
-from bench.registry import ConfigError
-from bench.mixes import TrainSource, assemble, class_mask
-from bench.planner import check_cells, plan_cell, prepare_dataset
+from bench.report.leaderboard import build_tables
+from bench.plan.matrix import expand, parse_matrix
+from bench.store.records import RecordLog
+from bench.core.registry import ConfigError
+from bench.data.mixes import TrainSource, assemble, class_mask
+from bench.plan.planner import check_cells, plan_cell, prepare_dataset
 from tests.conftest import tiny_matrix
 
 GAN = "{ surrogate = \"cnn\", surrogate_epochs = 1, epochs = 1, width = 8 }"
@@ -56,7 +56,7 @@ def test_keys_per_mix(tmp_path):
 
 
 def test_class_mask_takes_the_ratio_of_every_class():
-    from bench.data import DATASETS
+    from bench.data.datasets import DATASETS
 
     data = DATASETS.create("digits", per_class=10).load()[0]
     mask = class_mask(data, 0.3, seed=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.records import RecordLog
+from bench.store.records import RecordLog
 from conftest import REPO, TINY, run_subprocess, tiny_matrix
 
 
@@ -84,7 +84,7 @@ def test_bad_matrix_exit_code_from_shell(tmp_path):
 PLUGIN = '''
 """A countermeasure dropped in as one file: inverts the images."""
 from typing import ClassVar
-from bench.components import COUNTERMEASURES, Countermeasure, ImageSet
+from bench.core.components import COUNTERMEASURES, Countermeasure, ImageSet
 
 
 @COUNTERMEASURES.register("invert_test")
@@ -131,7 +131,7 @@ def test_failed_cell_is_recorded_and_grid_continues(tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "broken.py").write_text(
-        "from bench.components import PROTECTIONS, Protection\n"
+        "from bench.core.components import PROTECTIONS, Protection\n"
         "@PROTECTIONS.register('broken_test')\n"
         "class Broken(Protection):\n"
         "    def protect(self, train, *, seed, device):\n"
@@ -183,7 +183,7 @@ def test_corrupted_cache_entry_is_detected_and_rebuilt(tmp_path, capsys):
 def test_rebuild_sets_builds_a_recorded_cells_missing_set_without_retraining(tmp_path, capsys):
     """Records kept without their cache (another machine): a plain rerun builds nothing, --rebuild-sets builds the
     protected set with the same bytes and trains no cell, and `bench report` then shows its images."""
-    from bench.figures import load_protected
+    from bench.report.figures import load_protected
 
     matrix = tiny_matrix(tmp_path)
     results = tmp_path / "r"
@@ -316,8 +316,8 @@ def test_cuda_requested_without_gpu_exits_2(tmp_path, capsys):
 
 def test_device_queue_gives_each_parallel_job_its_own_device():
     """With several GPUs, each running job holds one device (checked with stand-in names on CPU)."""
-    from bench.backends import Local, device_queue
-    from bench.scheduler import _call
+    from bench.execute.backends import Local, device_queue
+    from bench.execute.scheduler import _call
     from conftest import hold_device
 
     results = []
@@ -333,10 +333,10 @@ def test_device_queue_gives_each_parallel_job_its_own_device():
 
 def test_component_progress_logs_reach_stderr_of_a_run_process():
     """Long protections (EM's rounds) log at INFO; a run prints those, and keeps other libraries quiet."""
-    code = ("import logging; from bench.scheduler import show_progress; show_progress(); "
-            "logging.getLogger('protections.em').info('em round 1: surrogate error 0.5'); "
+    code = ("import logging; from bench.execute.scheduler import show_progress; show_progress(); "
+            "logging.getLogger('bench.protections.em').info('em round 1: surrogate error 0.5'); "
             "logging.getLogger('urllib3').info('library chatter')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "protections.em: em round 1: surrogate error 0.5" in proc.stderr
+    assert "bench.protections.em: em round 1: surrogate error 0.5" in proc.stderr
     assert "library chatter" not in proc.stderr

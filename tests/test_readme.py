@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.cli import component_table
-from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
-from bench.data import DATASETS
+from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
+from bench.data.datasets import DATASETS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -9,9 +9,9 @@ import dataclasses
 
 import pytest
 
-from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, Countermeasure, Protection
-from bench.data import DATASETS
-from bench.registry import Component, ConfigError, Registry, describe_params
+from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, Countermeasure, Protection
+from bench.data.datasets import DATASETS
+from bench.core.registry import Component, ConfigError, Registry, describe_params
 
 
 class Thing(Component):

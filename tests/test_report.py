@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.cache import make_key
+from bench.store.cache import make_key
 from bench.cli import main
-from bench.registry import ConfigError
-from bench.report import build_report
+from bench.core.registry import ConfigError
+from bench.report.page import build_report
 
 DATASET = "d" * 24
 CWP_SPEC = {"name": "cwp", "version": 1, "params": {"size_fraction": 0.375}}
@@ -22,7 +22,7 @@ CWP_SPEC = {"name": "cwp", "version": 1, "params": {"size_fraction": 0.375}}
 
 def record(protection: str, countermeasure: str, acc: float, *, ratio: float = 1.0, key: str | None = None,
            status: str = "ok", **extra) -> dict:
-    """A record as ``bench.stages.train_job`` writes it (accuracies in [0, 1])."""
+    """A record as ``bench.execute.stages.train_job`` writes it (accuracies in [0, 1])."""
     ok = status == "ok"
     curve = [min(acc, 0.1 + 0.2 * e) for e in range(5)]
     return {"cell": f"{protection}|{countermeasure}|{ratio}", "matrix": "tiny", "status": status, "dataset": "digits",

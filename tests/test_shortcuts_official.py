@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import make_classification
 
-from bench.components import PROTECTIONS, ImageSet
-from bench.data import DATASETS
+from bench.core.components import PROTECTIONS, ImageSet
+from bench.data.datasets import DATASETS
 from conftest import require_cifar10_jpeg
-from protections.ar import OFFSETS, ar_fill, crops_within, find_processes, start_signals
-from protections.shortcuts import lsp_patterns
+from bench.protections.ar import OFFSETS, ar_fill, crops_within, find_processes, start_signals
+from bench.protections.shortcuts import lsp_patterns
 
 CPU = torch.device("cpu")
 

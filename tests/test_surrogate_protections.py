@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.components import PROTECTIONS, VICTIMS, ImageSet
-from bench.data import DATASETS
-from bench.recipes import make_recipe
-from bench.registry import ConfigError
-from bench.train import train_and_evaluate
-from protections import _surrogate as S
+from bench.core.components import PROTECTIONS, VICTIMS, ImageSet
+from bench.data.datasets import DATASETS
+from bench.plan.recipes import make_recipe
+from bench.core.registry import ConfigError
+from bench.execute.train import train_and_evaluate
+from bench.protections import _surrogate as S
 
 CPU = torch.device("cpu")
 

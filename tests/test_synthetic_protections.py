@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from bench.components import PROTECTIONS, VICTIMS, ImageSet
-from bench.data import DATASETS
-from bench.recipes import make_recipe
-from bench.registry import ConfigError
-from bench.train import train_and_evaluate
-from protections.ar import OFFSETS, ar_fill, find_processes
+from bench.core.components import PROTECTIONS, VICTIMS, ImageSet
+from bench.data.datasets import DATASETS
+from bench.plan.recipes import make_recipe
+from bench.core.registry import ConfigError
+from bench.execute.train import train_and_evaluate
+from bench.protections.ar import OFFSETS, ar_fill, find_processes
 from test_components import delta, digits_batch, rgb_batch
 
 CPU = torch.device("cpu")

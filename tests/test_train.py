@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.augment import random_resized_crop, standard_augment
-from bench.components import VICTIMS, TrainHooks
-from bench.data import DATASETS
-from bench.recipes import RECIPES, make_recipe
-from bench.registry import ConfigError
-from bench.train import TrainingDiverged, _schedule, cpu_has_bf16, resolve_precision, train_and_evaluate
+from bench.execute.augment import random_resized_crop, standard_augment
+from bench.core.components import VICTIMS, TrainHooks
+from bench.data.datasets import DATASETS
+from bench.plan.recipes import RECIPES, make_recipe
+from bench.core.registry import ConfigError
+from bench.execute.train import TrainingDiverged, _schedule, cpu_has_bf16, resolve_precision, train_and_evaluate
 
 CPU = torch.device("cpu")
 
@@ -28,7 +28,7 @@ def digits():
 
 def _train(digits, hooks=None, **recipe):
     train, test = digits
-    torch.manual_seed(0)  # model initialisation, as bench.stages does before building
+    torch.manual_seed(0)  # model initialisation, as bench.execute.stages does before building
     model = VICTIMS.create("cnn", width=8).build(10, 1, train.size)
     return train_and_evaluate(model, train, test, make_recipe("quick", **{"epochs": 2, **recipe}), seed=0, device=CPU,
                               augment="crop", hooks=hooks)
@@ -134,8 +134,8 @@ def test_divergence_stops_the_cell(digits):
 
 FAULTS = """
 import resource, sys, torch
-from bench.components import VICTIMS
-from bench.train import keep_freed_memory
+from bench.core.components import VICTIMS
+from bench.execute.train import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.set_num_threads(1)
@@ -159,7 +159,7 @@ def test_keep_freed_memory_cuts_page_faults_of_cpu_training_steps():
 
 
 def test_perf_harness_writes_both_loops(tmp_path):
-    from bench.perf import PerfSettings, run_perf
+    from bench.execute.perf import PerfSettings, run_perf
 
     rows = run_perf(PerfSettings(("cnn",), "digits", per_class=10, epochs=1, batch_size=32, repeats=1, workers=0),
                     tmp_path)

@@ -8,19 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import countermeasures  # noqa: F401  (registers)
-import protections  # noqa: F401
-import victims  # noqa: F401
-from bench.artifacts import load_models
-from bench.cache import Cache
-from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet, Models
-from bench.data import DATASETS
-from bench.matrix import expand, load_matrix
-from bench.planner import check_cells
-from bench.registry import ConfigError
-from protections.uge import encoders as E
-from protections.uge import Generator, gradient_matching
-from victims.authorized import initial_network
+import bench.countermeasures  # noqa: F401  (registers)
+import bench.protections  # noqa: F401
+import bench.victims  # noqa: F401
+from bench.store.artifacts import load_models
+from bench.store.cache import Cache
+from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet, Models
+from bench.data.datasets import DATASETS
+from bench.plan.matrix import expand, load_matrix
+from bench.plan.planner import check_cells
+from bench.core.registry import ConfigError
+from bench.protections.uge import encoders as E
+from bench.protections.uge import Generator, gradient_matching
+from bench.victims.authorized import initial_network
 
 CPU = torch.device("cpu")
 FAST = dict(authorized="cnn", hacker="cnn", encoder="classifier", encoder_arch="cnn", encoder_epochs=1, epochs=2,
@@ -85,7 +85,7 @@ def test_authorized_victim_starts_from_exactly_the_protections_theta0(tmp_path, 
     start = VICTIMS.create("authorized").build(10, 1, digits.size, models=models)
     assert all(torch.equal(a, theta0[k]) for k, a in start.state_dict().items())
     assert all(p.requires_grad for p in start.parameters()) and start.training
-    torch.manual_seed(1)  # the cell seed, as bench.stages seeds before building a victim
+    torch.manual_seed(1)  # the cell seed, as bench.execute.stages seeds before building a victim
     hacker = VICTIMS.create("cnn").build(10, 1, digits.size)
     assert not all(torch.equal(a, theta0[k]) for k, a in hacker.state_dict().items())
     original = VICTIMS.create("authorized", arch="cnn").build(10, 1, digits.size)  # no protection model: same θ0
@@ -161,8 +161,8 @@ def test_bad_parameters_raise(params, message):
 def test_uge_hackers_learn_less_than_on_clean_data_while_the_authorized_network_learns():
     """Real data, CPU-sized: cifar10-jpeg 50/class; a hacker CNN on UGE data falls ≥ 15 points below its clean
     accuracy; the authorized network stays within 10 points of its clean accuracy."""
-    from bench.recipes import make_recipe
-    from bench.train import train_and_evaluate
+    from bench.plan.recipes import make_recipe
+    from bench.execute.train import train_and_evaluate
 
     train, test = DATASETS.create("cifar10-jpeg", per_class=50, test_per_class=50).load()
     uge = PROTECTIONS.create("uge", authorized="resnet20", encoder="classifier", encoder_arch="cnn", encoder_epochs=80,

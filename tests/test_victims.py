@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from bench.components import VICTIMS
-from bench.registry import ConfigError
+from bench.core.components import VICTIMS
+from bench.core.registry import ConfigError
 
 SHAPES = [(1, 28, 10), (3, 32, 10), (3, 32, 100), (3, 64, 200)]
 

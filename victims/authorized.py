@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.components import VICTIMS, Models, Victim
+from bench.api import VICTIMS, Models, Victim
 
 DEFAULT_ARCH = "resnet18"  # UGE Table 1: "ResNet-18 is used as the backbone of the authorized network"
 SEED_BASE = 1_000_003  # θ0 of init seed s comes from torch.manual_seed(SEED_BASE + s): never a cell's seed
@@ -31,7 +31,7 @@ def initial_network(arch: str, init_seed: int, num_classes: int, channels: int, 
 
 class AuthorizedNetworks(nn.Module):
     """The K authorized networks at θ0 (UGE supp. §6.1, Eq. 12): network k is ``arch`` with init seed
-    ``init_seed + k``. ``arch`` (a dict) rebuilds it for the saved weights (``bench.artifacts``)."""
+    ``init_seed + k``. ``arch`` (a dict) rebuilds it for the saved weights (``bench.store.artifacts``)."""
 
     def __init__(self, arch: str, init_seed: int, networks: int, classes: int, channels: int, size: int) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from bench.components import VICTIMS, Victim
+from bench.api import VICTIMS, Victim
 
 
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:

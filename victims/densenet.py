@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.components import VICTIMS, Victim
+from bench.api import VICTIMS, Victim
 
 
 def bn_relu_conv(cin: int, cout: int, kernel: int) -> list[nn.Module]:

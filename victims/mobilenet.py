@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.components import VICTIMS, Victim
+from bench.api import VICTIMS, Victim
 
 # Sandler et al. 2018 Table 2: expansion t, output channels c, repeats n, stride s of the first repeat.
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-from bench.components import VICTIMS, Victim
+from bench.api import VICTIMS, Victim
 
 
 class PadShortcut(nn.Module):

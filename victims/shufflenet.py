@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.components import VICTIMS, Victim
+from bench.api import VICTIMS, Victim
 
 # Ma et al. 2018 Table 5, width 1.0: stem 24 channels, stages of 4, 8, 4 units at 116, 232, 464, conv5 1024.
 STAGE_REPEATS = (4, 8, 4)

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.components import VICTIMS, Victim
+from bench.api import VICTIMS, Victim
 
 # Simonyan & Zisserman 2015 Table 1: configuration A (11 weight layers) and E (19); "M" is a 2×2 max-pool.
 CONFIGS: dict[str, tuple[int | str, ...]] = {

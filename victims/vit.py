@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.components import VICTIMS, Victim
+from bench.api import VICTIMS, Victim
 
 
 class Attention(nn.Module):

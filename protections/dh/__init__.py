@@ -15,13 +15,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.components import PROTECTIONS, Fitted, ImageSet, Models, Pretrained, Protection
-from bench.data import train_images_like
-from bench.train import autocast, resolve_precision
-from protections import _surrogate as S
-from protections.dh import semantic as SEM
-from protections.dh.hider import Hider
-from protections.dh.losses import EXTRACTORS, RESNET18, RESNETS, concentration_loss, extractor, frequency_loss, hide_loss
+from bench.api import (PROTECTIONS, Fitted, ImageSet, Models, Pretrained, Protection, autocast, resolve_precision,
+                       train_images_like)
+from bench.protections import _surrogate as S
+from bench.protections.dh import semantic as SEM
+from bench.protections.dh.hider import Hider
+from bench.protections.dh.losses import (EXTRACTORS, RESNET18, RESNETS, concentration_loss, extractor, frequency_loss,
+                                         hide_loss)
 
 COCO = Pretrained("COCO captions", env="BENCH_COCO", files="a COCO folder with annotations/captions_train2017.json "
                   "and train2017/ (the prompts of DH §III-B3 and their images' canny edges)",

@@ -16,9 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bench.components import Pretrained
-from bench.registry import ConfigError
-from protections.uge.encoders import CLIP, clip_features
+from bench.api import ConfigError, Pretrained
+from bench.protections.uge.encoders import CLIP, clip_features
 
 ALTERNATIVE = "source = 'skimage' or 'folder'"
 STABLE_DIFFUSION = Pretrained(
@@ -75,7 +74,7 @@ def generate(*, prompts: str | None, coco_images: str | None, classes: int, per_
         _sample(picked, Path(str(coco_images)), per_class, seed, steps, sources, root)
     from PIL import Image
 
-    from protections.dh.semantic import square
+    from bench.protections.dh.semantic import square
     picked = json.loads((root / "prompts.json").read_text())
     images = [[square(np.asarray(Image.open(root / f"{k:04d}" / f"{m:04d}.png").convert("RGB")), size)
                for m in range(per_class)] for k in range(classes)]
@@ -160,7 +159,7 @@ def _sample(picked: list[dict], images: Path, per_class: int, seed: int, steps: 
     image centre-cropped and resized to 512; PNGs under ``root``, prompts.json last (it marks a complete cache)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
     from PIL import Image
-    from protections.dh.semantic import canny_edges, square
+    from bench.protections.dh.semantic import canny_edges, square
     try:
         controlnet = ControlNetModel.from_pretrained(sources[CONTROLNET.env])
         # the black images of the NSFW checker would not be semantic; COCO captions are the prompts

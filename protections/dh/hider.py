@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from protections.dh.hinet import HidingNetwork
+from bench.protections.dh.hinet import HidingNetwork
 
 
 class Hider(nn.Module):

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.components import ImageSet, Pretrained
-from protections import _surrogate as S
-from protections.dh.hinet import dwt, low_band
+from bench.api import ImageSet, Pretrained
+from bench.protections import _surrogate as S
+from bench.protections.dh.hinet import dwt, low_band
 
 Features = Callable[[torch.Tensor], torch.Tensor]
 RESNET18 = Pretrained("ResNet-18 (ImageNet)", env="BENCH_RESNET18",

@@ -24,10 +24,9 @@ import torch
 from skimage import color, data, feature, filters, morphology, transform
 from torchvision.transforms.v2 import functional as TF
 
-from bench.components import Pretrained
-from bench.registry import ConfigError
-from protections.dh import diffusion
-from protections.dh.diffusion import CONTROLNET, STABLE_DIFFUSION, TEXT_CLIP, select_prompts
+from bench.api import ConfigError, Pretrained
+from bench.protections.dh import diffusion
+from bench.protections.dh.diffusion import CONTROLNET, STABLE_DIFFUSION, TEXT_CLIP, select_prompts
 
 __all__ = ["CONTROLNET", "SOURCES", "STABLE_DIFFUSION", "TEXT_CLIP", "SemanticImages", "canny_edges",
            "pretrained_for", "select_prompts", "semantic_images", "texture_variant"]

@@ -15,14 +15,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.augment import standard_augment
-from bench.components import PROTECTIONS, VICTIMS, Fitted, ImageSet, Models, Pretrained, Protection
-from bench.train import Normalize, channel_stats
-from protections import _surrogate as S
-from protections.uge import encoders as E
-from protections.uge.generator import Generator, encrypt, recalibrate
-from protections.uge.losses import feature_distance, gradient_matching, undistill
-from victims.authorized import AuthorizedNetworks
+from bench.api import (PROTECTIONS, VICTIMS, Fitted, ImageSet, Models, Normalize, Pretrained, Protection,
+                       channel_stats, standard_augment)
+from bench.protections import _surrogate as S
+from bench.protections.uge import encoders as E
+from bench.protections.uge.generator import Generator, encrypt, recalibrate
+from bench.protections.uge.losses import feature_distance, gradient_matching, undistill
+from bench.victims.authorized import AuthorizedNetworks
 
 __all__ = ["UGE", "Generator", "encrypt", "feature_distance", "gradient_matching", "undistill"]
 LOSSES = ("gm", "fd", "ud")

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.components import ImageSet, Pretrained
-from protections import _surrogate as S
+from bench.api import ImageSet, Pretrained
+from bench.protections import _surrogate as S
 
 CLIP = Pretrained("CLIP", env="BENCH_CLIP", hub_id="openai/clip-vit-base-patch32",
                   files="a transformers CLIPModel folder (config.json, model.safetensors, tokenizer files; e.g. from "

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protections.uge import encoders as E
+from bench.protections.uge import encoders as E
 
 
 def gradient_matching(net: nn.Module, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,13 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import mixes
-from bench.cache import Cache, make_key
-from bench.components import COUNTERMEASURES, PROTECTIONS
-from bench.matrix import Cell, Choice, Matrix
-from bench.planner import known_dataset_key, plan_cell
-from bench.recipes import make_recipe
-from bench.records import RecordLog
+from bench.data import mixes
+from bench.store.cache import Cache, make_key
+from bench.core.components import COUNTERMEASURES, PROTECTIONS
+from bench.plan.matrix import Cell, Choice, Matrix
+from bench.plan.planner import known_dataset_key, plan_cell
+from bench.plan.recipes import make_recipe
+from bench.store.records import RecordLog
 
 DEFAULT_MAX_HOURS = 12.0  # `bench run` on a CPU refuses a matrix estimated longer (--max-hours)
 # Training images/s of bench's loop. cpu: a 1-thread fp32 step (batch 64) timed on the 2-core dev machine under

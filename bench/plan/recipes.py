@@ -8,7 +8,7 @@ import dataclasses
 import typing
 from typing import Any, ClassVar
 
-from bench.registry import ConfigError, coerce
+from bench.core.registry import ConfigError, coerce
 
 Override = tuple[tuple[str, Any], ...]
 

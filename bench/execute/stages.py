@@ -1,10 +1,10 @@
-"""The stages of one cell, each a function of one frozen job, run by a backend (``bench.backends``: joblib worker
+"""The stages of one cell, each a function of one frozen job, run by a backend (``bench.execute.backends``: joblib worker
 processes or in-process, Slurm array tasks, Ray tasks).
 
 protect (clean train set → protected set and its fitted models, cached) → purify (data-stage countermeasure on
 the train set as the cell's mix assembles it, cached) → train and evaluate a victim on the clean test set
 (→ one record). Components are named by their ``Choice`` and rebuilt from the registries in the worker. A job
-runs under its key's claim (``claimed``, ``bench.claims``), so that runs sharing a results folder compute it once.
+runs under its key's claim (``claimed``, ``bench.execute.claims``), so that runs sharing a results folder compute it once.
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from bench import mixes
-from bench.artifacts import load_models
-from bench.cache import Cache, library_versions
-from bench.claims import Claims
-from bench.components import COUNTERMEASURES, PROTECTIONS, TRAIN, Fitted, ImageSet, Models
-from bench.data import DATASETS
-from bench.matrix import Choice
-from bench.metrics import confidence_ascent_ratio, gradient_compression_ratio, perturbation_metrics
-from bench.planner import Components, Plan
-from bench.recipes import Recipe, make_recipe
-from bench.records import RecordLog
-from bench.train import train_and_evaluate
+from bench.data import mixes
+from bench.store.artifacts import load_models
+from bench.store.cache import Cache, library_versions
+from bench.execute.claims import Claims
+from bench.core.components import COUNTERMEASURES, PROTECTIONS, TRAIN, Fitted, ImageSet, Models
+from bench.data.datasets import DATASETS
+from bench.plan.matrix import Choice
+from bench.execute.metrics import confidence_ascent_ratio, gradient_compression_ratio, perturbation_metrics
+from bench.plan.planner import Components, Plan
+from bench.plan.recipes import Recipe, make_recipe
+from bench.store.records import RecordLog
+from bench.execute.train import train_and_evaluate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,11 +143,11 @@ def sample_index(labels: np.ndarray, count: int) -> np.ndarray:
 
 def image_stats(clean: np.ndarray, protected: np.ndarray) -> dict[str, float | None]:
     """L∞ and mean per-image L2 of protected − clean in [0, 1] units, mean PSNR (dB, changed images;
-    ``bench.metrics.perturbation_metrics``) and mean SSIM (scikit-image; at most ``SSIM_LIMIT`` images)."""
+    ``bench.execute.metrics.perturbation_metrics``) and mean SSIM (scikit-image; at most ``SSIM_LIMIT`` images)."""
     import torch
     from skimage.metrics import structural_similarity
 
-    from bench.metrics import perturbation_metrics
+    from bench.execute.metrics import perturbation_metrics
 
     stats = perturbation_metrics(torch.from_numpy(np.ascontiguousarray(clean)),
                                  torch.from_numpy(np.ascontiguousarray(protected)))
@@ -180,9 +180,9 @@ def load_protected(cache: Path, record: dict[str, Any]) -> ProtectedSet | str:
 
 
 def _dataset_key(cache: Path, manifest: dict[str, Any], record: dict[str, Any]) -> str | None:
-    """The dataset key that, with the manifest's spec and seed, gives the protection key (``bench.planner``)."""
-    from bench.cache import make_key
-    from bench.mixes import fitted_on
+    """The dataset key that, with the manifest's spec and seed, gives the protection key (``bench.plan.planner``)."""
+    from bench.store.cache import make_key
+    from bench.data.mixes import fitted_on
 
     ratio = fitted_on(record.get("mix") or "protected", record["poison_ratio"])
     for entry in sorted((cache / "dataset").glob("*-train")):

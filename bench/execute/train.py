@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.augment import standard_augment
-from bench.components import ImageSet, TrainHooks
-from bench.recipes import Recipe
+from bench.execute.augment import standard_augment
+from bench.core.components import ImageSet, TrainHooks
+from bench.plan.recipes import Recipe
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,7 +105,7 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
     """Train ``model`` with ``recipe`` and evaluate it on the clean ``test`` set.
 
     Args:
-        augment: the resolved standard augmentation (see ``bench.augment.KINDS``).
+        augment: the resolved standard augmentation (see ``bench.execute.augment.KINDS``).
         hooks: a train-stage countermeasure's changes to the loop.
         evaluate_every_epoch: False evaluates only after the last epoch (for timing); else every
             ``recipe.eval_every`` epochs and after the last.

@@ -1,5 +1,5 @@
 """The data types every stage exchanges: images with labels, a train-stage countermeasure's hooks, pretrained
-weights a component loads, the models a stage fits, and what an adaptive attacker holds (``bench.components`` re-exports them for plugins)."""
+weights a component loads, the models a stage fits, and what an adaptive attacker holds (``bench.core.components`` re-exports them for plugins)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ Generator = torch.Generator  # the type of every hook's ``gen``
 
 @dataclasses.dataclass(frozen=True)
 class TrainHooks:
-    """How a train-stage countermeasure changes the one training loop (``bench.train``).
+    """How a train-stage countermeasure changes the one training loop (``bench.execute.train``).
 
     Every hook that draws randomness gets the cell's generator ``gen`` (a CPU ``torch.Generator`` seeded by the
     cell's seed; derive a device generator from it for large draws). ``batch_transform(x, y, gen) -> (x, y)``: on

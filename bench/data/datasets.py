@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.components import ImageSet
-from bench.registry import Component, ConfigError, Registry
+from bench.core.components import ImageSet
+from bench.core.registry import Component, ConfigError, Registry
 
 DATA_ROOT_ENV = "BENCH_DATA_ROOT"
 CIFAR10_JPEG_ENV = "BENCH_CIFAR10_JPEG"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def location(default: Any = "") -> Any:
@@ -39,7 +39,7 @@ def data_root(root: str) -> Path:
 class Dataset(Component):
     """A dataset. ``per_class``/``test_per_class`` keep the first n ≥ 1 images of each class (unset: every image).
 
-    ``augment`` names the standard train augmentation the papers use for it (see ``bench.train``).
+    ``augment`` names the standard train augmentation the papers use for it (see ``bench.execute.train``).
     """
 
     per_class: int | None = None

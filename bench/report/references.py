@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.registry import ConfigError
+from bench.core.registry import ConfigError
 
-REFERENCES = Path(__file__).parent / "references"
+REFERENCES = Path(__file__).parent / "tables"
 COLUMNS = ["paper", "table", "dataset", "victim", "row", "column", "value", "note"]
 KEY = ["dataset", "victim", "row", "column"]
 

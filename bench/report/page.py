@@ -1,8 +1,8 @@
 """``bench report``: one matrix's records as a self-contained HTML page (figures as base64 PNG, inline CSS, no
 external links) and the same content as Markdown beside its PNG files, built from records and cache alone.
 
-Sections: header (matrix, description, cell counts), leaderboards (``bench.leaderboard``'s tables; ours | paper
-| Δ from ``bench.compare`` where the matrix declares a ``reference``), per-epoch accuracy curves, each
+Sections: header (matrix, description, cell counts), leaderboards (``bench.report.leaderboard``'s tables; ours | paper
+| Δ from ``bench.report.compare`` where the matrix declares a ``reference``), per-epoch accuracy curves, each
 protection's clean / protected / perturbation images with L∞, L2, PSNR and SSIM, ConfounderGAN Fig. 5's
 polylines where there are several poison ratios, CAR / GCR tables, and the environment (device, versions,
 recipe, seeds, cache keys) that makes the page a reproducibility record.
@@ -20,10 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from bench import figures
-from bench.leaderboard import Layout, build_tables, cell_values, latest_positions, row_labels
-from bench.records import RecordLog
-from bench.registry import ConfigError
+from bench.report import figures
+from bench.report.leaderboard import Layout, build_tables, cell_values, latest_positions, row_labels
+from bench.store.records import RecordLog
+from bench.core.registry import ConfigError
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
 h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:2em}
@@ -106,7 +106,7 @@ def leaderboards(results: Path, matrix: str, records: list[dict[str, Any]], orde
             blocks += [Heading(3, table.title), Frame(table.display),
                        *(Text(f"ran: {line}", note=True) for line in table.ran)]
     if saved.get("reference"):  # ours | paper | Δ for a matrix that declares the paper table it follows
-        from bench.compare import comparison_tables
+        from bench.report.compare import comparison_tables
 
         blocks.append(Heading(2, f"Against the paper ({saved['reference']}): ours | paper | Δ"))
         for frame in comparison_tables(results, matrix):

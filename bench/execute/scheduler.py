@@ -1,10 +1,10 @@
 """Runs a matrix: protect (once per protection key) → data-stage countermeasure (once per purification key)
-→ train and evaluate each cell; cached, resumable, and parallel through a backend (``bench.backends``: joblib,
+→ train and evaluate each cell; cached, resumable, and parallel through a backend (``bench.execute.backends``: joblib,
 submitit or Ray).
 
-Planning (keys, capability checks) is ``bench.planner``; the stages and their typed jobs are ``bench.stages``.
+Planning (keys, capability checks) is ``bench.plan.planner``; the stages and their typed jobs are ``bench.execute.stages``.
 This module skips what is recorded or cached and runs each stage's jobs in parallel, appending records as
-cells finish. Runs may share one results folder: each job claims its key first (``bench.claims``); a key another
+cells finish. Runs may share one results folder: each job claims its key first (``bench.execute.claims``); a key another
 live worker holds is left to it, and its result is waited for at the end of the stage.
 """
 
@@ -25,16 +25,20 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from bench import backends, estimate, mixes
-from bench.backends import Backend, BackendOptions
-from bench.cache import Cache
-from bench.claims import DEFAULT_STALE, Claims
-from bench.matrix import Matrix, expand, load_matrix, select
-from bench.planner import check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal
-from bench.records import RecordLog
-from bench.registry import ConfigError
-from bench.stages import ProtectJob, PurifyJob, Stage, TrainJob, claimed, protect_job, purify_job, train_job
-from bench.train import keep_freed_memory
+from bench.execute import backends
+
+from bench.plan import estimate
+
+from bench.data import mixes
+from bench.execute.backends import Backend, BackendOptions
+from bench.store.cache import Cache
+from bench.execute.claims import DEFAULT_STALE, Claims
+from bench.plan.matrix import Matrix, expand, load_matrix, select
+from bench.plan.planner import check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal
+from bench.store.records import RecordLog
+from bench.core.registry import ConfigError
+from bench.execute.stages import ProtectJob, PurifyJob, Stage, TrainJob, claimed, protect_job, purify_job, train_job
+from bench.execute.train import keep_freed_memory
 
 Job = ProtectJob | PurifyJob | TrainJob
 
@@ -54,7 +58,7 @@ class RunOptions:
     rebuild_sets: bool = False  # also build the missing protected sets of recorded cells (for bench report)
     max_hours: float = estimate.DEFAULT_MAX_HOURS  # on a CPU, refuse a run estimated longer
     stale: float = DEFAULT_STALE  # seconds without a heartbeat after which another worker's claim is taken over
-    backend: BackendOptions = BackendOptions()  # where jobs run (bench.backends)
+    backend: BackendOptions = BackendOptions()  # where jobs run (bench.execute.backends)
 
 
 def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] = print) -> dict[str, int]:
@@ -182,8 +186,7 @@ def show_progress() -> None:
     """Print bench's own INFO logs (e.g. EM's rounds, which take minutes each) on stderr; other libraries stay
     at WARNING. A no-op where logging is already configured (pytest, an embedding program)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for package in ("bench", "protections", "countermeasures", "victims"):
-        logging.getLogger(package).setLevel(logging.INFO)
+    logging.getLogger("bench").setLevel(logging.INFO)  # the built-in components too (bench.protections …)
 
 
 def _call(fn: Callable[[Any, torch.device], dict], job: Job, devices: Any) -> dict[str, Any]:

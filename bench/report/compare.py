@@ -21,11 +21,11 @@ from typing import Any
 
 import pandas as pd
 
-from bench import references
-from bench.components import COUNTERMEASURES, PROTECTIONS
-from bench.leaderboard import Layout, Table, build_tables
-from bench.records import RecordLog
-from bench.registry import ConfigError
+from bench.report import references
+from bench.core.components import COUNTERMEASURES, PROTECTIONS
+from bench.report.leaderboard import Layout, Table, build_tables
+from bench.store.records import RecordLog
+from bench.core.registry import ConfigError
 
 PARTS = ("ours", "paper", "Δ")
 SUMMARY = ("Mean", "Max")
@@ -183,7 +183,7 @@ def write_comparisons(frames: list[pd.DataFrame], out_dir: Path, metric: str = "
     return written
 
 
-def with_reference(matrix_dir: Path = Path(__file__).parent / "matrices") -> list[str]:
+def with_reference(matrix_dir: Path = Path(__file__).resolve().parents[1] / "matrices") -> list[str]:
     """The named matrices that declare a ``reference`` table."""
     return [p.stem for p in sorted(matrix_dir.glob("*.toml")) if "reference" in tomllib.loads(p.read_text())]
 

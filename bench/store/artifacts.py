@@ -1,8 +1,8 @@
 """Models that stages hand on: one protocol for every fitted model (ConfounderGAN's generator today; UGE's
 generator and authorized network, DH's hiding network, an attacker's denoiser next).
 
-A component declares the kinds it fits (``fits``) and returns them from ``fit`` (``bench.components.Fitted``);
-the stage saves them beside the data they came with, in the same atomic cache entry (``bench.cache``: one
+A component declares the kinds it fits (``fits``) and returns them from ``fit`` (``bench.core.components.Fitted``);
+the stage saves them beside the data they came with, in the same atomic cache entry (``bench.store.cache``: one
 ``<kind>.pt`` state_dict each, checksummed, the ``arch`` in the manifest with the component's spec and seed).
 ``load_models`` is the one way back, for any later stage or cell (the ``ood`` mix, a countermeasure's
 ``needs_models``, ``bench protect``): it verifies the entry, rebuilds each model with the owner's
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from bench.cache import verify
-from bench.components import COUNTERMEASURES, PROTECTIONS, Models
-from bench.registry import ConfigError, Registry
+from bench.store.cache import verify
+from bench.core.components import COUNTERMEASURES, PROTECTIONS, Models
+from bench.core.registry import ConfigError, Registry
 
 OWNERS: dict[str, Registry] = {"protected": PROTECTIONS, "purified": COUNTERMEASURES}
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, TypeVar
 
 from filelock import FileLock
 
-from bench.registry import ConfigError
+from bench.core.registry import ConfigError
 
 DEFAULT_STALE = 60.0  # seconds without a heartbeat after which a claim is taken over
 T = TypeVar("T")

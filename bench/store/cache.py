@@ -3,7 +3,7 @@ checksummed manifests.
 
 Keys are hashes of canonical JSON: dataset key → protection key → purification key → cell key. An entry is
 a folder ``<root>/<kind>/<key>/`` holding ``images.npy``, ``labels.npy``, one ``<model kind>.pt`` state_dict
-per fitted model (``bench.artifacts``) and ``manifest.json`` (spec, seed, library versions, sha256 of each
+per fitted model (``bench.store.artifacts``) and ``manifest.json`` (spec, seed, library versions, sha256 of each
 file, each model's ``arch``); it is written to a temporary folder and renamed into place, and a load that
 finds a checksum mismatch deletes the entry so that it is rebuilt.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.components import ImageSet, Models
+from bench.core.components import ImageSet, Models
 
 FILES = ("images.npy", "labels.npy")
 

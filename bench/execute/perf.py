@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.components import VICTIMS, ImageSet
-from bench.recipes import make_recipe
-from bench.train import channel_stats, train_and_evaluate
+from bench.core.components import VICTIMS, ImageSet
+from bench.plan.recipes import make_recipe
+from bench.execute.train import channel_stats, train_and_evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ def reference_loop(model: nn.Module, train: ImageSet, batch_size: int, epochs: i
 
 def bench_loop(model: nn.Module, train: ImageSet, test: ImageSet, batch_size: int, epochs: int,
                device: torch.device, seed: int) -> dict[str, Any]:
-    """bench's own loop (``bench.train``), evaluating only at the end; returns its result."""
+    """bench's own loop (``bench.execute.train``), evaluating only at the end; returns its result."""
     recipe = make_recipe("quick", epochs=epochs, batch_size=batch_size)
     return train_and_evaluate(model, train, test, recipe, seed=seed, device=device, augment="crop_flip",
                               evaluate_every_epoch=False)
@@ -89,7 +89,7 @@ def bench_loop(model: nn.Module, train: ImageSet, test: ImageSet, batch_size: in
 
 def run_perf(settings: PerfSettings, results: Path) -> list[dict[str, Any]]:
     """Alternate reference and bench runs per victim; write JSON and Markdown under ``results/perf``."""
-    from bench.data import DATASETS
+    from bench.data.datasets import DATASETS
 
     device = torch.device("cuda" if settings.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if settings.device == "auto" else settings.device))

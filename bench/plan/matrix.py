@@ -5,7 +5,7 @@ names), seeds, poison ratios, train-set mixes (``mix``, see ``MIXES``) and a rec
 (``quality = [10, 50]`` → ``jpeg[quality=10]``, ``jpeg[quality=50]``); ``[[exclude]]`` tables drop cells
 whose labels match all their globs. Expansion is ``itertools.product`` over the axes, as Hydra's sweeper.
 
-An optional ``[layout]`` table shapes the leaderboards (``bench.leaderboard.Layout``; default DH Table I's):
+An optional ``[layout]`` table shapes the leaderboards (``bench.report.leaderboard.Layout``; default DH Table I's):
 ``rows``, a list of axes among protection, countermeasure and victim (default ``["protection"]``; several
 join their labels with `` · ``); ``columns``, one of them not in rows (default ``"countermeasure"``);
 ``labels``, names shown for component labels of those axes (``{ none = "Normal" }``; each must be a label of
@@ -13,9 +13,9 @@ the matrix's cells); ``summary``, whether Mean and Max columns follow (default t
 the grouping into tables: ``columns = "victim"`` puts every victim in one table.
 
 An optional top-level ``reference = "dh-table1"`` names the published table the matrix reproduces (a name in
-``bench.references.TABLES``): ``bench leaderboard --compare paper`` sets its cells beside the paper's, joined on
-the shown labels (``bench.compare``). An optional ``cpu_alternative = "full-cpu"`` names the matrix in
-``bench/matrices/`` that ``bench run`` suggests when this one is estimated too long for a CPU (``bench.estimate``).
+``bench.report.references.TABLES``): ``bench leaderboard --compare paper`` sets its cells beside the paper's, joined on
+the shown labels (``bench.report.compare``). An optional ``cpu_alternative = "full-cpu"`` names the matrix in
+``bench/matrices/`` that ``bench run`` suggests when this one is estimated too long for a CPU (``bench.plan.estimate``).
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from bench import references
-from bench.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
-from bench.data import DATASETS
-from bench.leaderboard import LAYOUT_AXES, Layout
-from bench.mixes import MIXES
-from bench.registry import ConfigError, Registry
-from bench.recipes import make_recipe
+from bench.report import references
+from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
+from bench.data.datasets import DATASETS
+from bench.report.leaderboard import LAYOUT_AXES, Layout
+from bench.data.mixes import MIXES
+from bench.core.registry import ConfigError, Registry
+from bench.plan.recipes import make_recipe
 
-MATRIX_DIR = Path(__file__).parent / "matrices"
+MATRIX_DIR = Path(__file__).resolve().parents[1] / "matrices"
 AXES: dict[str, Registry] = {"datasets": DATASETS, "protections": PROTECTIONS,
                              "countermeasures": COUNTERMEASURES, "victims": VICTIMS}
 TOP_LEVEL = {"name", "description", "seeds", "poison_ratio", "mix", "recipe", "exclude", "layout", "reference",
@@ -91,8 +91,8 @@ class Matrix:
     exclude: tuple[dict[str, str], ...]
     mixes: tuple[str, ...] = ("protected",)
     layout: Layout = Layout()
-    reference: str | None = None  # the published table it reproduces (bench.references.TABLES)
-    cpu_alternative: str | None = None  # the named matrix sized for a CPU (bench.estimate)
+    reference: str | None = None  # the published table it reproduces (bench.report.references.TABLES)
+    cpu_alternative: str | None = None  # the named matrix sized for a CPU (bench.plan.estimate)
 
 
 def resolve_path(name_or_path: str) -> Path:

@@ -12,13 +12,13 @@ import dataclasses
 import json
 from typing import Any, Callable
 
-from bench import mixes
-from bench.cache import Cache, make_key
-from bench.components import COUNTERMEASURES, DATA, PROTECTIONS, VICTIMS, Countermeasure, Protection, Victim
-from bench.data import DATASETS, fingerprint
-from bench.matrix import Cell
-from bench.recipes import make_recipe
-from bench.registry import ConfigError
+from bench.data import mixes
+from bench.store.cache import Cache, make_key
+from bench.core.components import COUNTERMEASURES, DATA, PROTECTIONS, VICTIMS, Countermeasure, Protection, Victim
+from bench.data.datasets import DATASETS, fingerprint
+from bench.plan.matrix import Cell
+from bench.plan.recipes import make_recipe
+from bench.core.registry import ConfigError
 
 MAX_LISTED = 10  # refused cells named in one error
 

@@ -1,5 +1,5 @@
 """Where a stage's jobs run: joblib processes here (``local``), Slurm job arrays (``submitit``) or a Ray cluster
-(``ray``). Each runs the same runner over the same frozen jobs (``bench.stages``), so records and cache keys do not
+(``ray``). Each runs the same runner over the same frozen jobs (``bench.execute.stages``), so records and cache keys do not
 depend on the backend, and each job runs under its key's claim in its worker, so runs on one results folder (any
 backends) never compute a key twice. submitit and ray are optional (``pip install -e '.[cluster]'``)."""
 
@@ -19,7 +19,7 @@ from joblib import Parallel, delayed
 from joblib.externals.loky import get_reusable_executor
 
 import bench
-from bench.registry import ConfigError
+from bench.core.registry import ConfigError
 
 NAMES = ("local", "submitit", "ray")
 Runner = Callable[[Callable, Any, Any], dict]  # runner(fn, job, devices) -> result

@@ -1,7 +1,7 @@
-"""The data types every stage exchanges (``bench.exchange``), the contracts of the three plugin families, and what each declares.
+"""The data types every stage exchanges (``bench.core.exchange``), the contracts of the three plugin families, and what each declares.
 
 Flow of one cell: dataset → ``Protection.fit`` (``protect``, plus any model it fits) → ``Countermeasure``'s data
-stage (``purify``) → a victim from ``Victim.build`` trained by ``bench.train`` (with the countermeasure's
+stage (``purify``) → a victim from ``Victim.build`` trained by ``bench.execute.train`` (with the countermeasure's
 train-stage ``TrainHooks``) → record.
 
 Capabilities are typed class attributes: what a component needs (labels, a surrogate victim, pretrained weights,
@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.exchange import Attacker, Fitted, Generator, ImageSet, Models, Pretrained, TrainHooks
-from bench.registry import Component, Registry
+from bench.core.exchange import Attacker, Fitted, Generator, ImageSet, Models, Pretrained, TrainHooks
+from bench.core.registry import Component, Registry
 
 __all__ = ["COUNTERMEASURES", "DATA", "PROTECTIONS", "TRAIN", "VICTIMS", "Attacker", "Countermeasure", "Fitted",
            "Generator",

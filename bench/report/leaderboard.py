@@ -23,8 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from bench.records import RecordLog
-from bench.registry import ConfigError
+from bench.store.records import RecordLog
+from bench.core.registry import ConfigError
 
 GROUP = ("dataset", "victim", "recipe", "poison_ratio")
 LAYOUT_AXES = ("protection", "countermeasure", "victim")

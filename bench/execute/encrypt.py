@@ -3,7 +3,7 @@
 No labels, except for a protection that ``encrypt_needs_labels`` (DH hides its class's image): ``label`` then
 names the folder's class.
 
-The models are those a matrix cell's protect stage saved beside its poison (``bench.artifacts``): the
+The models are those a matrix cell's protect stage saved beside its poison (``bench.store.artifacts``): the
 reference is that protected set's key (records carry it as ``protection_key``) or its cache folder. The
 protection is rebuilt from the entry's manifest (same parameters) and must declare ``encrypts_unseen``;
 images must have the shape the models were fitted on.
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.artifacts import load_models, owner_class, resolve_entry
-from bench.components import PROTECTIONS
-from bench.registry import ConfigError
+from bench.store.artifacts import load_models, owner_class, resolve_entry
+from bench.core.components import PROTECTIONS
+from bench.core.registry import ConfigError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")

@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
-PLUGIN_PACKAGES = ("protections", "countermeasures", "victims")
+PLUGIN_PACKAGES = ("bench.protections", "bench.countermeasures", "bench.victims")
 PLUGIN_PATH_ENV = "BENCH_PLUGINS"
 
 

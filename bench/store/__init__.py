@@ -1,0 +1,1 @@
+"""Step 3: what the stages write: the content-addressed cache, the record logs, fitted models."""
