@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Callable, ClassVar
 
-import kornia
 import torch
 import torch.nn.functional as F
 
@@ -55,6 +54,8 @@ class MedianFilter(Countermeasure):
         _check_kernel("median_filter", self.kernel)
 
     def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+        import kornia  # here, not at the top: importing it costs every `bench list` ~0.2 s
+
         pad = self.kernel // 2
 
         def median(x: torch.Tensor) -> torch.Tensor:  # kornia pads with zeros: replicate first, then crop

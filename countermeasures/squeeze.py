@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torchvision.io import decode_jpeg, encode_jpeg
 
 from bench.api import COUNTERMEASURES, Countermeasure, ImageSet
 
@@ -30,6 +29,8 @@ class Jpeg(Countermeasure):
             raise ValueError(f"jpeg quality must be in 1..95, got {self.quality}")
 
     def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+        from torchvision.io import decode_jpeg, encode_jpeg  # here: torchvision pulls torch._dynamo (~1 s)
+
         images = list(train.images.unbind())
         encoded = encode_jpeg(images, quality=self.quality) if images else []
         decoded = decode_jpeg(encoded) if encoded else []

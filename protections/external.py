@@ -10,7 +10,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 
 from bench.api import PROTECTIONS, ConfigError, ImageSet, Protection
 
@@ -96,6 +95,8 @@ def _files(path: Path, count: int | None = None) -> list[Path]:
 
 
 def _read_pngs(files: list[Path]) -> np.ndarray:
+    from PIL import Image  # here, not at the top, so that listing components does not load it
+
     arrays = []
     for file in files:
         with Image.open(file) as image:

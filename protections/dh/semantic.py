@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skimage import color, data, feature, filters, morphology, transform
-from torchvision.transforms.v2 import functional as TF
 
+# skimage and torchvision are imported in the functions that use them: at the top they cost every `bench list`
+# about 2 s (torchvision.transforms.v2 pulls torchvision.models and torch._dynamo; skimage pulls scipy)
 from bench.api import ConfigError, Pretrained
 from bench.protections.dh import diffusion
 from bench.protections.dh.diffusion import CONTROLNET, STABLE_DIFFUSION, TEXT_CLIP, select_prompts
@@ -69,6 +69,7 @@ def semantic_images(source: str, *, classes: int, per_class: int, channels: int,
     keys = {hash(g[0].numpy().tobytes()) for g in given}
     if len(keys) < classes:
         raise ConfigError(f"semantic images from {source!r}: two classes got the same image; give distinct ones")
+    from torchvision.transforms.v2 import functional as TF
     out = []
     for k, group in enumerate(given):
         group = [TF.rgb_to_grayscale(x) if channels == 1 else x for x in group[:per_class]]
@@ -96,6 +97,8 @@ def canny_edges(images: torch.Tensor) -> torch.Tensor:
 
 
 def _edges(x: np.ndarray) -> np.ndarray:
+    from skimage import color, feature
+
     grey = color.rgb2gray(x) if x.shape[-1] == 3 else x[..., 0]
     low, high = CANNY_QUANTILES
     return feature.canny(grey, sigma=CANNY_SIGMA, low_threshold=low, high_threshold=high, use_quantiles=True)
@@ -108,6 +111,8 @@ def texture_variant(image: torch.Tensor, rng: np.random.Generator) -> torch.Tens
     elsewhere its smoothed base (Gaussian σ = 1) gets the band-pass detail of a seeded crop (position, scale,
     rotation) of a skimage texture photograph (brick, grass, gravel), scaled to the image's own local detail
     energy so flat regions stay flat and no edges appear; then a mild colour jitter (gain ±4 %, offset ±2 %)."""
+    from skimage import filters, morphology, transform
+
     x = image.permute(1, 2, 0).numpy() / 255.0
     size, c = x.shape[0], x.shape[-1]
     keep = morphology.dilation(_edges(x), morphology.disk(1)).astype(float)
@@ -126,6 +131,8 @@ def texture_variant(image: torch.Tensor, rng: np.random.Generator) -> torch.Tens
 
 def square(x: np.ndarray, size: int) -> torch.Tensor:
     """uint8 H×W×3 → uint8 3×size×size: the centre square, resized antialiased."""
+    from torchvision.transforms.v2 import functional as TF
+
     side = min(x.shape[:2])
     top, left = (x.shape[0] - side) // 2, (x.shape[1] - side) // 2
     crop = torch.from_numpy(np.array(x[top:top + side, left:left + side])).permute(2, 0, 1)  # a writable copy
@@ -134,6 +141,8 @@ def square(x: np.ndarray, size: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _photo(name: str) -> np.ndarray:
+    from skimage import data
+
     x = getattr(data, name)()
     x = x[0] if isinstance(x, tuple) else x  # stereo_motorcycle: the left image
     return np.repeat(x[..., None], 3, axis=2) if x.ndim == 2 else x
@@ -148,6 +157,9 @@ def _tile(name: str, g: int, i: int, j: int) -> np.ndarray:
 
 def _informative(x: np.ndarray) -> bool:
     """Contrast and shape in a 32-px grey thumbnail (skimage's default absolute canny thresholds)."""
+    from skimage import feature
+    from torchvision.transforms.v2 import functional as TF
+
     grey = TF.rgb_to_grayscale(square(x, 32))[0].numpy() / 255.0
     return grey.std() >= 0.04 and feature.canny(grey, sigma=CANNY_SIGMA).mean() >= 0.04
 
