@@ -21,6 +21,7 @@ from __future__ import annotations
 from bench.core.components import (COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, VICTIMS, Attacker, Countermeasure,
                                    Fitted, Generator, ImageSet, Models, Pretrained, Protection, TrainHooks, Victim)
 from bench.core.registry import Component, ConfigError, Registry
+from bench.core.units import pixel_steps
 from bench.data.datasets import DATASETS, Dataset, fingerprint, train_images_like
 from bench.data.mixes import ATTACKER_SEED, class_mask
 from bench.execute.augment import KINDS as AUGMENTATIONS
@@ -36,6 +37,6 @@ __all__ = [
     "Victim", "ConfigError",
     # helpers components use: training, augmentation, recipes, data, keys
     "AUGMENTATIONS", "ATTACKER_SEED", "Normalize", "RECIPES", "Recipe", "autocast", "channel_stats", "class_mask",
-    "fingerprint", "make_key", "make_recipe", "random_crop", "random_flip", "resolve_precision", "standard_augment",
-    "train_and_evaluate", "train_images_like",
+    "fingerprint", "make_key", "make_recipe", "pixel_steps", "random_crop", "random_flip", "resolve_precision",
+    "standard_augment", "train_and_evaluate", "train_images_like",
 ]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.api import PROTECTIONS, Fitted, ImageSet, Models, Protection
+from bench.api import PROTECTIONS, Fitted, ImageSet, Models, Protection, pixel_steps
 from bench.protections import _surrogate as S
 
 LR = 0.025  # App. G.3: generator (cosine) and discriminator (constant)
@@ -123,7 +123,7 @@ class ConfounderGAN(Protection):
     surrogate_param: ClassVar[str | None] = "surrogate"
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate",)
     expensive_on_cpu: ClassVar[bool] = True
-    epsilon: float = 8.0
+    epsilon: float = pixel_steps(8.0)
     epochs: int = 200
     alpha: float = 0.001
     hinge_ratio: float = 0.5

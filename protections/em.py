@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.api import PROTECTIONS, ImageSet, Protection, standard_augment
+from bench.api import PROTECTIONS, ImageSet, Protection, pixel_steps, standard_augment
 from bench.protections import _surrogate as S
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ class ErrorMinimizingNoise(Protection):
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate",)
     expensive_on_cpu: ClassVar[bool] = True
     mode: str = "samplewise"
-    epsilon: float = 8.0
+    epsilon: float = pixel_steps(8.0)
     steps: int | None = None
-    step_size: float = 0.8
+    step_size: float = pixel_steps(0.8, budget=False)
     model_steps: int = 10
     model_lr: float = 0.1
     stop_error: float = 0.01
@@ -161,12 +161,12 @@ class RobustErrorMinimizingNoise(Protection):
     surrogate_param: ClassVar[str | None] = "surrogate"
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate", "train_steps", "steps", "samples", "adv_steps")
     expensive_on_cpu: ClassVar[bool] = True
-    epsilon: float = 8.0
+    epsilon: float = pixel_steps(8.0)
     steps: int = 10
-    step_size: float = 1.6
-    adv_epsilon: float = 4.0
+    step_size: float = pixel_steps(1.6, budget=False)
+    adv_epsilon: float = pixel_steps(4.0)
     adv_steps: int = 10
-    adv_step_size: float = 0.8
+    adv_step_size: float = pixel_steps(0.8, budget=False)
     samples: int = 5
     train_steps: int = 5000
     model_lr: float = 0.1

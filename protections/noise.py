@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.api import PROTECTIONS, ImageSet, Protection
+from bench.api import PROTECTIONS, ImageSet, Protection, pixel_steps
 
 
 def add_noise(train: ImageSet, noise: torch.Tensor) -> ImageSet:
@@ -44,7 +44,7 @@ class RandomNoise(_LinfNoise):
 
     paper: ClassVar[str] = "Huang et al. 2021 (EM) Table 1 random-noise baseline; DH §IV-A"
     needs_labels: ClassVar[bool] = False
-    epsilon: float = 8.0
+    epsilon: float = pixel_steps(8.0)
 
     def protect(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
         gen = torch.Generator().manual_seed(seed)
@@ -61,7 +61,7 @@ class ClassWiseNoise(_LinfNoise):
     """
 
     paper: ClassVar[str] = "ConfounderGAN §4.2 (CWN); Huang et al. 2021 class-wise random noise"
-    epsilon: float = 8.0
+    epsilon: float = pixel_steps(8.0)
 
     def protect(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
         gen = torch.Generator().manual_seed(seed)

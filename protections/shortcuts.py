@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.api import PROTECTIONS, ImageSet, Protection
+from bench.api import PROTECTIONS, ImageSet, Protection, pixel_steps
 from bench.protections.ar import publish
 
 CHUNK = 4096  # images per batch when summing class statistics
@@ -73,7 +73,7 @@ class LinearSeparablePerturbation(Protection):
     paper: ClassVar[str] = "Yu et al. 2022 (LSP / synthetic noise) Alg. 1"
     version: ClassVar[int] = 2
     mode: str = "samplewise"
-    l2_per_pixel: float = 6.0
+    l2_per_pixel: float = pixel_steps(6.0)
     grid: int = 4
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.api import PROTECTIONS, ImageSet, Protection, channel_stats
+from bench.api import PROTECTIONS, ImageSet, Protection, channel_stats, pixel_steps
 from bench.protections import _surrogate as S
 
 
@@ -62,7 +62,7 @@ class TargetedAdversarialPoisoning(Protection):
     surrogate_param: ClassVar[str | None] = "surrogate"
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate", "restarts")
     expensive_on_cpu: ClassVar[bool] = True
-    epsilon: float = 8.0
+    epsilon: float = pixel_steps(8.0)
     steps: int = 250
     tau: float = 0.05
     shift: int = 1

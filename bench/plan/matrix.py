@@ -36,6 +36,7 @@ from bench.data.datasets import DATASETS
 from bench.report.leaderboard import LAYOUT_AXES, Layout
 from bench.data.mixes import MIXES
 from bench.core.registry import ConfigError, Registry
+from bench.core.units import warn_small_budgets
 from bench.plan.recipes import make_recipe
 
 MATRIX_DIR = Path(__file__).resolve().parents[1] / "matrices"
@@ -217,6 +218,7 @@ def _axis_choices(axis: str, value: Any, registry: Registry) -> list[Choice]:
             for combo in itertools.product(*swept.values()):
                 chosen = {**params, **dict(zip(swept, combo))}
                 component = registry.create(name, **chosen)
+                warn_small_budgets(component, where)  # ε = 0.031 (8/255 in [0, 1] units) runs, almost unperturbed
                 suffix = ",".join(f"{k}={v}" for k, v in zip(swept, combo))
                 # a tuple parameter (dvae's kl_targets) stays a tuple: cells are hashable
                 params_of = {f.name: getattr(component, f.name) for f in dataclasses.fields(component)}

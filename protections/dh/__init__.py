@@ -15,8 +15,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.api import (PROTECTIONS, Fitted, ImageSet, Models, Pretrained, Protection, autocast, resolve_precision,
-                       train_images_like)
+from bench.api import (PROTECTIONS, Fitted, ImageSet, Models, Pretrained, Protection, autocast, pixel_steps,
+                       resolve_precision, train_images_like)
 from bench.protections import _surrogate as S
 from bench.protections.dh import semantic as SEM
 from bench.protections.dh.hider import Hider
@@ -67,7 +67,7 @@ class DH(Protection):
     source: str = "diffusion"
     folder: str | None = None
     variants: int | None = None
-    epsilon: float = 8.0
+    epsilon: float = pixel_steps(8.0)
     blocks: int = 16
     clamp: float = 2.0
     growth: int = 32
