@@ -1,4 +1,4 @@
-"""Command line: ``bench run``, ``bench list``, ``bench leaderboard``, ``bench protect``, ``bench report``.
+"""Command line: ``bench run``, ``bench list``, ``bench show``, ``bench leaderboard``, ``bench protect``, ``bench report``.
 
 Configuration errors (unknown component, parameter or value; missing data) exit with code 2 and a message
 naming the file, the key and close matches, before anything runs.
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from bench.execute.claims import DEFAULT_STALE
-from bench.core.registry import ConfigError, describe_params
-
-KINDS = ("protections", "countermeasures", "victims", "datasets")
+from bench.core.registry import ConfigError
+# the listing's helpers live in bench.report.catalog; the README test and older scripts import them from here
+from bench.report.catalog import KINDS, component_table, describe_capabilities  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--gpus-per-task", type=float, metavar="G",
                      help="submitit, ray: GPUs per job (ray allows fractions; default 1 on a CUDA device, else 0)")
     run.add_argument("--ray-address", help="ray: the cluster's address (default: a Ray instance started here)")
-    listing = commands.add_parser("list", help="list registered components with their parameters and papers")
-    listing.add_argument("kind", nargs="?", choices=KINDS)
+    listing = commands.add_parser("list", help="list components (parameters, papers, capabilities), named matrices "
+                                  "and recipes")
+    listing.add_argument("kind", nargs="?", choices=KINDS, help="one kind (default: all)")
     listing.add_argument("--markdown", action="store_true", help="print the README's component table")
+    show = commands.add_parser("show", help="everything about one component, named matrix or recipe: docstring, "
+                               "parameters (types, defaults, units), capabilities, paper, version, file")
+    show.add_argument("name", help="a name from `bench list`, KIND/NAME where kinds share it (protections/em, "
+                                   "recipes/dh), or a matrix .toml path")
     board = commands.add_parser("leaderboard", help="build leaderboards from a matrix's records")
     board.add_argument("--matrix", default="smoke")
     board.add_argument("--metric", choices=("final", "best", "car", "gcr"), default="final",
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
         keep_freed_memory()
     try:
-        return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "perf": cmd_perf,
+        return {"run": cmd_run, "list": cmd_list, "show": cmd_show, "leaderboard": cmd_leaderboard, "perf": cmd_perf,
                 "protect": cmd_protect, "report": cmd_report}[args.command](args)
     except ConfigError as err:
         print(f"bench: error: {err}", file=sys.stderr)
@@ -232,65 +237,22 @@ def _print_leaderboard(results: Path, name: str, metric: str, mix_recipes: bool 
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
-    from bench.data.datasets import DATASETS
+    from bench.report import catalog
 
-    registries = {"protections": PROTECTIONS, "countermeasures": COUNTERMEASURES, "victims": VICTIMS,
-                  "datasets": DATASETS}
+    kinds = [args.kind] if args.kind else list(KINDS)
     if args.markdown:
-        print(component_table(registries, [args.kind] if args.kind else list(KINDS)))
+        if args.kind and args.kind not in catalog.COMPONENT_KINDS:
+            raise ConfigError(f"--markdown prints the README's component table: drop {args.kind!r}, or give one of "
+                              f"{', '.join(catalog.COMPONENT_KINDS)}")
+        print(component_table(catalog.registries(), [k for k in kinds if k in catalog.COMPONENT_KINDS]))
         return 0
-    for kind in [args.kind] if args.kind else KINDS:
-        registry = registries[kind]
-        print(f"{kind}:")
-        for name in registry.names():
-            cls = registry.get(name)
-            print(f"  {name}: {describe_params(cls) or '(no parameters)'}")
-            print(f"      follows: {cls.paper or '—'}")
-            if kind != "datasets":
-                print(f"      capabilities: {describe_capabilities(cls)}")
-            if kind == "victims" and not cls.needs_models:  # one built from a protection's models has no count alone
-                model = cls().build(10, 3, 32)
-                print(f"      parameters at 3×32×32, 10 classes: {sum(p.numel() for p in model.parameters()):,}")
+    for kind in kinds:  # kind by kind, so that `bench list | head` reads the first before the last is built
+        print(catalog.listing(kind), flush=True)
     return 0
 
 
-def describe_capabilities(cls: type) -> str:
-    """One line of what a component declares it needs and offers (``bench.core.components``)."""
-    caps = cls.capabilities()
-    parts = [f"stages: {'+'.join(caps['stages']) or 'none'}"] if "stages" in caps else []
-    parts.append("needs labels" if caps["needs_labels"] else "no labels")
-    if caps["surrogate_param"]:
-        default = {f.name: f.default for f in dataclasses.fields(cls)}[caps["surrogate_param"]]
-        parts.append(f"trains a surrogate victim (parameter {caps['surrogate_param']}, default {default})")
-    if caps["pretrained"]:
-        parts.append(f"pretrained weights: {', '.join(caps['pretrained'])}")
-    if caps["fits"]:
-        parts.append(f"fits models: {', '.join(caps['fits'])}")
-    if caps.get("encrypts_unseen"):
-        parts.append("encrypts unseen images " + ("for their labels" if caps["encrypt_needs_labels"] else
-                                                  "without labels") + " (ood mix, bench protect)")
-    if caps.get("needs_models"):
-        parts.append(f"needs the protection's models: {', '.join(caps['needs_models'])}")
-    if caps.get("uses_models"):
-        parts.append(f"uses the protection's models where it fits them: {', '.join(caps['uses_models'])}")
-    if caps.get("needs_attacker"):
-        parts.append("adaptive attacker (natural images and the protection to run)")
-    if caps.get("returns_subset"):
-        parts.append("trains the victim on part of the train set")
-    if caps.get("reports") == "best":
-        parts.append("reports the best epoch")
-    if caps["expensive_on_cpu"]:
-        parts.append("expensive on CPU")
-    return "; ".join(parts)
+def cmd_show(args: argparse.Namespace) -> int:
+    from bench.report.catalog import show
 
-
-def component_table(registries: dict, kinds: list[str]) -> str:
-    """A Markdown table of components: kind, name, parameters with defaults, capabilities, the paper each follows."""
-    lines = ["| kind | name | parameters (defaults) | capabilities | follows |", "|---|---|---|---|---|"]
-    for kind in kinds:
-        for name in registries[kind].names():
-            cls = registries[kind].get(name)
-            caps = describe_capabilities(cls) if kind != "datasets" else "—"
-            lines.append(f"| {kind[:-1]} | `{name}` | {describe_params(cls) or '—'} | {caps} | {cls.paper or '—'} |")
-    return "\n".join(lines)
+    print(show(args.name))
+    return 0
