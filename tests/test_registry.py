@@ -6,12 +6,14 @@ Registration tests use a fresh ``Registry("thing", ...)`` so that the global reg
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 
 import pytest
 
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, Countermeasure, Protection
 from bench.data.datasets import DATASETS
-from bench.core.registry import Component, ConfigError, Registry, describe_params
+from bench.core.registry import Component, ConfigError, Registry, component_identity, describe_params
 
 
 class Thing(Component):
@@ -248,6 +250,21 @@ def test_tuple_and_optional_fields_are_coerced():
 def test_spec_names_version_and_parameters():
     spec = COUNTERMEASURES.create("jpeg", quality=50).spec()
     assert spec == {"name": "jpeg", "version": COUNTERMEASURES.get("jpeg").version, "params": {"quality": 50}}
+
+
+def test_spec_of_a_component_outside_bench_holds_its_codes_fingerprint():
+    """Not built-in: its module's file (this test file) is hashed into its keys, so editing it invalidates them."""
+    registry = fresh()
+
+    @registry.register("coded")
+    class Coded(Thing):
+        size: int = 1
+
+    spec = Coded(size=2).spec()
+    line = f"{Path(__file__).name}\0{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}\n"
+    assert spec == {"name": "coded", "version": 1, "params": {"size": 2},
+                    "code": hashlib.sha256(line.encode()).hexdigest()}
+    assert component_identity(Coded) == {"name": "coded", "version": 1, "code": spec["code"]}
 
 
 # ------------------------------------------------------------------ describe_params

@@ -1,8 +1,9 @@
-"""Registries of named components, parameter validation and plugin discovery.
+"""Registries of named components, parameter validation and the identity of a component's code.
 
 A component is a frozen dataclass whose fields (all defaulted) are its parameters. Registries raise on
 duplicate names (as torchvision's ``_api.py``), list names by fnmatch pattern (timm ``list_models``) and
 create components by name, validating every parameter so that a bad matrix fails before anything runs.
+Plugin discovery (which modules register components) is ``bench.core.plugins``.
 """
 
 from __future__ import annotations
@@ -10,19 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-import importlib
-import importlib.util
-import os
-import pkgutil
+import hashlib
+import inspect
 import sys
-import traceback
 import types
 import typing
+import weakref
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
-
-PLUGIN_PACKAGES = ("bench.protections", "bench.countermeasures", "bench.victims")
-PLUGIN_PATH_ENV = "BENCH_PLUGINS"
 
 
 class ConfigError(ValueError):
@@ -50,8 +46,12 @@ class Component:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def spec(self) -> dict[str, Any]:
-        """Everything that identifies this component's output: name, version and parameters."""
-        return {"name": self.name, "version": self.version, "params": self.params()}
+        """Everything that identifies this component's output: name, version, parameters and, for a component that is
+        not built-in, ``code``: a fingerprint of its source (``code_fingerprint``), so that editing a plugin's code
+        invalidates its cached results even where its ``version`` stays."""
+        spec = {"name": self.name, "version": self.version, "params": self.params()}
+        code = code_fingerprint(type(self))
+        return spec if code is None else {**spec, "code": code}
 
 
 def _jsonable(value: Any) -> Any:
@@ -67,14 +67,17 @@ class Registry(Generic[C]):
     def __init__(self, kind: str, base: type[C]) -> None:
         self.kind, self.base = kind, base
         self._classes: dict[str, type[C]] = {}
+        _REGISTRIES.append(weakref.ref(self))
 
     def register(self, name: str):
         """Class decorator: make ``cls`` a frozen dataclass registered as ``name``."""
 
         def decorate(cls: type[C]) -> type[C]:
-            if name in self._classes:
-                raise ValueError(f"duplicate {self.kind} name {name!r}: {self._classes[name].__module__} "
-                                 f"and {cls.__module__} both register it; rename one")
+            # The same class source registering again (its module imported under a second name, a notebook cell
+            # run again) replaces the first; two different classes may not share a name.
+            if name in self._classes and origin(self._classes[name]) != origin(cls):
+                raise ValueError(f"duplicate {self.kind} name {name!r}: {origin(self._classes[name])} and "
+                                 f"{origin(cls)} both register it; rename one")
             if not issubclass(cls, self.base):
                 raise TypeError(f"{self.kind} {name!r} must subclass {self.base.__name__}")
             cls = dataclasses.dataclass(frozen=True)(cls) if "__dataclass_fields__" not in cls.__dict__ else cls
@@ -85,6 +88,7 @@ class Registry(Generic[C]):
             if missing:
                 raise TypeError(f"{self.kind} {name!r}: parameters {missing} need defaults")
             cls.name = name
+            cls._bench_origin = origin(cls)  # type: ignore[attr-defined]  # kept by a class shipped by value
             try:
                 cls.check_declaration()
             except TypeError as err:
@@ -102,6 +106,10 @@ class Registry(Generic[C]):
     def __contains__(self, name: str) -> bool:
         discover()
         return name in self._classes
+
+    def classes(self) -> dict[str, type[C]]:
+        """Name → class of what is registered now (no discovery: for shipping the plugin set to workers)."""
+        return dict(self._classes)
 
     def get(self, name: str) -> type[C]:
         """The class registered as ``name``; a ConfigError naming close matches otherwise."""
@@ -169,54 +177,85 @@ def describe_params(cls: type[Component]) -> str:
     return ", ".join(parts)
 
 
+_REGISTRIES: list[weakref.ref[Registry]] = []  # in creation order: the shared registries come first
+
+
+def registries() -> list[Registry]:
+    """Every live registry, oldest first."""
+    return [r for r in (ref() for ref in _REGISTRIES) if r is not None]
+
+
+# ---------------------------------------------------------------- what a component's code is
+
+def is_builtin(cls: type) -> bool:
+    """Whether ``cls`` ships with bench (its module is under ``bench``): its ``version`` is then its contract."""
+    return cls.__module__.partition(".")[0] == "bench"
+
+
+def origin(cls: type) -> str:
+    """``file:qualname`` where ``cls`` is defined (``module:qualname`` without a file); a class shipped by value to a
+    worker keeps the origin it was registered with."""
+    if "_bench_origin" in cls.__dict__:
+        return cls.__dict__["_bench_origin"]
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return f"{Path(file).resolve() if file else cls.__module__}:{cls.__qualname__}"
+
+
+def code_fingerprint(cls: type) -> str | None:
+    """sha256 of the source a component is made of; None for a built-in.
+
+    That is every ``.py`` file (by relative path) of its top-level package, or its module's file, or for a class
+    defined in ``__main__`` the script's file, else (a notebook) the class's own source. Computed once per class and
+    kept on it, so that a class shipped by value to a worker keeps it.
+    """
+    if is_builtin(cls):
+        return None
+    if "_bench_code" not in cls.__dict__:
+        cls._bench_code = _source_digest(cls)  # type: ignore[attr-defined]
+    return cls.__dict__["_bench_code"]
+
+
+def component_identity(cls: type[Component]) -> dict[str, Any]:
+    """``{"name", "version", "code"}`` of a component class, for records (``code`` is None for a built-in)."""
+    return {"name": cls.name, "version": cls.version, "code": code_fingerprint(cls)}
+
+
+_DIGESTS: dict[Path, str] = {}  # a package's or file's digest, once per process: the code this process imported
+
+
+def _source_digest(cls: type) -> str:
+    parts = cls.__module__.split(".")
+    packages = (sys.modules.get(".".join(parts[:i])) for i in range(1, len(parts) + 1))
+    # the outermost regular package (a namespace package has no __file__ and may span many distributions)
+    root = next((Path(p.__file__).parent for p in packages if getattr(p, "__file__", None) and hasattr(p, "__path__")),
+                None)
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if root is None and file and Path(file).is_file():
+        root = Path(file)
+    if root is not None:
+        if root not in _DIGESTS:
+            files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
+            digest = hashlib.sha256()
+            for path in files:
+                if "__pycache__" not in path.parts:
+                    rel = path.relative_to(root).as_posix() if root.is_dir() else path.name
+                    digest.update(f"{rel}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+            _DIGESTS[root] = digest.hexdigest()
+        return _DIGESTS[root]
+    try:
+        return hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()
+    except (OSError, TypeError) as err:
+        raise ConfigError(f"{getattr(cls, 'name', '') or cls.__qualname__} ({cls.__module__}): bench cannot read its "
+                          "source code, which its cache keys hold so that an edit is never served stale results; put "
+                          "it in a .py file and import it (or pass the file with --plugins / bench.use)") from err
+
+
 class PluginImportError(ConfigError):
     """A plugin module failed to import: every later registry call raises it again (never a partial registry)."""
 
 
-_discovery: dict[str, Any] = {"state": "todo", "error": None}  # todo → running → done | failed
-
-
 def discover() -> None:
-    """Import every non-underscore module of the plugin packages and of ``$BENCH_PLUGINS`` folders.
+    """Load the plugin set once per process (``bench.core.plugins.discover``; imported here lazily: it imports us)."""
+    from bench.core import plugins
 
-    Done once per process. A failed import raises ``PluginImportError`` naming the file, now and on every later
-    call, so that nothing runs on the registrations that happened before it. A plugin that looks a name up while
-    it is imported sees the registrations made so far (the ``running`` state).
-    """
-    if _discovery["state"] in ("done", "running"):
-        return
-    if _discovery["state"] == "failed":
-        raise _discovery["error"]
-    _discovery["state"] = "running"
-    try:
-        for package_name in PLUGIN_PACKAGES:
-            package = importlib.import_module(package_name)
-            for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-                if not info.name.startswith("_"):
-                    _import(f"{package_name}.{info.name}", Path(package.__path__[0]) / f"{info.name}.py")
-        for folder in filter(None, os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep)):
-            for path in sorted(Path(folder).glob("[!_]*.py")):
-                _import(f"bench_plugin_{path.stem}", path)
-    except PluginImportError as err:
-        _discovery.update(state="failed", error=err)
-        raise
-    _discovery["state"] = "done"
-
-
-def _import(module_name: str, path: Path) -> None:
-    try:
-        if module_name in sys.modules or "." in module_name:
-            importlib.import_module(module_name)
-            return
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    except Exception as err:
-        sys.modules.pop(module_name, None)
-        line = next((f":{frame.lineno}" for frame in reversed(traceback.extract_tb(err.__traceback__))
-                     if Path(frame.filename).resolve() == path.resolve()), "")
-        raise PluginImportError(f"could not import plugin module {path}{line}: {type(err).__name__}: {err}; fix or "
-                                "remove that file (bench imports every non-underscore module of its plugin folders)"
-                                ) from err
+    plugins.discover()

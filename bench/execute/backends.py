@@ -1,11 +1,14 @@
 """Where a stage's jobs run: joblib processes here (``local``), Slurm job arrays (``submitit``) or a Ray cluster
 (``ray``). Each runs the same runner over the same frozen jobs (``bench.execute.stages``), so records and cache keys do not
 depend on the backend, and each job runs under its key's claim in its worker, so runs on one results folder (any
-backends) never compute a key twice. submitit and ray are optional (``pip install -e '.[cluster]'``)."""
+backends) never compute a key twice. Every worker first loads the driver's plugin set (``bench.core.plugins``:
+discovered plugins, modules of components a script registered by import, ``__main__``'s components by value), so that
+a component the driver knows is known to every job. submitit and ray are optional (``pip install -e '.[cluster]'``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import multiprocessing
 import os
@@ -19,6 +22,7 @@ from joblib import Parallel, delayed
 from joblib.externals.loky import get_reusable_executor
 
 import bench
+from bench.core import plugins
 from bench.core.registry import ConfigError
 
 NAMES = ("local", "submitit", "ray")
@@ -115,6 +119,7 @@ class Local:
             for job in jobs:
                 on_result(runner(fn, job, self.devices))
             return
+        runner = with_plugins(runner)
         tasks = (delayed(runner)(fn, job, self.devices) for job in jobs)
         try:
             for result in Parallel(n_jobs=min(self.jobs, len(jobs)), return_as="generator_unordered")(tasks):
@@ -148,7 +153,7 @@ class Submitit:
         if self.time_min is not None or self.cluster == "local":  # the local executor's default is 2 minutes
             parameters["timeout_min"] = self.time_min or 7 * 24 * 60
         executor.update_parameters(**parameters, **({"slurm_partition": self.partition} if self.partition else {}))
-        chunk = len(jobs) if self.cluster == "slurm" else max(1, self.jobs)
+        chunk, runner = len(jobs) if self.cluster == "slurm" else max(1, self.jobs), with_plugins(runner)
         for part in (jobs[start:start + chunk] for start in range(0, len(jobs), chunk)):
             submitted = executor.map_array(runner, [fn] * len(part), part, [self.devices] * len(part))
             try:
@@ -174,10 +179,12 @@ class Ray:
     def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[dict], None]) -> None:
         import ray
 
+        env = {"env_vars": worker_env()}  # a cluster's workers do not inherit the driver's environment
         if not ray.is_initialized():
             here = {} if self.address else {"num_cpus": self.jobs * self.threads, "num_gpus": torch.cuda.device_count()}
-            ray.init(self.address, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}}, **here)
-        task = ray.remote(num_cpus=self.threads, num_gpus=self.gpus, max_retries=0)(_apply)
+            ray.init(self.address, include_dashboard=False, runtime_env=env, **here)
+        task = ray.remote(num_cpus=self.threads, num_gpus=self.gpus, max_retries=0, runtime_env=env)(_apply)
+        runner = with_plugins(runner)
         pending = [task.remote(runner, fn, job, self.devices) for job in jobs]
         try:
             while pending:
@@ -191,6 +198,21 @@ class Ray:
 
 def _apply(runner: Runner, fn: Callable, job: Any, devices: Any) -> dict:  # ray.remote takes a function
     return runner(fn, job, devices)
+
+
+def with_plugins(runner: Runner) -> Runner:
+    """``runner`` preceded, in the worker, by loading the driver's plugin set as it is now."""
+    return functools.partial(_in_plugin_set, plugins.active(), runner)
+
+
+def _in_plugin_set(plugin_set: plugins.PluginSet, runner: Runner, fn: Callable, job: Any, devices: Any) -> dict:
+    plugins.ensure(plugin_set)
+    return runner(fn, job, devices)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment a remote worker needs: this checkout on PYTHONPATH and the driver's ``$BENCH_*`` variables."""
+    return {"PYTHONPATH": _pythonpath(), **{k: v for k, v in os.environ.items() if k.startswith("BENCH_")}}
 
 
 def _pythonpath() -> str:
