@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import linecache
 import os
 import subprocess
 import sys
@@ -248,16 +249,36 @@ def test_editing_a_plugin_changes_its_fingerprint_and_nothing_else_does(tmp_path
     assert after[0] != before[0] and after[1] != before[1]
 
 
-def test_a_component_without_source_is_refused_with_the_fix():
-    module = types.ModuleType("t_no_source")
+CELL = ("from bench.core.components import Countermeasure\n"
+        "class InCell(Countermeasure):\n    strength: int = 1\n\n    def purify(self, train, *, seed, device):\n"
+        "        return train.with_images(255 - train.images)\n")
+
+
+def define_in_module(source: str, filename: str | None) -> type:
+    """Run ``source`` as a module without a file (a notebook's ``__main__``), with its lines in the line cache as a
+    notebook keeps its cells' (``filename``), or nowhere (None)."""
+    module = types.ModuleType("t_notebook")
+    if filename:
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     sys.modules[module.__name__] = module
     try:
-        exec("from bench.core.components import Countermeasure\nclass NoSource(Countermeasure):\n    pass\n",
-             module.__dict__)
-        with pytest.raises(ConfigError, match="put it in a .py file"):
-            code_fingerprint(module.NoSource)
+        exec(compile(source, filename or "<string>", "exec"), module.__dict__)
     finally:
         del sys.modules[module.__name__]
+    return module.InCell
+
+
+def test_a_notebooks_component_is_fingerprinted_from_its_cells_source():
+    first = define_in_module(CELL, "<ipython-input-1>")
+    again = define_in_module(CELL, "<ipython-input-2>")
+    edited = define_in_module(CELL.replace("255 - train.images", "train.images // 2"), "<ipython-input-3>")
+    assert len(code_fingerprint(first)) == 64 and code_fingerprint(again) == code_fingerprint(first)
+    assert code_fingerprint(edited) != code_fingerprint(first)
+
+
+def test_a_component_without_source_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="put it in a .py file"):
+        code_fingerprint(define_in_module(CELL, None))
 
 
 # ------------------------------------------------------------------ every worker gets the plugin set

@@ -243,11 +243,27 @@ def _source_digest(cls: type) -> str:
             _DIGESTS[root] = digest.hexdigest()
         return _DIGESTS[root]
     try:
-        return hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()
+        return hashlib.sha256(_class_source(cls).encode()).hexdigest()
     except (OSError, TypeError) as err:
         raise ConfigError(f"{getattr(cls, 'name', '') or cls.__qualname__} ({cls.__module__}): bench cannot read its "
                           "source code, which its cache keys hold so that an edit is never served stale results; put "
                           "it in a .py file and import it (or pass the file with --plugins / bench.use)") from err
+
+
+def _class_source(cls: type) -> str:
+    """The class's source; in a notebook (no ``__main__.__file__``, so no class source) its annotations and the
+    sources of the methods it defines, which the cells' line cache holds."""
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        own = {k: getattr(v, "__func__", getattr(v, "fget", v)) for k, v in vars(cls).items()}
+        # dataclass's generated dunders have no source; the rest do where the notebook keeps its cells
+        methods = {k: f for k, f in own.items() if inspect.isfunction(f) and (not k.startswith("__") or
+                                                                              k == "__post_init__")}
+        if not methods:
+            raise
+        return "\n".join([cls.__qualname__, repr(own.get("__annotations__")),
+                          *(inspect.getsource(methods[k]) for k in sorted(methods))])
 
 
 class PluginImportError(ConfigError):
