@@ -290,6 +290,7 @@ from typing import ClassVar
 
 import t_imported  # registers t_imported by import, as a user's script does
 from bench.api import COUNTERMEASURES, Countermeasure, ImageSet
+from bench.core import plugins
 from bench.execute.backends import BackendOptions
 from bench.execute.scheduler import RunOptions, run_matrix
 from bench.plan.matrix import load_matrix
@@ -305,11 +306,12 @@ class Halve(Countermeasure):
 
 
 if __name__ == "__main__":
+    plugins.use(sys.argv[4])  # a package folder, loaded by its path (not importable by name in a worker)
     run_matrix(load_matrix(sys.argv[1]), RunOptions(results=Path(sys.argv[2]), jobs=2, device="cpu",
                                                     backend=BackendOptions(sys.argv[3])))
 '''
 
-TWO_CELLS = """
+SCRIPT_CELLS = """
 seeds = [0]
 [recipe]
 name = "quick"
@@ -322,40 +324,45 @@ clean = {}
 [countermeasures]
 t_imported = {}
 t_main = {}
+t_used_cm = {}
 [victims.cnn]
 width = 8
 """
 
 
+ALL_OK = {"t_imported": "ok", "t_main": "ok", "t_used_cm": "ok"}
+
+
 def run_script(tmp_path: Path, backend: str) -> dict[str, str]:
-    """The script above on a 2-cell matrix with ``jobs=2``: each cell's status (and its error)."""
+    """The script above on a 3-cell matrix with ``jobs=2``: each cell's status (and its error)."""
     flat_plugin(tmp_path, "t_imported")
+    package = package_plugin(tmp_path / "elsewhere", "t_used", "t_used_cm")
     (tmp_path / "script.py").write_text(SCRIPT)
-    matrix = tiny_matrix(tmp_path, "two", text=TWO_CELLS)
+    matrix = tiny_matrix(tmp_path, "cells", text=SCRIPT_CELLS)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("BENCH_PLUGINS", None)
-    proc = subprocess.run([PY, "script.py", str(matrix), str(tmp_path / "r"), backend], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([PY, "script.py", str(matrix), str(tmp_path / "r"), backend, str(package)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = (tmp_path / "r" / "runs" / "two" / "records.jsonl").read_text().splitlines()
+    lines = (tmp_path / "r" / "runs" / "cells" / "records.jsonl").read_text().splitlines()
     return {r["countermeasure"]: r["status"] + (r.get("error") or "")[-500:] for r in map(json.loads, lines)}
 
 
 def test_a_script_registered_component_runs_with_jobs_2(tmp_path):
     """Used to fail with "unknown countermeasure": the joblib workers never imported the script's components."""
-    assert run_script(tmp_path, "local") == {"t_imported": "ok", "t_main": "ok"}
+    assert run_script(tmp_path, "local") == ALL_OK
 
 
 @pytest.mark.slow  # each job is a fresh interpreter: ~40 s
 @pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="pip install -e '.[cluster]'")
 def test_a_script_registered_component_runs_on_submitit(tmp_path):
-    assert run_script(tmp_path, "submitit") == {"t_imported": "ok", "t_main": "ok"}
+    assert run_script(tmp_path, "submitit") == ALL_OK
 
 
 @pytest.mark.slow  # a local Ray instance: ~40 s
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="pip install -e '.[cluster]'")
 def test_a_script_registered_component_runs_on_ray(tmp_path):
-    assert run_script(tmp_path, "ray") == {"t_imported": "ok", "t_main": "ok"}
+    assert run_script(tmp_path, "ray") == ALL_OK
 
 
 def test_ray_workers_get_the_drivers_bench_variables(monkeypatch):
