@@ -37,6 +37,7 @@ class AdversarialTraining(Countermeasure):
     """
 
     paper: ClassVar[str] = "Madry et al. 2018; DH §IV-A5 (AT L∞ 8/255, L2 1, PGD-10, step 2/255); REM settings"
+    test_params: ClassVar[dict[str, object]] = {"steps": 2}
     stages: ClassVar[frozenset[str]] = frozenset({"train"})
     paper_setting: ClassVar[tuple[str, ...]] = ("steps",)
     needs_labels: ClassVar[bool] = True  # the PGD attack ascends the loss of the true labels

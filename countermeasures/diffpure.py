@@ -50,6 +50,9 @@ class DiffPure(Countermeasure):
     """
 
     paper: ClassVar[str] = "AVATAR (Dolatabadi et al. 2024; code hmdolatabadi/AVATAR); DiffPure (Nie et al. 2022) §3.1"
+    # no DDPM weights offline: the attacker's own, tiny (cached under ~/.cache/bench/diffpure)
+    test_params: ClassVar[dict[str, object]] = {"model": "trained", "train_steps": 2, "train_width": 8,
+                                                "train_batch_size": 8, "t_star": 10}
     stages: ClassVar[frozenset[str]] = frozenset({DATA})
     pretrained: ClassVar[tuple[Pretrained, ...]] = (DDPM,)
     paper_setting: ClassVar[tuple[str, ...]] = ("model", "sampler")

@@ -54,6 +54,9 @@ class Distill(Countermeasure):
     """
 
     paper: ClassVar[str] = "UGE §3.2 Eq. 10, Table 1 and 2 (Distill)"
+    keeps_images: ClassVar[bool] = True  # the data stage fits the teacher only
+    hooks_draw: ClassVar[bool] = False  # the KL to a frozen teacher draws nothing
+    test_params: ClassVar[dict[str, object]] = {"teacher_recipe": "quick", "teacher_arch": "cnn"}
     stages: ClassVar[frozenset[str]] = frozenset({DATA, TRAIN})
     fits: ClassVar[tuple[str, ...]] = ("teacher",)
     uses_models: ClassVar[tuple[str, ...]] = ("authorized",)

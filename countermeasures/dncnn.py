@@ -71,6 +71,7 @@ class DnCNNDenoiser(Countermeasure):
     """
 
     paper: ClassVar[str] = "ConfounderGAN App. D Table 3 (adaptive denoiser); DnCNN (cszn/DnCNN, PyTorch training)"
+    test_params: ClassVar[dict[str, object]] = {"epochs": 1, "depth": 3, "width": 8, "batch_size": 8}
     stages: ClassVar[frozenset[str]] = frozenset({DATA})
     fits: ClassVar[tuple[str, ...]] = ("denoiser",)
     paper_setting: ClassVar[tuple[str, ...]] = ("epochs", "depth", "width")

@@ -64,6 +64,7 @@ class DVAEPurification(Countermeasure):
     """
 
     paper: ClassVar[str] = "Yu et al. 2024 (D-VAE, ICML), Fig. 1 and two-stage purification; official yuyi-sd/D-VAE"
+    test_params: ClassVar[dict[str, object]] = {"epochs": 1, "width": 8, "latent_dim": 8, "batch_size": 16}
     needs_labels: ClassVar[bool] = True
     stages: ClassVar[frozenset[str]] = frozenset({"data"})
     paper_setting: ClassVar[tuple[str, ...]] = ("epochs", "width", "latent_dim")

@@ -98,6 +98,7 @@ class GaussianFilter(Countermeasure):
     agrees. The paper's setting is kept; sweep ``sigma`` for a filter that smooths."""
 
     paper: ClassVar[str] = "DH §IV-A5 (GaussF, k = 3, σ = 0.1)"
+    test_params: ClassVar[dict[str, object]] = {"sigma": 1.0}  # σ = 0.1 is the identity at 8 bits
     stages: ClassVar[frozenset[str]] = frozenset({"data"})
     kernel: int = 3
     sigma: float = 0.1

@@ -45,6 +45,7 @@ class UEraser(Countermeasure):
     """
 
     paper: ClassVar[str] = "Qin et al. 2023 (UEraser); APBench defense/ueraser.py (K = 5; lite/standard/max)"
+    test_params: ClassVar[dict[str, object]] = {"repeats": 2}
     stages: ClassVar[frozenset[str]] = frozenset({"train"})
     variant: str = "standard"
     repeats: int = 5

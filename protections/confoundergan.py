@@ -118,6 +118,7 @@ class ConfounderGAN(Protection):
     """
 
     paper: ClassVar[str] = "ConfounderGAN §4.3, Alg. 1, Eq. 2–5, App. G.3 (ε: §5.1)"
+    test_params: ClassVar[dict[str, object]] = {"surrogate": "cnn", "surrogate_epochs": 1, "epochs": 1, "width": 8}
     fits: ClassVar[tuple[str, ...]] = ("generator",)
     encrypts_unseen: ClassVar[bool] = True
     surrogate_param: ClassVar[str | None] = "surrogate"

@@ -55,6 +55,7 @@ class ErrorMinimizingNoise(Protection):
     """
 
     paper: ClassVar[str] = "Huang et al. 2021 (EM) Alg. 1; ConfounderGAN App. G.4; DH §IV-A (baseline)"
+    test_params: ClassVar[dict[str, object]] = {"surrogate": "cnn", "max_rounds": 2, "steps": 2}
     version: ClassVar[int] = 2  # 2: official zero start, batch 512, class-wise 20 % update subset
     surrogate_param: ClassVar[str | None] = "surrogate"
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate",)
@@ -158,6 +159,8 @@ class RobustErrorMinimizingNoise(Protection):
     """
 
     paper: ClassVar[str] = "Fu et al. 2022 (REM) Eq. 4–6, official defaults; DH §IV-A (baseline)"
+    test_params: ClassVar[dict[str, object]] = {"surrogate": "cnn", "train_steps": 2, "steps": 2, "samples": 1,
+                                                "adv_steps": 1}
     surrogate_param: ClassVar[str | None] = "surrogate"
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate", "train_steps", "steps", "samples", "adv_steps")
     expensive_on_cpu: ClassVar[bool] = True

@@ -35,6 +35,7 @@ class External(Protection):
     """
 
     paper: ClassVar[str] = "images made elsewhere (e.g. official EM/TAP/AR releases); budget measured, not assumed"
+    test_skip: ClassVar[str] = "needs images made elsewhere for the train set: tests/test_external.py covers its contract"
     needs_labels: ClassVar[bool] = False
     path: str = ""
 

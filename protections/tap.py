@@ -58,6 +58,7 @@ class TargetedAdversarialPoisoning(Protection):
     """
 
     paper: ClassVar[str] = "Fowl et al. 2021 (TAP) §3, official defaults; DH §IV-A (baseline)"
+    test_params: ClassVar[dict[str, object]] = {"surrogate": "cnn", "steps": 2, "surrogate_epochs": 1}
     version: ClassVar[int] = 2  # 2: official 8 restarts and sub-pixel translation augmentation
     surrogate_param: ClassVar[str | None] = "surrogate"
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate", "restarts")

@@ -1,39 +1,35 @@
-"""Contracts of every registered protection, countermeasure and victim, plus golden values of the data-stage
-countermeasures against independent computations (Pillow, hand-computed tables)."""
+"""The contracts of every built-in protection and countermeasure (``bench.testing``: the checks a plugin's author
+runs on theirs), golden values of the data-stage countermeasures against independent computations (Pillow,
+hand-computed tables) and the behaviour of the noise and patch protections."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from bench.data import mixes
-from bench.core.components import COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, VICTIMS, Attacker, ImageSet, Models, TrainHooks
-from bench.data.datasets import DATASETS
-from conftest import require_cifar10_jpeg
+from bench.core.components import COUNTERMEASURES, PROTECTIONS, Countermeasure, ImageSet, Victim
+from bench.core.registry import Registry
 from bench.protections.patches import PAPER_COLOURS
+from bench.testing import (CountermeasureContracts, ProtectionContracts, assert_image_set_contract, builtin_names,
+                           digits_set, rgb_set)
+
+__all__ = ["assert_image_set_contract", "delta", "digits_batch", "rgb_batch"]  # other test modules import these
 
 CPU = torch.device("cpu")
-
-
-def digits_batch() -> ImageSet:
-    """40 real greyscale images (4 per class), 1×16×16."""
-    return DATASETS.create("digits", per_class=4).load()[0]
-
-
-def rgb_batch() -> ImageSet:
-    """40 real RGB images (4 per class) of the CIFAR-10 JPEG copy; skips without it (noise would pass goldens
-    and structure checks for reasons of its own)."""
-    path = require_cifar10_jpeg()
-    return DATASETS.create("cifar10-jpeg", path=str(path), per_class=4, test_per_class=1).load()[0]
-
-
+digits_batch, rgb_batch = digits_set, rgb_set  # 40 real images each; rgb_batch skips without the CIFAR-10 copy
 BATCHES = {"digits": digits_batch, "rgb": rgb_batch}
+
+
+class TestBuiltins(ProtectionContracts, CountermeasureContracts):
+    """Each contract that applies, over every protection and countermeasure bench ships (victims:
+    tests/test_victims.py); plugins found on this machine are their authors' to test."""
+
+    components = [f"protection:{n}" for n in builtin_names(PROTECTIONS)] + \
+        [f"countermeasure:{n}" for n in builtin_names(COUNTERMEASURES)]
 
 
 @pytest.fixture(scope="module", params=list(BATCHES))
@@ -58,75 +54,7 @@ def delta(after: ImageSet, before: ImageSet) -> torch.Tensor:
     return after.images.to(torch.int16) - before.images.to(torch.int16)
 
 
-def has_epsilon(name: str) -> bool:
-    return "epsilon" in {f.name for f in dataclasses.fields(PROTECTIONS.get(name))}
-
-
-# Small settings so the surrogate-based protections run in seconds here (their defaults are the papers').
-CONTRACT_PARAMS = {
-    "em": dict(surrogate="cnn", max_rounds=2, steps=2),
-    "rem": dict(surrogate="cnn", train_steps=2, steps=2, samples=1, adv_steps=1),
-    "tap": dict(surrogate="cnn", steps=2, surrogate_epochs=1),
-    "confoundergan": dict(surrogate="cnn", surrogate_epochs=1, epochs=1, width=8),
-    "uge": dict(authorized="cnn", hacker="cnn", encoder="classifier", encoder_arch="cnn", encoder_epochs=1, epochs=1,
-                width=4, trajectory_epochs=2),
-    "dh": dict(source="skimage", extractor="classifier", extractor_epochs=1, blocks=2, growth=8, iterations=3,
-               batch_size=8, lr=1e-3),
-}
-NEEDS_A_SOURCE = {"external"}  # images made elsewhere: tests/test_external.py covers its contract
-GENERIC = [n for n in PROTECTIONS.names() if n not in NEEDS_A_SOURCE]
-
-
-def make_protection(name: str, **params):
-    return PROTECTIONS.create(name, **{**CONTRACT_PARAMS.get(name, {}), **params})
-
-
-# ------------------------------------------------------------------ protections: contract
-
-
-@pytest.mark.parametrize("name", GENERIC)
-def test_protection_contract(name, batch):
-    """uint8 of the same shape, labels and classes unchanged, input untouched, deterministic for a seed."""
-    protection = make_protection(name)
-    assert_image_set_contract(lambda: protection.protect(batch, seed=3, device=CPU), batch)
-
-
-def assert_image_set_contract(run, batch: ImageSet) -> None:
-    """``run()`` returns uint8 of the same shape with labels and classes kept, leaves ``batch`` untouched,
-    and gives byte-identical output when called again."""
-    images, labels = batch.images.clone(), batch.labels.clone()
-    out = run()
-    assert isinstance(out, ImageSet)
-    assert out.images.dtype == torch.uint8 and out.images.shape == batch.images.shape
-    assert torch.equal(out.labels, labels) and out.num_classes == batch.num_classes
-    assert torch.equal(batch.images, images) and torch.equal(batch.labels, labels), "the input was mutated"
-    assert out.images.numpy().tobytes() == run().images.numpy().tobytes()
-
-
-@pytest.mark.parametrize("name", [n for n in GENERIC if not PROTECTIONS.get(n).identity])
-def test_protection_changes_images(name, batch):
-    out = make_protection(name).protect(batch, seed=0, device=CPU)
-    assert not torch.equal(out.images, batch.images)
-
-
-@pytest.mark.parametrize("name", [n for n in PROTECTIONS.names() if PROTECTIONS.get(n).identity])
-def test_identity_protection_returns_input(name, batch):
-    out = PROTECTIONS.create(name).protect(batch, seed=5, device=CPU)
-    assert torch.equal(out.images, batch.images)
-
-
-EPSILON_CASES = [(n, eps) for n in GENERIC if has_epsilon(n) for eps in (8.0, 3.0, 16.0, 0.0)]
-
-
-@pytest.mark.parametrize("name, epsilon", EPSILON_CASES)
-def test_linf_budget(name, epsilon, batch):
-    """max |x' − x| ≤ ε in integer pixel units (ε is given in 1/255 units); ε = 0 changes nothing."""
-    out = make_protection(name, epsilon=epsilon).protect(batch, seed=1, device=CPU)
-    change = delta(out, batch).abs()
-    assert change.max().item() <= epsilon
-    if epsilon == 0:
-        assert torch.equal(out.images, batch.images)
-
+# ------------------------------------------------------------------ protections: noise
 
 @pytest.mark.parametrize("name", ["random_noise", "cwn"])
 def test_noise_uses_its_budget(name, batch):
@@ -262,110 +190,7 @@ def test_cwp_rgb_with_many_classes_uses_grey_levels():
     check_patch(PROTECTIONS.create("cwp", size_fraction=0.5).protect(data, seed=0, device=CPU), data, 4)
 
 
-# ------------------------------------------------------------------ countermeasures: contract
-
-
-def attacker_for(batch: ImageSet, seed: int) -> dict[str, Attacker]:
-    """An adaptive attacker of ``batch`` protected by ``random_noise`` (it runs the protection itself)."""
-    noise = PROTECTIONS.create("random_noise")
-    sets = mixes.TrainSet(batch, noise.protect(batch, seed=seed, device=CPU), torch.ones(len(batch), dtype=torch.bool))
-    return {"attacker": mixes.attacker(noise, Models(), sets, seed=seed, device=CPU)}
-
-
-@pytest.mark.parametrize("name", [n for n in COUNTERMEASURES.names() if not COUNTERMEASURES.get(n).returns_subset])
-def test_countermeasure_contract(name, batch):
-    """uint8 of the same shape, labels unchanged, input untouched, deterministic for a seed; without the data
-    stage, purify hands the images on unchanged."""
-    countermeasure = COUNTERMEASURES.create(name, **FAST_COUNTERMEASURES.get(name, {}))
-    needs = attacker_for(batch, 2) if countermeasure.needs_attacker else {}
-    assert_image_set_contract(lambda: countermeasure.purify(batch, seed=2, device=CPU, **needs), batch)
-    if DATA not in countermeasure.stages:
-        assert torch.equal(countermeasure.purify(batch, seed=0, device=CPU).images, batch.images)
-
-
-@pytest.mark.parametrize("name", [n for n in COUNTERMEASURES.names() if COUNTERMEASURES.get(n).returns_subset])
-def test_subset_countermeasure_contract(name, batch):
-    """A countermeasure that returns part of the train set: uint8 images of the same C×H×W, labels among the
-    input's per class, every class kept, input untouched, deterministic for a seed."""
-    countermeasure = COUNTERMEASURES.create(name, **FAST_COUNTERMEASURES.get(name, {}))
-    images, labels = batch.images.clone(), batch.labels.clone()
-    run = lambda: countermeasure.purify(batch, seed=2, device=CPU, **attacker_for(batch, 2))  # noqa: E731
-    out = run()
-    assert out.images.dtype == torch.uint8 and out.images.shape[1:] == batch.images.shape[1:]
-    assert 0 < len(out) < len(batch) and out.num_classes == batch.num_classes
-    assert (torch.bincount(out.labels, minlength=10) <= torch.bincount(labels, minlength=10)).all()
-    assert set(out.labels.tolist()) == set(labels.tolist())
-    assert torch.equal(batch.images, images) and torch.equal(batch.labels, labels), "the input was mutated"
-    assert out.images.numpy().tobytes() == run().images.numpy().tobytes()
-
-
-# Small settings where a default would train for minutes.
-FAST_COUNTERMEASURES = {"distill": {"teacher_recipe": "quick"},
-                        "dncnn": {"epochs": 1, "depth": 3, "width": 8, "batch_size": 8},
-                        "dvae": {"epochs": 1, "width": 8, "latent_dim": 8, "batch_size": 16},
-                        # no DDPM weights offline: the attacker's own, tiny (cached under ~/.cache/bench/diffpure)
-                        "diffpure": {"model": "trained", "train_steps": 2, "train_width": 8, "train_batch_size": 8,
-                                     "t_star": 10}}
-# Data stages that fit a model and hand the data on as they are (tests/test_uge.py checks that they do).
-KEEP_DATA = {"distill"}
-# Where a data-stage countermeasure's default leaves these images as they are (on purpose), a setting that must not.
-CHANGE_PARAMS = {"gauss_filter": {"sigma": 1.0},  # DH's σ = 0.1 is the identity at 8 bits (test_countermeasures)
-                 "dvae": FAST_COUNTERMEASURES["dvae"],  # its defaults train for minutes
-                 "diffpure": FAST_COUNTERMEASURES["diffpure"]}  # its default model needs weights
-
-
-def coloured(data: ImageSet) -> ImageSet:
-    """The digits as RGB images with different channels (for countermeasures that act on colour only)."""
-    x = data.images
-    return ImageSet(torch.cat([x, x // 2, 255 - x], 1), data.labels, data.num_classes)
-
-
-@pytest.mark.parametrize("name", [n for n in COUNTERMEASURES.names() if DATA in COUNTERMEASURES.get(n).stages
-                                  and n not in KEEP_DATA and not COUNTERMEASURES.get(n).returns_subset])
-def test_data_stage_changes_images(name, digits):
-    """Every data-stage countermeasure changes real images (registration only checks that it overrides purify)."""
-    data = coloured(digits) if name == "grayscale" else digits
-    out = COUNTERMEASURES.create(name, **CHANGE_PARAMS.get(name, {})).purify(data, seed=0, device=CPU)
-    assert (out.images != data.images).any(1).float().mean() > 0.05, "fewer than 5 % of the pixels changed"
-
-
-# Small settings where a default would be slow.
-HOOK_PARAMS = {"adv_training": {"steps": 2}, "ueraser": {"repeats": 2}}
-
-
-def run_hooks(hooks: TrainHooks, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int):
-    """One step's hooks in the loop's order (``bench.execute.train``), on one generator: (x, y, loss)."""
-    gen = torch.Generator().manual_seed(seed)
-    if hooks.epoch_start:
-        hooks.epoch_start(0, 4)
-    if hooks.batch_transform:
-        x, y = hooks.batch_transform(x, y, gen)
-    if hooks.attack:
-        x = hooks.attack(model, x, y, gen)
-    loss = hooks.loss(model, x, y, gen)[0] if hooks.loss else F.cross_entropy(model(x), y)
-    return x, y, loss.detach()
-
-
-@pytest.mark.parametrize("name", [n for n in COUNTERMEASURES.names() if n not in KEEP_DATA])
-def test_countermeasure_train_hooks(name, digits):
-    """With the train stage, the hooks change a real batch (or its loss) as the generator draws: identical for
-    one seed, different for another. Without it, there are no hooks."""
-    countermeasure = COUNTERMEASURES.create(name, **HOOK_PARAMS.get(name, {}))
-    hooks = countermeasure.train_hooks(digits.num_classes, digits.size)
-    if TRAIN not in countermeasure.stages:
-        assert hooks == TrainHooks()
-        return
-    assert hooks != TrainHooks()
-    torch.manual_seed(0)
-    model = VICTIMS.create("cnn", width=8).build(digits.num_classes, digits.channels, digits.size).eval()
-    x, y = digits.images.float() / 255, digits.labels
-    with torch.no_grad():
-        plain = F.cross_entropy(model(x), y)
-    first, again, other = (run_hooks(hooks, model, x, y, seed) for seed in (0, 0, 1))
-    assert all(torch.equal(a, b) for a, b in zip(first, again)), "not reproducible for one generator seed"
-    assert not all(torch.equal(a, b) for a, b in zip(first, other)), "the generator's seed changes nothing"
-    changed = not torch.equal(first[0], x) or not torch.equal(first[1], y) or not torch.equal(first[2], plain)
-    assert changed, "the hooks leave batch, labels and loss as they are"
+# ------------------------------------------------------------------ countermeasures
 
 
 @pytest.mark.parametrize("name, params", [("bdr", {"bits": 2}), ("bdr", {"bits": 5}), ("grayscale", {})])
@@ -490,3 +315,27 @@ def test_bdr_matches_formula_on_all_levels(bits):
         assert torch.equal(out.images, images)
 
 # Victims: tests/test_victims.py.
+
+
+# ------------------------------------------------------------------ what the contract tests read, checked at registration
+
+
+@pytest.mark.parametrize("declaration, message", [
+    ({"test_params": {"strenght": 1}}, r"test_params names \['strenght'\], which are not parameters"),
+    ({"test_params": {"strength": "1"}}, "test_params 'strength': expected int"),
+    ({"hooks_draw": False}, "hooks_draw = False describes train hooks"),
+    ({"keeps_images": True}, "keeps_images = True needs a data stage that fits models"),
+])
+def test_test_declarations_are_checked_at_registration(declaration, message):
+    """A typo in test_params would otherwise surface as a failing contract test far from its cause."""
+    namespace = {"__annotations__": {"strength": "int"}, "strength": 255, "stages": frozenset({"data"}),
+                 "purify": lambda self, train, *, seed, device: train, **declaration}
+    with pytest.raises(TypeError, match=message):
+        Registry("countermeasure", Countermeasure).register("declared_test")(type("Declared", (Countermeasure,), namespace))
+
+
+@pytest.mark.parametrize("count", [0, 2.5])
+def test_a_reference_size_must_be_a_positive_count(count):
+    namespace = {"reference_params": count, "build": lambda self, num_classes, in_channels, image_size: None}
+    with pytest.raises(TypeError, match="reference_params must be a positive int"):
+        Registry("victim", Victim).register("sized_test")(type("Sized", (Victim,), namespace))

@@ -1,5 +1,6 @@
-"""Every registered victim: builds at the shapes the datasets use, trains one step, and has the parameter count
-of the reference architecture it follows (and of torchvision's model, after the documented differences)."""
+"""Every built-in victim: the victim contracts (builds at the shapes the datasets use, trains one step, the
+parameter count of the reference architecture it follows) and torchvision's counts after the documented
+differences."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import torchvision
 
 from bench.core.components import VICTIMS
 from bench.core.registry import ConfigError
-
-SHAPES = [(1, 28, 10), (3, 32, 10), (3, 32, 100), (3, 64, 200)]
+from bench.testing import VictimContracts, builtin_names
 
 
 def count(model: torch.nn.Module) -> int:
@@ -21,49 +21,17 @@ def conv_params(cin: int, cout: int, kernel: int) -> int:
     return cin * cout * kernel * kernel
 
 
-@pytest.mark.parametrize("in_channels, image_size, classes", SHAPES)
-@pytest.mark.parametrize("name", VICTIMS.names())
-def test_victim_forward_and_one_sgd_step(name, in_channels, image_size, classes):
-    torch.manual_seed(0)
-    model = VICTIMS.create(name).build(classes, in_channels, image_size)
-    x = torch.rand(2, in_channels, image_size, image_size)
-    y = torch.tensor([0, classes - 1])
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    before = [p.detach().clone() for p in model.parameters()]
-    logits = model(x)
-    assert logits.shape == (2, classes) and torch.isfinite(logits).all()
-    loss = torch.nn.functional.cross_entropy(logits, y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss)
-    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "the step changed nothing"
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-    assert logits.shape == (2, classes) and torch.isfinite(logits).all()
+class TestBuiltinVictims(VictimContracts):
+    """The victim contracts (``bench.testing``): builds and trains a step at the datasets' shapes, a forward at
+    224 px, and its declared ``reference_params``."""
+
+    components = [f"victim:{name}" for name in builtin_names(VICTIMS)]
 
 
-@pytest.mark.parametrize("name", VICTIMS.names())
-def test_victim_imagenet_resolution_forward(name):
-    """224 px (ImageNet stem where the net has one): one eval forward of one image gives finite logits."""
-    torch.manual_seed(0)
-    model = VICTIMS.create(name).build(10, 3, 224).eval()
-    with torch.no_grad():
-        logits = model(torch.rand(1, 3, 224, 224))
-    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
-
-
-@pytest.mark.parametrize("name", VICTIMS.names())
-def test_victim_parameter_count_matches_its_reference(name):
-    """At 3×32×32 and 10 classes every victim is within 2% of the reference it names in ``reference_params``."""
-    cls = VICTIMS.get(name)
-    reference = getattr(cls, "reference_params", None)
-    assert isinstance(reference, int) and reference > 0, f"{name} sets no reference_params"
-    got = count(cls().build(10, 3, 32))
-    assert abs(got - reference) <= 0.02 * reference, f"{name}: {got:,} parameters vs reference {reference:,}"
+def test_every_builtin_victim_names_its_reference_size():
+    """bench's own victims each follow a reference architecture and say how large it is."""
+    missing = [n for n in builtin_names(VICTIMS) if not VICTIMS.get(n).reference_params]
+    assert not missing, f"set reference_params on {missing}"
 
 
 CIFAR_STEM = conv_params(3, 64, 3) - conv_params(3, 64, 7)  # a 3×3 stride-1 stem conv instead of a 7×7 one

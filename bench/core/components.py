@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from bench.core.exchange import Attacker, Fitted, Generator, ImageSet, Models, Pretrained, TrainHooks
-from bench.core.registry import Component, Registry
+from bench.core.registry import Component, ConfigError, Registry, coerce
 
 __all__ = ["COUNTERMEASURES", "DATA", "PROTECTIONS", "TRAIN", "VICTIMS", "Attacker", "Countermeasure", "Fitted",
            "Generator",
@@ -42,6 +43,10 @@ class _Declared(Component):
     # parameters whose defaults are the paper's setting (weights, sources, surrogates, budgets): a cell at another
     # value is marked off the paper's setting beside the published table (``bench leaderboard --compare paper``)
     paper_setting: ClassVar[tuple[str, ...]] = ()
+    # for the contract tests (``bench.testing``), never for runs: parameters that make it run in seconds on a CPU
+    # (its defaults stay the paper's), and, where those tests cannot run it at all, why (they skip saying so)
+    test_params: ClassVar[dict[str, object]] = {}
+    test_skip: ClassVar[str] = ""
 
     def pretrained_needed(self) -> tuple[Pretrained, ...]:
         """The weights these parameters need (a documented alternative may need none)."""
@@ -60,6 +65,7 @@ class _Declared(Component):
             raise TypeError(f"surrogate_param {cls.surrogate_param!r} is not a parameter")
         if unknown := set(cls.paper_setting) - parameters:
             raise TypeError(f"paper_setting names {sorted(unknown)}, which are not parameters")
+        _check_test_params(cls, parameters)
         if bool(cls.fits) != _overrides(cls, "build_model"):
             raise TypeError(f"declares fits = {cls.fits} but does not override build_model, or the reverse")
         if issubclass(cls, (Protection, Countermeasure)) and bool(cls.fits) != _overrides(cls, "fit"):
@@ -80,6 +86,20 @@ class _Declared(Component):
                 "pretrained": [p.name for p in cls.pretrained], "fits": list(cls.fits),
                 "needs_models": list(cls.needs_models), "uses_models": list(cls.uses_models),
                 "expensive_on_cpu": cls.expensive_on_cpu, "paper_setting": list(cls.paper_setting)}
+
+
+def _check_test_params(cls: type[_Declared], parameters: set[str]) -> None:
+    """``test_params`` name parameters with values of their types (as a matrix's would be checked)."""
+    if not isinstance(cls.test_params, dict) or not isinstance(cls.test_skip, str):
+        raise TypeError("test_params must be a dict of parameters and test_skip a string")
+    if unknown := set(cls.test_params) - parameters:
+        raise TypeError(f"test_params names {sorted(unknown)}, which are not parameters")
+    hints = typing.get_type_hints(cls) if cls.test_params else {}
+    for key, value in cls.test_params.items():
+        try:
+            coerce(value, hints[key], f"test_params {key!r}")
+        except ConfigError as err:
+            raise TypeError(str(err)) from err
 
 
 def _takes_models(cls: type, method: str) -> bool:
@@ -156,7 +176,9 @@ class Countermeasure(_Declared):
     ``reports``: ``"final"`` or ``"best"`` (the leaderboard shows ``test_acc_best`` in its column: early_stop).
     ``needs_attacker``: an adaptive attack; its data stage takes a keyword ``attacker`` (an ``Attacker``: the
     natural images and the cell's protection to run). ``returns_subset``: its data stage returns part of the
-    train set (the victim trains on the attacker's other half: ``dncnn``).
+    train set (the victim trains on the attacker's other half: ``dncnn``). ``keeps_images``: its data stage only
+    fits models and hands the images on unchanged (``distill``'s teacher). ``hooks_draw = False``: its train hooks
+    draw no randomness from the loop's generator (the contract tests then check that its seed changes nothing).
     """
 
     needs_labels: ClassVar[bool] = False  # its own work uses the labels (training the victim always does)
@@ -164,6 +186,8 @@ class Countermeasure(_Declared):
     reports: ClassVar[str] = "final"
     needs_attacker: ClassVar[bool] = False
     returns_subset: ClassVar[bool] = False
+    keeps_images: ClassVar[bool] = False
+    hooks_draw: ClassVar[bool] = True
     model_methods: ClassVar[tuple[str, ...]] = ("purify", "fit", "train_hooks")
 
     def purify(self, train: ImageSet, *, seed: int, device: torch.device, **needs: Models | Attacker) -> ImageSet:
@@ -198,23 +222,37 @@ class Countermeasure(_Declared):
             raise TypeError("needs_attacker = True needs a purify or fit that takes a keyword 'attacker', and the reverse")
         if cls.returns_subset and DATA not in cls.stages:
             raise TypeError("returns_subset = True needs the 'data' stage")
+        if cls.keeps_images and (not cls.fits or cls.returns_subset):
+            raise TypeError("keeps_images = True needs a data stage that fits models (fits) and returns the whole set")
+        if not cls.hooks_draw and TRAIN not in cls.stages:
+            raise TypeError("hooks_draw = False describes train hooks, but 'train' is not in its stages")
         if cls.reports not in ("final", "best"):
             raise TypeError(f"reports must be 'final' or 'best', got {cls.reports!r}")
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
         return {**super().capabilities(), "stages": sorted(cls.stages), "reports": cls.reports,
-                "needs_attacker": cls.needs_attacker, "returns_subset": cls.returns_subset}
+                "needs_attacker": cls.needs_attacker, "returns_subset": cls.returns_subset,
+                "keeps_images": cls.keeps_images, "hooks_draw": TRAIN in cls.stages and cls.hooks_draw}
 
 
 class Victim(_Declared):
     """A network architecture trained on the (protected, purified) train set. With ``needs_models`` (e.g. a
-    victim that starts from a protection's authorized network), ``build`` takes a keyword ``models``."""
+    victim that starts from a protection's authorized network), ``build`` takes a keyword ``models``.
+    ``reference_params``: the parameter count, at 3×32×32 and 10 classes, of the reference architecture it
+    follows (the contract tests hold its default build within 2 % of it)."""
 
     model_methods: ClassVar[tuple[str, ...]] = ("build",)
+    reference_params: ClassVar[int | None] = None
 
     def build(self, num_classes: int, in_channels: int, image_size: int, **needs: Models) -> nn.Module:
         raise NotImplementedError
+
+    @classmethod
+    def check_declaration(cls) -> None:
+        super().check_declaration()
+        if cls.reference_params is not None and (type(cls.reference_params) is not int or cls.reference_params <= 0):
+            raise TypeError(f"reference_params must be a positive int (a count), got {cls.reference_params!r}")
 
 
 _FAMILIES = (Component, _Declared, Protection, Countermeasure, Victim)

@@ -55,6 +55,8 @@ class DH(Protection):
     """
 
     paper: ClassVar[str] = "DH (semantic deep hiding) §III-B, Eq. 3–11; §IV-A2"
+    test_params: ClassVar[dict[str, object]] = {"source": "skimage", "extractor": "classifier", "extractor_epochs": 1,
+                                                "blocks": 2, "growth": 8, "iterations": 3, "batch_size": 8, "lr": 1e-3}
     version: ClassVar[int] = 3  # 2: bf16 autocast training; 3: channels-last sub-networks (bf16 grads round anew)
     fits: ClassVar[tuple[str, ...]] = ("hiding",)
     encrypts_unseen: ClassVar[bool] = True

@@ -68,6 +68,9 @@ class UGE(Protection):
     """
 
     paper: ClassVar[str] = "UGE (CVPR 2024) §3.2–3.3, Alg. 1, Eq. 3–12; supp. Tables 4–6"
+    test_params: ClassVar[dict[str, object]] = {"authorized": "cnn", "hacker": "cnn", "encoder": "classifier",
+                                                "encoder_arch": "cnn", "encoder_epochs": 1, "epochs": 1, "width": 4,
+                                                "trajectory_epochs": 2}
     fits: ClassVar[tuple[str, ...]] = ("generator", "authorized")
     encrypts_unseen: ClassVar[bool] = True
     surrogate_param: ClassVar[str | None] = "authorized"
