@@ -5,6 +5,9 @@ hand-computed tables) and the behaviour of the noise and patch protections."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from bench.core.registry import Registry
 from bench.protections.patches import PAPER_COLOURS
 from bench.testing import (CountermeasureContracts, ProtectionContracts, assert_image_set_contract, builtin_names,
                            digits_set, rgb_set)
+from conftest import REPO
 
 __all__ = ["assert_image_set_contract", "delta", "digits_batch", "rgb_batch"]  # other test modules import these
 
@@ -339,3 +343,18 @@ def test_a_reference_size_must_be_a_positive_count(count):
     namespace = {"reference_params": count, "build": lambda self, num_classes, in_channels, image_size: None}
     with pytest.raises(TypeError, match="reference_params must be a positive int"):
         Registry("victim", Victim).register("sized_test")(type("Sized", (Victim,), namespace))
+
+
+# ------------------------------------------------------------------ the plugin stays out of bench's imports
+
+
+def test_bench_and_its_components_import_without_pytest():
+    """bench.testing imports pytest; nothing else in bench imports it, so a run needs no pytest installed."""
+    code = ("import sys; sys.modules['pytest'] = None\n"  # any import of pytest now raises ImportError
+            "import bench, bench.api, bench.cli\n"
+            "from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS\n"
+            "PROTECTIONS.names(), COUNTERMEASURES.names(), VICTIMS.names()\n"
+            "assert 'bench.testing' not in sys.modules, 'something in bench imported bench.testing'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
