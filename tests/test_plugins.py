@@ -20,7 +20,7 @@ import pytest
 from bench.core.components import COUNTERMEASURES, Countermeasure
 from bench.core.registry import ConfigError, Registry, code_fingerprint, component_identity
 from bench.api import make_key
-from conftest import REPO, tiny_matrix
+from conftest import REPO, run_subprocess, tiny_matrix
 
 PY = sys.executable
 
@@ -373,3 +373,24 @@ def test_ray_workers_get_the_drivers_bench_variables(monkeypatch):
     env = worker_env()
     assert env["BENCH_PLUGINS"] == "/somewhere/plugins" and "OTHER_VARIABLE" not in env
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)
+
+
+ONE_CELL = SCRIPT_CELLS.replace("t_imported = {}\nt_main = {}\nt_used_cm = {}", "t_edited = {}")
+
+
+def test_editing_a_plugin_without_its_version_retrains_its_cell(tmp_path):
+    """Keys used to hold only parameters and version: the rerun said "recorded, 0 to train" after an edit."""
+    plugin = tmp_path / "plugins" / "t_edited.py"
+    plugin.parent.mkdir()
+    plugin.write_text(COUNTERMEASURE.format(name="t_edited", helper_import="import types\n"
+                                            "helper = types.SimpleNamespace(transform=lambda images: 255 - images)"))
+    matrix = tiny_matrix(tmp_path, "edited", text=ONE_CELL)
+    args = ["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1", "--device", "cpu"]
+    env = {"BENCH_PLUGINS": str(plugin.parent)}
+    log = tmp_path / "r" / "runs" / "edited" / "records.jsonl"
+    for edit in ("", "", "# an edit that keeps version\n"):
+        plugin.write_text(plugin.read_text() + edit)
+        proc = run_subprocess(args, tmp_path, env)
+        assert proc.returncode == 0, proc.stderr
+    cells = [json.loads(line)["cell"] for line in log.read_text().splitlines()]
+    assert len(cells) == 2 and len(set(cells)) == 2, "the unchanged rerun trained nothing, the edited one retrained"
