@@ -82,3 +82,28 @@ def hold_device(job: dict, device: torch.device) -> dict:
     start = time.time()
     time.sleep(0.3)
     return {"device": str(device), "pid": os.getpid(), "start": start, "end": time.time()}
+
+
+def record_json(**fields) -> dict:
+    """A current-schema record's JSON object (``bench.store.records.Record``): a finished ``clean × none × cnn``
+    cell on digits, with ``fields`` replacing its values (labels default to the names; components are at their
+    installed versions, so the record is not stale)."""
+    from bench.store.records import SCHEMA, current_made
+
+    names = {axis: fields.get(f"{axis}_name", fields.get(axis, default)) for axis, default in
+             (("dataset", "digits"), ("protection", "clean"), ("countermeasure", "none"), ("victim", "cnn"))}
+    base = {"cell": "cell-0", "matrix": "m", "seed": 0, "poison_ratio": 1.0, "mix": "protected",
+            **{axis: name for axis, name in names.items()}, **{f"{axis}_name": name for axis, name in names.items()},
+            **{f"{axis}_params": {} for axis in names}, "dataset_key": "data-0", "protection_key": None,
+            "purify_key": None, "countermeasure_stage": "none", "countermeasure_reports": "final",
+            "components": {axis: {"name": name, "version": made.version if made else 1, "code": made and made.code}
+                           for axis, name in names.items() for made in [current_made(axis, name)]},
+            "status": "ok", "test_acc_final": 0.5, "test_acc_best": 0.5, "recipe": "quick", "schema": SCHEMA}
+    return {**base, **fields}
+
+
+def make_record(**fields):
+    """``record_json`` as a ``Record``."""
+    from bench.store.records import Record
+
+    return Record.from_json(record_json(**fields))

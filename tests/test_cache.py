@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from bench.store.cache import Cache, make_key
+from bench.store.cache import Cache
+from bench.store.keys import make_key
 from bench.core.components import ImageSet
 from bench.execute.metrics import perturbation_metrics
 from bench.store.records import RecordLog
+from tests.conftest import make_record
 
 # ------------------------------------------------------------------ make_key
 
@@ -197,7 +199,7 @@ def test_corruption_of_one_entry_leaves_others(tmp_path):
 def test_record_log_roundtrip(tmp_path):
     log = RecordLog(tmp_path / "sub" / "records.jsonl")
     assert log.read() == [] and log.latest() == {}
-    records = [{"cell": "a", "acc": 0.5, "curve": [0.1, 0.2]}, {"cell": "b", "acc": None, "note": "é ✓"}]
+    records = [make_record(cell="a", test_acc=[0.1, 0.2]), make_record(cell="b", test_acc_final=None, error="é ✓")]
     for record in records:
         log.append(record)
     assert log.read() == records
@@ -206,14 +208,14 @@ def test_record_log_roundtrip(tmp_path):
 
 def test_truncated_last_line_is_ignored_and_next_append_is_readable(tmp_path):
     log = RecordLog(tmp_path / "records.jsonl")
-    log.append({"cell": "a", "n": 1})
+    log.append(make_record(cell="a"))
     with open(log.path, "a") as handle:
         handle.write('{"cell": "b", "n": 2, "curve": [0.1, 0.')  # a writer killed mid-line
-    assert log.read() == [{"cell": "a", "n": 1}]
-    log.append({"cell": "c", "n": 3})
-    assert log.read() == [{"cell": "a", "n": 1}, {"cell": "c", "n": 3}]
-    log.append({"cell": "d", "n": 4})
-    assert [r["cell"] for r in log.read()] == ["a", "c", "d"]
+    assert [r.cell for r in log.read()] == ["a"]
+    log.append(make_record(cell="c"))
+    assert [r.cell for r in log.read()] == ["a", "c"]
+    log.append(make_record(cell="d"))
+    assert [r.cell for r in log.read()] == ["a", "c", "d"]
 
 
 def test_truncated_only_line(tmp_path):
@@ -221,16 +223,23 @@ def test_truncated_only_line(tmp_path):
     log = RecordLog(tmp_path / "records.jsonl")
     log.path.write_text('{"cell": "x"')
     assert log.read() == []
-    log.append({"cell": "y"})
-    assert log.read() == [{"cell": "y"}]
+    log.append(make_record(cell="y"))
+    assert [r.cell for r in log.read()] == ["y"]
 
 
 def test_latest_keeps_last_record_per_cell(tmp_path):
     log = RecordLog(tmp_path / "records.jsonl")
-    for record in ({"cell": "a", "v": 1}, {"cell": "b", "v": 2}, {"cell": "a", "v": 3}, {"note": "no cell"},
-                   {"cell": "b", "v": 4}, {"cell": "c", "v": 5}):
-        log.append(record)
-    assert log.latest() == {"a": {"cell": "a", "v": 3}, "b": {"cell": "b", "v": 4}, "c": {"cell": "c", "v": 5}}
+    for cell, acc in (("a", 0.1), ("b", 0.2), ("a", 0.3), ("b", 0.4), ("c", 0.5)):
+        log.append(make_record(cell=cell, test_acc_final=acc))
+    assert {k: r.test_acc_final for k, r in log.latest().items()} == {"a": 0.3, "b": 0.4, "c": 0.5}
+
+
+def test_a_line_that_is_no_record_is_skipped_with_a_warning(tmp_path):
+    log = RecordLog(tmp_path / "records.jsonl")
+    log.path.write_text('{"cell": "a", "note": "no record"}\n')
+    log.append(make_record(cell="b"))
+    with pytest.warns(UserWarning, match="skipped line 1"):
+        assert [r.cell for r in log.read()] == ["b"]
 
 
 # ------------------------------------------------------------------ perturbation metrics

@@ -18,6 +18,7 @@ import pytest
 
 from bench.execute.claims import Claims
 from bench.store.records import RecordLog
+from tests.conftest import make_record
 from bench.core.registry import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,7 +105,7 @@ def test_bad_settings_raise_config_error(tmp_path, kwargs):
 def _append(path: str, writer: int, n: int) -> None:
     log = RecordLog(Path(path))
     for i in range(n):
-        log.append({"cell": f"{writer}-{i}", "writer": writer, "padding": "x" * (20_000 + 97 * i)})
+        log.append(make_record(cell=f"{writer}-{i}", error="x" * (20_000 + 97 * i)))
 
 
 def test_concurrent_appends_give_whole_lines(tmp_path):
@@ -151,8 +152,8 @@ def test_two_runs_on_one_folder_train_each_cell_once(tmp_path, matrix):
     outs = [run.communicate(timeout=1200) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outs]
     records = RecordLog(next(results.glob("runs/*/records.jsonl"))).read()
-    cells = [r["cell"] for r in records]
-    assert len(cells) == len(set(cells)) and all(r["status"] == "ok" for r in records)
+    cells = [r.cell for r in records]
+    assert len(cells) == len(set(cells)) and all(r.status == "ok" for r in records)
     trained = [int(out.split(" trained")[0].rsplit("— ", 1)[1]) for out, _ in outs]
     assert sum(trained) == len(cells)
     assert f"{len(cells)} cells" in outs[0][0] and _leaderboard(outs[0][0]) == _leaderboard(outs[1][0])
@@ -165,7 +166,7 @@ def test_killed_worker_claim_is_taken_over(tmp_path):
     results = tmp_path / "r"
     first = _start(str(matrix), results)
     deadline = time.time() + 240
-    while not list(results.glob("claims/train/*/*.claim")) and first.poll() is None and time.time() < deadline:
+    while not list(results.glob("claims/train/*.claim")) and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert first.poll() is None, "the first run ended before it claimed a cell"
     os.killpg(first.pid, signal.SIGKILL)
@@ -175,6 +176,6 @@ def test_killed_worker_claim_is_taken_over(tmp_path):
     out, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-2000:]
     records = RecordLog(results / "runs" / "tiny" / "records.jsonl").read()
-    assert len(records) == 4 and len({r["cell"] for r in records}) == 4 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 4 and len({r.cell for r in records}) == 4 and all(r.status == "ok" for r in records)
     assert len(list(results.glob("claims/**/*.claim.stale-*"))) == len(orphans) >= 1
     assert not list(results.glob("claims/**/*.claim"))

@@ -29,12 +29,6 @@ from bench.core.components import ImageSet, Models
 FILES = ("images.npy", "labels.npy")
 
 
-def make_key(spec: Any) -> str:
-    """A 24-hex-digit content key of a JSON-serialisable spec (key order does not matter)."""
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
-
-
 def library_versions() -> dict[str, str]:
     """Versions that can change numbers: recorded in manifests and records."""
     import sklearn
@@ -68,9 +62,11 @@ class Cache:
     def manifest(self, kind: str, key: str) -> dict[str, Any]:
         return json.loads((self.path(kind, key) / "manifest.json").read_text())
 
-    def save(self, kind: str, key: str, data: ImageSet, meta: dict[str, Any], models: Models | None = None) -> None:
+    def save(self, kind: str, key: str, data: ImageSet, meta: dict[str, Any], models: Models | None = None,
+             replace: bool = False) -> None:
         """Write atomically, with ``models`` (each with an ``arch`` dict) beside the images; if another process
-        wrote the same key first, keep theirs."""
+        wrote the same key first, keep theirs, unless ``replace`` (a rebuild asked for: the old entry is moved aside
+        and deleted)."""
         final = self.path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
@@ -86,6 +82,10 @@ class Cache:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
             for f in (*files, "manifest.json"):
                 _fsync(tmp / f)
+            if replace and final.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".old-{key}-", dir=final.parent))
+                os.replace(final, old / "entry")
+                shutil.rmtree(old, ignore_errors=True)
             try:
                 os.rename(tmp, final)
             except OSError:  # the key exists already (a concurrent writer): identical content by construction
