@@ -42,7 +42,7 @@ def needs(package: str) -> pytest.MarkDecorator:
 
 def outcome(results: Path) -> dict[str, tuple]:
     """Each cell's key → its status, labels and test accuracies (final and per epoch)."""
-    return {r["cell"]: (r["status"], r["protection"], r["countermeasure"], r["test_acc_final"], r["test_acc"])
+    return {r.cell: (r.status, r.protection, r.countermeasure, r.test_acc_final, r.test_acc)
             for r in RecordLog(results / "runs" / "tiny" / "records.jsonl").read()}
 
 
@@ -103,7 +103,7 @@ def test_a_ray_run_and_a_local_run_on_one_folder_compute_each_cell_once(matrix, 
             for backend in ("ray", "local")]
     outputs = [run.communicate(timeout=600)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
-    keys = [r["cell"] for r in RecordLog(results / "runs" / "tiny" / "records.jsonl").read()]
+    keys = [r.cell for r in RecordLog(results / "runs" / "tiny" / "records.jsonl").read()]
     assert sorted(keys) == sorted(local), "each cell recorded once between the two runs"
     assert outcome(results) == local
 

@@ -126,9 +126,9 @@ def test_a_countermeasure_may_have_a_data_and_a_train_stage(tmp_path):
     proc = run_subprocess(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1",
                            "--only", "protection=clean"], tmp_path, {"BENCH_PLUGINS": str(plugins)})
     assert proc.returncode == 0, proc.stderr
-    by = {r["countermeasure"]: r for r in records(tmp_path / "r")}
-    assert by["both_test"]["countermeasure_stage"] == "data+train" and by["both_test"]["purify_info"] == {"inverted": True}
-    assert by["both_test"]["train_acc"][-1] == 1.0 and by["both_test"]["test_acc_final"] == pytest.approx(0.1)
+    by = {r.countermeasure: r for r in records(tmp_path / "r")}
+    assert by["both_test"].countermeasure_stage == "data+train" and by["both_test"].purify_info == {"inverted": True}
+    assert by["both_test"].train_acc[-1] == 1.0 and by["both_test"].test_acc_final == pytest.approx(0.1)
 
 
 # ------------------------------------------------------------------ hooks get the cell's generator
@@ -298,9 +298,9 @@ def test_a_countermeasure_gets_the_protections_fitted_model(tmp_path):
     proc = plan(tmp_path, "regenerate_test", exclude="[[exclude]]\nprotection = \"cwn\"", dry_run=False)
     assert proc.returncode == 0, proc.stderr
     (record,) = records(tmp_path / "r")
-    assert record["purify_info"] == {"generator_arch": {"channels": 1, "size": 16, "width": 8, "epsilon": 8.0},
+    assert record.purify_info == {"generator_arch": {"channels": 1, "size": 16, "width": 8, "epsilon": 8.0},
                                      "generator_training": False}
-    assert record["protect_models"] == ["generator"] and record["protection_key"]
+    assert record.protect_models == ["generator"] and record.protection_key
 
 
 def test_a_victim_may_start_from_the_protections_model(tmp_path):
@@ -312,7 +312,7 @@ def test_a_victim_may_start_from_the_protections_model(tmp_path):
                 dry_run=False)
     assert proc.returncode == 0, proc.stderr
     (record,) = records(tmp_path / "r")
-    assert record["status"] == "ok" and record["victim"] == "from_generator_test"
+    assert record.status == "ok" and record.victim == "from_generator_test"
 
 
 def test_a_protection_cannot_need_models():
@@ -329,7 +329,7 @@ def test_a_countermeasure_fitting_a_model_keeps_it_beside_its_purified_set(tmp_p
     proc = plan(tmp_path, "denoise_test", exclude="[[exclude]]\nprotection = \"confoundergan\"", dry_run=False)
     assert proc.returncode == 0, proc.stderr
     (record,) = records(tmp_path / "r")
-    assert record["purify_models"] == ["denoiser"] and record["purify_info"] == {"fitted": True}
+    assert record.purify_models == ["denoiser"] and record.purify_info == {"fitted": True}
     (entry,) = (tmp_path / "r" / "cache" / "purified").iterdir()
     code = ("import torch; from pathlib import Path; from bench.store.artifacts import load_models; "
             f"net = load_models(Path({str(entry)!r}), ('denoiser',), torch.device('cpu'))['denoiser']; "

@@ -444,12 +444,12 @@ def test_data_stage_countermeasures_leave_the_test_set_alone(tmp_path):
     matrix = tiny_matrix(tmp_path, "cm", text=text)
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1"]) == 0
     records = RecordLog(tmp_path / "r" / "runs" / "cm" / "records.jsonl").read()
-    assert len(records) == 12 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 12 and all(r.status == "ok" for r in records)
     test = DATASETS.create("digits", per_class=20, test_per_class=10).load()[1]
     cache = Cache(tmp_path / "r" / "cache")
     tests = [cache.load("dataset", folder.name) for folder in (tmp_path / "r" / "cache" / "dataset").glob("*-test")]
     assert len(tests) == 1 and torch.equal(tests[0].images, test.images) and torch.equal(tests[0].labels, test.labels)
-    assert {r["countermeasure"] for r in records} >= {"mean_filter", "gauss_noise", "orthogonal_projection"}
+    assert {r.countermeasure for r in records} >= {"mean_filter", "gauss_noise", "orthogonal_projection"}
 
 
 # ------------------------------------------------------------------ needing the core changes proposed with issue 6

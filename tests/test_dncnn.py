@@ -138,7 +138,7 @@ width = 8
 """)
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1"]) == 0
     records = RecordLog(tmp_path / "r" / "runs" / "adaptive" / "records.jsonl").read()
-    assert len(records) == 3 and all(r["status"] == "ok" for r in records)
-    dncnn = next(r for r in records if r["countermeasure_name"] == "dncnn")
-    assert dncnn["purify_info"]["victim_images"] == 100 and "runs cwn" in dncnn["purify_info"]["attacker"]
-    assert dncnn["purify_models"] == ["denoiser"]
+    assert len(records) == 3 and all(r.status == "ok" for r in records)
+    dncnn = next(r for r in records if r.countermeasure_name == "dncnn")
+    assert dncnn.purify_info["victim_images"] == 100 and "runs cwn" in dncnn.purify_info["attacker"]
+    assert dncnn.purify_models == ["denoiser"]

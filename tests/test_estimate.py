@@ -11,6 +11,7 @@ from bench.cli import main
 from bench.plan.estimate import Estimate, estimate, refusal, timings
 from bench.plan.matrix import expand, load_matrix, parse_matrix
 from bench.core.registry import ConfigError
+from tests.conftest import record_json
 
 TRANSFER = {"full": {"resnet50", "vgg19", "densenet121", "vit"}, "full-cpu": {"resnet20", "vgg11", "mobilenetv2", "vit"}}
 
@@ -42,7 +43,7 @@ def record(**fields):
     base = {"status": "ok", "device": "cpu", "victim_name": "cnn", "recipe": "quick", "recipe_params": {"batch_size": 128},
             "dataset_name": "digits", "dataset_params": {"per_class": None}, "protection_name": "clean",
             "protection_params": {}, "countermeasure_name": "none", "countermeasure_params": {}, "cell": "x"}
-    return {**base, **fields}
+    return record_json(**{**base, **fields})
 
 
 def test_estimate_uses_recorded_timings(tmp_path):
@@ -59,14 +60,14 @@ def test_estimate_uses_recorded_timings(tmp_path):
     matrix = parse_matrix({"datasets": ["digits"], "protections": {"clean": {}, "cwn": {"epsilon": 8.0}},
                            "countermeasures": {"none": {}, "adv_training": {"steps": 2}}, "victims": ["cnn"],
                            "recipe": {"name": "quick", "epochs": 10}}, "m")
-    work = estimate(matrix, expand(matrix), Cache(tmp_path / "cache"), {}, timings([tmp_path]), "cpu", jobs=2)
+    work = estimate(matrix, expand(matrix), Cache(tmp_path / "cache"), {}, [], timings([tmp_path]), "cpu", jobs=2)
     train = 1_438 * 10 / 1_280
     assert work.seconds == pytest.approx((2 * train + 2 * 3 * train + 1.438) / 2)
     assert (work.cells, work.recorded, work.sets["protected"], work.from_records, work.from_table) == (4, 0, (0, 1), 5, 0)
     line = work.line("m")
     assert "4 cells, 0 recorded" in line and "protected sets 0 cached, 1 to build" in line
     assert "on this CPU (2 jobs; timings: recorded for 5 of 5 stages" in line
-    bare = estimate(matrix, expand(matrix), Cache(tmp_path / "cache"), {}, [], "cpu", jobs=2)
+    bare = estimate(matrix, expand(matrix), Cache(tmp_path / "cache"), {}, [], [], "cpu", jobs=2)
     assert bare.from_records == 0 and bare.from_table == 5 and "rough rate table" in bare.line("m")
 
 
@@ -97,7 +98,7 @@ def test_run_refuses_before_any_work(tmp_path, monkeypatch, capsys):
     assert "--max-hours 2 to run it anyway" in err and not results.exists()
     assert main([*args, "--max-hours", "1e-6", "--dry-run"]) == 0
     assert "matrix big: 1 cells, 0 recorded, 1 to train" in capsys.readouterr().out
-    assert main([*args, "--max-hours", "-1"]) == 2 and "--max-hours must be > 0" in capsys.readouterr().err
+    assert main([*args, "--max-hours", "-1"]) == 2 and "(--max-hours) must be > 0" in capsys.readouterr().err
 
 
 def test_dry_run_lists_blocked_cells_then_refuses_and_writes_nothing(tmp_path, monkeypatch, capsys):

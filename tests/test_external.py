@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.store.cache import make_key
+from bench.store.keys import make_key
 from bench.cli import main
 from bench.core.components import PROTECTIONS, ImageSet, Protection
 from bench.data.datasets import DATASETS
@@ -253,9 +253,9 @@ def test_cli_runs_an_external_poison(tmp_path):
                            "--only", "protection=external"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (record,) = RecordLog(tmp_path / "r" / "runs" / "tiny" / "records.jsonl").read()
-    assert record["status"] == "ok" and record["protection"] == "external", record["error"]
-    assert record["protect_info"]["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
-    assert record["protect_info"]["linf"] == 3 and record["linf"] == pytest.approx(3 / 255)
+    assert record.status == "ok" and record.protection == "external", record.error
+    assert record.protect_info["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert record.protect_info["linf"] == 3 and record.linf == pytest.approx(3 / 255)
 
 
 def test_cli_refuses_a_bad_file_before_running(tmp_path):
@@ -275,6 +275,6 @@ def test_cli_records_a_file_for_another_train_set(tmp_path, capsys):
                  "--jobs", "1", "--only", "protection=external"])
     assert code == 1
     (record,) = RecordLog(tmp_path / "r" / "runs" / "tiny" / "records.jsonl").read()
-    assert record["status"] == "error" and "40 images" in record["error"] and "train set has 200" in record["error"]
+    assert record.status == "error" and "40 images" in record.error and "train set has 200" in record.error
     printed = capsys.readouterr()
     assert "train set has 200" in printed.out + printed.err

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.report.leaderboard import Layout
+from bench.plan.layout import Layout
 from bench.plan.matrix import CELL_KEYS, MATRIX_DIR, expand, load_matrix, parse_matrix, select
 from bench.core.registry import ConfigError
+from tests.conftest import record_json
 
 
 def doc(**overrides):
@@ -302,12 +303,12 @@ def test_layout_round_trips_through_matrix_json_into_the_leaderboard(tmp_path):
 
     matrix = parse_matrix(UGE_DOC, "m")
     run = tmp_path / "runs" / "m"
-    save_resolved(matrix, run / "matrix.json")
+    save_resolved(matrix, [], run / "matrix.json")
     assert Layout.parse(json.loads((run / "matrix.json").read_text())["layout"]) == matrix.layout
     records = [{**cell.labels(), "cell": str(i), "status": "ok", "test_acc_final": 0.1 * (i + 1), "recipe": "quick",
                 "countermeasure_reports": "final", "seed": cell.seed, "poison_ratio": cell.poison_ratio}
                for i, cell in enumerate(expand(matrix))]
-    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "records.jsonl").write_text("".join(json.dumps(record_json(**r)) + "\n" for r in records))
     tables, _ = leaderboard(tmp_path, "m")
     assert len(tables) == 1
     mean = tables[0].mean

@@ -95,14 +95,14 @@ mix = "clean_only"
     assert main(["run", "--matrix", str(tiny_matrix(tmp_path, "fig5", text=text)), "--results", str(results),
                  "--jobs", "1"]) == 0
     records = RecordLog(results / "runs" / "fig5" / "records.jsonl").read()
-    assert len(records) == 8 and all(r["status"] == "ok" for r in records)
-    by = {(r["protection"], r["mix"], r["poison_ratio"]): r for r in records}
+    assert len(records) == 8 and all(r.status == "ok" for r in records)
+    by = {(r.protection, r.mix, r.poison_ratio): r for r in records}
     ood = by["confoundergan", "ood", 0.5]
-    assert ood["protect_info"]["fitted_on"] == 50 and ood["protect_info"]["encrypted_unseen"] == 50
+    assert ood.protect_info["fitted_on"] == 50 and ood.protect_info["encrypted_unseen"] == 50
     cache = Cache(results / "cache")
     sets = {}
     for mix in ("fit_subset", "ood", "clean_only"):
-        protection_key = by["clean" if mix == "clean_only" else "confoundergan", mix, 0.5]["protection_key"]
+        protection_key = by["clean" if mix == "clean_only" else "confoundergan", mix, 0.5].protection_key
         assert (protection_key is None) == (mix == "clean_only")
         sets[mix] = assemble(cache, TrainSource(_dataset_key(cache), protection_key, 0.5, 0, mix))
     clean, fit, mask = sets["fit_subset"].clean, sets["fit_subset"].train, sets["fit_subset"].mask
@@ -110,10 +110,10 @@ mix = "clean_only"
     ood_set = sets["ood"].train
     assert torch.equal(ood_set.images[mask], fit.images[mask])
     assert (ood_set.images[~mask] != clean.images[~mask]).flatten(1).any(1).float().mean() > 0.9
-    assert ood["protect_models"] == ["generator"]
+    assert ood.protect_models == ["generator"]
     rest = sets["clean_only"].train
     assert len(rest) == 50 and torch.equal(rest.images, clean.images[~mask])
-    (table,) = build_tables(records)
+    (table,) = build_tables([r.to_json() for r in records])
     assert list(table.mean.columns) == ["p=0.5", "p=0.7", "Mean", "Max"]
     assert set(table.mean.index) == {"clean [fit_subset]", "clean [clean_only]", "confoundergan [fit_subset]",
                                      "confoundergan [ood]"}

@@ -29,8 +29,8 @@ def test_run_then_rerun_trains_nothing(tmp_path, capsys):
     matrix = tiny_matrix(tmp_path)
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1"]) == 0
     first = records(tmp_path / "r")
-    assert len(first) == 4 and all(r["status"] == "ok" for r in first)
-    assert {r["recipe"] for r in first} == {"quick"} and all(len(r["test_acc"]) == 2 for r in first)
+    assert len(first) == 4 and all(r.status == "ok" for r in first)
+    assert {r.recipe for r in first} == {"quick"} and all(len(r.test_acc) == 2 for r in first)
     out = capsys.readouterr().out
     assert "4 trained" in out and "| clean" in out.replace("|        clean", "| clean")
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1"]) == 0
@@ -44,17 +44,17 @@ def test_record_fields(tmp_path):
     """Records carry params, seed, recipe, curves, norms, timings, device and status."""
     matrix = tiny_matrix(tmp_path)
     main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1"])
-    by_label = {(r["protection"], r["countermeasure"]): r for r in records(tmp_path / "r")}
+    by_label = {(r.protection, r.countermeasure): r for r in records(tmp_path / "r")}
     cwp = by_label[("cwp", "bdr")]
-    assert cwp["protection_params"] == {"size_fraction": 0.375} and cwp["countermeasure_params"] == {"bits": 2}
-    assert cwp["dataset_params"]["per_class"] == 20 and cwp["victim_params"] == {"width": 8}
-    assert cwp["seed"] == 0 and cwp["poison_ratio"] == 1.0 and cwp["device"] == "cpu" and cwp["error"] is None
-    assert cwp["linf"] > 0.5 and cwp["l2"] > 0 and cwp["psnr"] > 0
-    assert set(cwp["seconds"]) >= {"load", "protect", "purify", "train"}
-    assert 0 <= cwp["test_acc_final"] <= cwp["test_acc_best"] <= 1
-    assert 0 <= cwp["car"] <= 1 and cwp["gcr"] > 0  # ConfounderGAN App. A, on the protected train images
+    assert cwp.protection_params == {"size_fraction": 0.375} and cwp.countermeasure_params == {"bits": 2}
+    assert cwp.dataset_params["per_class"] == 20 and cwp.victim_params == {"width": 8}
+    assert cwp.seed == 0 and cwp.poison_ratio == 1.0 and cwp.device == "cpu" and cwp.error is None
+    assert cwp.linf > 0.5 and cwp.l2 > 0 and cwp.psnr > 0
+    assert set(cwp.seconds) >= {"load", "protect", "purify", "train"}
+    assert 0 <= cwp.test_acc_final <= cwp.test_acc_best <= 1
+    assert 0 <= cwp.car <= 1 and cwp.gcr > 0  # ConfounderGAN App. A, on the protected train images
     clean = by_label[("clean", "none")]
-    assert clean["linf"] == 0 and clean["psnr"] is None and "car" not in clean
+    assert clean.linf == 0 and clean.psnr is None and clean.car is None
 
 
 @pytest.mark.parametrize("line, key, hint", [
@@ -111,7 +111,7 @@ def test_plugin_folder_module_is_listed_and_runs(tmp_path):
     proc = run_subprocess(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "2"],
                           tmp_path, env)
     assert proc.returncode == 0, proc.stderr
-    done = {(r["protection"], r["countermeasure"]): r["status"] for r in records(tmp_path / "r")}
+    done = {(r.protection, r.countermeasure): r.status for r in records(tmp_path / "r")}
     assert done[("cwp", "invert_test")] == "ok" and done[("clean", "invert_test")] == "ok"
 
 
@@ -142,9 +142,9 @@ def test_failed_cell_is_recorded_and_grid_continues(tmp_path):
                           tmp_path, {"BENCH_PLUGINS": str(plugins)})
     assert proc.returncode == 1, proc.stderr
     assert "1 cell(s) failed" in proc.stderr and "RuntimeError: deliberate failure" in proc.stderr
-    status = {r["protection"]: r for r in records(tmp_path / "r")}
-    assert status["clean"]["status"] == "ok"
-    assert status["broken_test"]["status"] == "error" and "deliberate failure" in status["broken_test"]["error"]
+    status = {r.protection: r for r in records(tmp_path / "r")}
+    assert status["clean"].status == "ok"
+    assert status["broken_test"].status == "error" and "deliberate failure" in status["broken_test"].error
     assert "error" in proc.stdout  # the leaderboard marks the failed cell
 
 
@@ -154,8 +154,8 @@ def test_jobs_2_gives_same_records_as_jobs_1(tmp_path):
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "a"), "--jobs", "1"]) == 0
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "b"), "--jobs", "2"]) == 0
     keep = ("cell", "protection", "countermeasure", "test_acc", "train_acc", "linf", "l2", "psnr")
-    a = sorted((tuple(json.dumps(r[k]) for k in keep) for r in records(tmp_path / "a")))
-    b = sorted((tuple(json.dumps(r[k]) for k in keep) for r in records(tmp_path / "b")))
+    a = sorted((tuple(json.dumps(getattr(r, k)) for k in keep) for r in records(tmp_path / "a")))
+    b = sorted((tuple(json.dumps(getattr(r, k)) for k in keep) for r in records(tmp_path / "b")))
     assert a == b
     manifests = [sorted(json.loads(m.read_text())["sha256"]["images.npy"]
                         for m in (root / "cache" / "protected").glob("*/manifest.json")) for root in (tmp_path / "a", tmp_path / "b")]
@@ -177,7 +177,7 @@ def test_corrupted_cache_entry_is_detected_and_rebuilt(tmp_path, capsys):
     assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "1"]) == 0
     assert "corrupted" in capsys.readouterr().err
     assert json.loads((entry / "manifest.json").read_text())["sha256"]["images.npy"] == original
-    assert all(r["status"] == "ok" for r in records(results))
+    assert all(r.status == "ok" for r in records(results))
 
 
 def test_rebuild_sets_builds_a_recorded_cells_missing_set_without_retraining(tmp_path, capsys):
@@ -191,8 +191,8 @@ def test_rebuild_sets_builds_a_recorded_cells_missing_set_without_retraining(tmp
     entry = next((results / "cache" / "protected").iterdir())
     original = json.loads((entry / "manifest.json").read_text())["sha256"]["images.npy"]
     shutil.rmtree(results / "cache" / "protected")
-    cwp = next(r for r in records(results) if r["protection"] == "cwp")
-    assert "--rebuild-sets" in load_protected(results / "cache", cwp)
+    cwp = next(r for r in records(results) if r.protection == "cwp")
+    assert "--rebuild-sets" in load_protected(results / "cache", cwp.to_json())
     for extra, built in (([], 0), (["--rebuild-sets"], 1)):
         capsys.readouterr()
         assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "1", *extra]) == 0
@@ -200,7 +200,7 @@ def test_rebuild_sets_builds_a_recorded_cells_missing_set_without_retraining(tmp
         assert len(list((results / "cache" / "protected").glob("*/manifest.json"))) == built
     assert json.loads((entry / "manifest.json").read_text())["sha256"]["images.npy"] == original
     assert len(records(results)) == 4
-    assert not isinstance(load_protected(results / "cache", cwp), str)
+    assert not isinstance(load_protected(results / "cache", cwp.to_json()), str)
 
 
 def test_dry_run_only_and_leaderboard_command(tmp_path, capsys):
@@ -212,7 +212,7 @@ def test_dry_run_only_and_leaderboard_command(tmp_path, capsys):
     assert out.count("to run") == 4 and "poison: to build" in out and not (results / "runs").exists()
     assert main(["run", "--matrix", str(matrix), "--results", str(results), "--only", "protection=cwp",
                  "--only", "countermeasure=none", "--jobs", "1"]) == 0
-    assert [(r["protection"], r["countermeasure"]) for r in records(results)] == [("cwp", "none")]
+    assert [(r.protection, r.countermeasure) for r in records(results)] == [("cwp", "none")]
     capsys.readouterr()
     main(["run", "--matrix", str(matrix), "--results", str(results), "--dry-run"])
     out = capsys.readouterr().out
@@ -242,7 +242,7 @@ def test_kill_9_then_rerun_keeps_recorded_cells(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert f"{10 - len(before)} trained, {len(before)} already recorded" in rerun.stdout
     after = RecordLog(log).read()
-    assert after[:len(before)] == before and len({r["cell"] for r in after}) == 10 == len(after)
+    assert after[:len(before)] == before and len({r.cell for r in after}) == 10 == len(after)
 
 
 def _children(pid: int) -> set[int]:
@@ -291,7 +291,7 @@ def test_cwp_protects_real_data(tmp_path):
         "epochs = 2", "epochs = 10").replace("width = 8", "width = 16")
     matrix = tiny_matrix(tmp_path, text=text)
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "2"]) == 0
-    acc = {r["protection"]: r["test_acc_final"] for r in records(tmp_path / "r")}
+    acc = {r.protection: r.test_acc_final for r in records(tmp_path / "r")}
     assert acc["clean"] >= 0.85 and acc["cwp"] <= acc["clean"] - 0.30, acc
 
 
@@ -302,7 +302,7 @@ def test_tiny_matrix_on_gpu_matches_cpu_shape(tmp_path):
     matrix = tiny_matrix(tmp_path)
     assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--device", "cuda"]) == 0
     recs = records(tmp_path / "r")
-    assert len(recs) == 4 and all(r["status"] == "ok" and r["device"].startswith("cuda") for r in recs)
+    assert len(recs) == 4 and all(r.status == "ok" and r.device.startswith("cuda") for r in recs)
 
 
 def test_cuda_requested_without_gpu_exits_2(tmp_path, capsys):

@@ -33,11 +33,13 @@ from bench.data import mixes
 from bench.execute.backends import Backend, BackendOptions
 from bench.store.cache import Cache
 from bench.execute.claims import DEFAULT_STALE, Claims
-from bench.plan.matrix import Matrix, expand, load_matrix, select
-from bench.plan.planner import check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal
-from bench.store.records import RecordLog
+from bench.plan.matrix import Cell, Matrix, expand, load_matrix, resolved, select
+from bench.plan.planner import Plan, check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal
+from bench.plan.preview import preview
+from bench.store.records import Record, RecordLog, RecordStore
 from bench.core.registry import ConfigError
-from bench.execute.stages import ProtectJob, PurifyJob, Stage, TrainJob, claimed, protect_job, purify_job, train_job
+from bench.execute.stages import (Outcome, ProtectJob, PurifyJob, SetBuilt, Stage, TrainJob, claimed, protect_job,
+                                  purify_job, train_job)
 from bench.execute.train import keep_freed_memory
 
 Job = ProtectJob | PurifyJob | TrainJob
@@ -46,7 +48,8 @@ Job = ProtectJob | PurifyJob | TrainJob
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """How to run: where results go, parallelism, device, CPU threads per job (fixed, so that results do
-    not depend on ``jobs``), cell filters, whether to only plan, and the longest estimate a CPU run accepts."""
+    not depend on ``jobs``), cell filters, whether to only plan, what to redo, and the longest estimate a CPU run
+    accepts."""
 
     results: Path = Path("results")
     jobs: int = 1
@@ -55,115 +58,142 @@ class RunOptions:
     only: tuple[str, ...] = ()
     dry_run: bool = False
     retry_failed: bool = False
+    rerun: tuple[str, ...] = ()  # KEY=GLOB: retrain these cells and rebuild their sets even where recorded and cached
+    force: bool = False  # every cell, as --rerun of all
     rebuild_sets: bool = False  # also build the missing protected sets of recorded cells (for bench report)
     max_hours: float = estimate.DEFAULT_MAX_HOURS  # on a CPU, refuse a run estimated longer
     stale: float = DEFAULT_STALE  # seconds without a heartbeat after which another worker's claim is taken over
     backend: BackendOptions = BackendOptions()  # where jobs run (bench.execute.backends)
 
+    def __post_init__(self) -> None:
+        if self.jobs < 1 or self.threads < 1:
+            raise ConfigError(f"jobs (--jobs) must be ≥ 1 and threads (--threads) ≥ 1, got {self.jobs} and "
+                              f"{self.threads}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device (--device) {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device (--device) {self.device}: no CUDA device is available here; use cpu or auto")
+        if self.max_hours <= 0:
+            raise ConfigError(f"max_hours (--max-hours) must be > 0, got {self.max_hours:g}")
+        if self.force and self.rerun:
+            raise ConfigError("force (--force) reruns every cell: drop rerun (--rerun), or force to rerun only those")
 
-def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] = print) -> dict[str, int]:
-    """Run every missing cell of ``matrix``; returns counts of cells trained, skipped and failed."""
+
+@dataclasses.dataclass(frozen=True)
+class RunCounts:
+    """What a run did: cells in the (selected) matrix, trained here, already recorded (or by another run meanwhile),
+    failed; protected and purified sets built here."""
+
+    cells: int
+    trained: int = 0
+    skipped: int = 0
+    failed: int = 0
+    protected: int = 0
+    purified: int = 0
+
+
+def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] = print) -> RunCounts:
+    """Run every cell of ``matrix`` not recorded anywhere under ``options.results`` (and those ``rerun``/``force``
+    name); the dry run prints the plan instead (``bench.plan.preview``)."""
     cells = select(expand(matrix), list(options.only))
+    redo = set(cells if options.force else select(cells, list(options.rerun)) if options.rerun else [])
     claims = Claims(options.results / "claims", options.stale)  # checks the settings before any work
     options.backend.check(options.device)
     cache = Cache(options.results / "cache")
+    store = RecordStore(options.results)
     log = RecordLog(options.results / "runs" / matrix.name / "records.jsonl")
+    records = store.read()
+    recorded = store.latest()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
     device = options.backend.target(device)  # a cluster's GPUs, where it is given them
-    check_budget(matrix, cells, cache, log.latest(), device, options, out)
+    check_budget(matrix, cells, cache, recorded, records, device, options, out)
     built, reasons = check_cells(cells, device.split(":")[0], lambda line: print(line, file=sys.stderr),
                                  refuse=not options.dry_run)
-    prepare = known_dataset_key if options.dry_run else prepare_dataset  # a dry run loads and writes nothing
-    dataset_keys = {choice: prepare(cache, choice) for choice in {c.dataset for c in cells}}
-    plans = [plan_cell(cell, dataset_keys[cell.dataset], matrix.recipe, b) for cell, b in zip(cells, built)]
-    recorded = log.latest()
-    if options.dry_run:
-        for p, why in zip(plans, reasons):
-            poison = "identity" if p.protection_key is None else (
-                "cached" if cache.has("protected", p.protection_key) else "to build")
-            result = recorded.get(p.cell_key, {}).get("status", "to run")
-            blocked = f" | blocked: {'; '.join(r.split(':')[0] for r in why)}" if why else ""  # in full below
-            out(f"{' | '.join(p.cell.labels().values())} | poison: {poison} | result: {result}{blocked}")
-        out(f"{len(plans)} cells, {sum(p.cell_key in recorded for p in plans)} recorded")
-        for choice, key in dataset_keys.items():
-            if key.startswith("unprepared-"):
-                out(f"dataset {choice.label}: not loaded yet, so nothing made from it is cached; a run loads it "
-                    "first (and stops with where to place its files if they are absent)")
+    if options.dry_run:  # loads and writes nothing; dataset keys from the cache or the records
+        keys = {choice: known_dataset_key(cache, choice, records) for choice in {c.dataset for c in cells}}
+        plans = [plan_cell(cell, keys[cell.dataset].key, matrix.recipe, b) for cell, b in zip(cells, built)]
+        preview(plans, reasons, keys, cache, recorded, log.read(), _todo(plans, recorded, redo, options), out)
         if error := refusal(cells, reasons):  # listed first, so a dry run shows the whole grid before refusing
             raise error
-        return {"cells": len(plans), "trained": 0, "skipped": len(plans), "failed": 0}
-    save_resolved(matrix, options.results / "runs" / matrix.name / "matrix.json")
-    todo = [p for p in plans if p.cell_key not in recorded
-            or (options.retry_failed and recorded[p.cell_key]["status"] != "ok")]
+        return RunCounts(len(plans), skipped=len(plans))
+    dataset_keys = {choice: prepare_dataset(cache, choice) for choice in {c.dataset for c in cells}}
+    plans = [plan_cell(cell, dataset_keys[cell.dataset], matrix.recipe, b) for cell, b in zip(cells, built)]
+    save_resolved(matrix, [p.cell_key for p in plans], options.results / "runs" / matrix.name / "matrix.json")
+    again = {p.cell_key for p in plans if p.cell in redo}
+    todo = [p for p in plans if p.cell_key in _todo(plans, recorded, redo, options)]
     backend = backends.create(options.backend, options.results, options.jobs, options.threads, device, out)
     failures: dict[str, str] = {}
     since = time.time()
-    counts = {"cells": len(plans), "trained": 0, "skipped": len(plans) - len(todo), "failed": 0}
+    skipped = len(plans) - len(todo)
 
     protect_jobs = {p.protection_key: ProtectJob(cache.root, options.threads, p.protection_key, p.dataset_key,
                                                  p.cell.protection, p.cell.seed,
-                                                 mixes.fitted_on(p.cell.mix, p.cell.poison_ratio), p.protection_fits)
+                                                 mixes.fitted_on(p.cell.mix, p.cell.poison_ratio), p.protection_fits,
+                                                 redo=p.cell_key in again)
                     for p in (plans if options.rebuild_sets else todo)
-                    if p.protection_key and not cache.valid("protected", p.protection_key, p.protection_fits)}
-    counts["protected"] = _run_stage(Stage("protect", claims, "protect"), protect_job, list(protect_jobs.values()),
-                                     backend, failures)
-    purify_jobs = {p.purify_key: PurifyJob(cache.root, options.threads, p)
-                   for p in todo if p.purify_key and not cache.valid("purified", p.purify_key, p.purify_fits)
-                   and p.protection_key not in failures}
-    counts["purified"] = _run_stage(Stage("purify", claims, "purify"), purify_job, list(purify_jobs.values()),
-                                    backend, failures)
+                    if p.protection_key and (p.cell_key in again
+                                             or not cache.valid("protected", p.protection_key, p.protection_fits))}
+    protected = _run_stage(Stage("protect", claims, "protect", since=since), protect_job, list(protect_jobs.values()),
+                           backend, failures)
+    purify_jobs = {p.purify_key: PurifyJob(cache.root, options.threads, p, redo=p.cell_key in again)
+                   for p in todo if p.purify_key and p.protection_key not in failures
+                   and (p.cell_key in again or not cache.valid("purified", p.purify_key, p.purify_fits))}
+    purified = _run_stage(Stage("purify", claims, "purify", since=since), purify_job, list(purify_jobs.values()),
+                          backend, failures)
 
-    bar = tqdm(total=len(plans), initial=counts["skipped"], desc="cells", unit="cell", file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(plans), initial=skipped, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True)
     train_jobs = [TrainJob(cache.root, options.threads, p, matrix.name, matrix.recipe,
                            failures.get(p.protection_key or "") or failures.get(p.purify_key or ""),
-                           options.jobs == 1 or len(todo) == 1) for p in todo]
+                           options.jobs == 1 or len(todo) == 1, redo=p.cell_key in again) for p in todo]
+    trained = {"ok": 0, "error": 0, "elsewhere": 0}
 
-    def record(result: dict[str, Any]) -> None:  # appended by the worker, before it released the cell's claim
-        counts["trained" if result["status"] == "ok" else "failed"] += 1
+    def record(result: Record) -> None:  # appended by the worker, before it released the cell's claim
+        trained[result.status] += 1
         bar.update()
-        if result["status"] != "ok":
-            bar.write(f"cell failed: {result['protection']} × {result['countermeasure']} × {result['victim']}: "
-                      f"{result['error'].strip().splitlines()[-1]}")
+        if not result.ok:
+            bar.write(f"cell failed: {result.protection} × {result.countermeasure} × {result.victim}: "
+                      f"{(result.error or '').strip().splitlines()[-1]}")
 
     def elsewhere(job: TrainJob) -> None:  # recorded by another run
-        counts["skipped"] += 1
+        trained["elsewhere"] += 1
         bar.update()
 
-    train = Stage("train", claims, f"train/{matrix.name}", log.path, options.retry_failed, since)
+    train = Stage("train", claims, "train", log.path, options.results, options.retry_failed, since)
     _run_claimed(train, _call, train_job, train_jobs, backend, record, elsewhere)
     bar.close()
-    return counts
+    return RunCounts(len(plans), trained["ok"], skipped + trained["elsewhere"], trained["error"], protected, purified)
 
 
-def check_budget(matrix: Matrix, cells: list, cache: Cache, recorded: dict[str, Any], device: str,
-                 options: RunOptions, out: Callable[[str], None]) -> None:
+def _todo(plans: list[Plan], recorded: dict[str, Record], redo: set[Cell], options: RunOptions) -> set[str]:
+    """The keys of the cells to train: never recorded, asked for again, or failed where failures are retried."""
+    return {p.cell_key for p in plans if p.cell_key not in recorded or p.cell in redo
+            or (options.retry_failed and not recorded[p.cell_key].ok)}
+
+
+def check_budget(matrix: Matrix, cells: list, cache: Cache, recorded: dict[str, Record], records: list[Record],
+                 device: str, options: RunOptions, out: Callable[[str], None]) -> None:
     """Print the cost estimate; unless a dry run, refuse (exit 2, naming the matrix's ``cpu_alternative``) a CPU
     run estimated over ``options.max_hours``, before anything is loaded or written."""
-    records = estimate.timings([options.results, Path(os.environ.get("BENCH_RESULTS", "results"))])
-    work = estimate.estimate(matrix, cells, cache, recorded, records, device, options.jobs)
+    timings = estimate.timings([options.results, Path(os.environ.get("BENCH_RESULTS", "results"))])
+    work = estimate.estimate(matrix, cells, cache, recorded, records, timings, device, options.jobs)
     out(work.line(matrix.name))
 
     def of(name: str) -> estimate.Estimate:
         other = load_matrix(name)
-        log = RecordLog(options.results / "runs" / other.name / "records.jsonl")
-        return estimate.estimate(other, expand(other), cache, log.latest(), records, device, options.jobs)
+        return estimate.estimate(other, expand(other), cache, recorded, records, timings, device, options.jobs)
 
     reason = None if options.dry_run else estimate.refusal(matrix, work, options.max_hours, of)
     if reason:
         raise ConfigError(reason)
 
 
-def save_resolved(matrix: Matrix, path: Path) -> None:
-    """The resolved matrix (every variant's full parameters) beside its records, written atomically."""
+def save_resolved(matrix: Matrix, cells: list[str], path: Path) -> None:
+    """The resolved matrix beside its records (``bench.plan.matrix.resolved``), written atomically, with the keys of
+    the cells planned here and in earlier runs (its leaderboard finds their records in any matrix's log)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    resolved = {"name": matrix.name, "source": matrix.source, "description": matrix.description,
-                "seeds": matrix.seeds, "poison_ratio": matrix.poison_ratios, "mix": matrix.mixes, "recipe": matrix.recipe,
-                "exclude": matrix.exclude, "layout": dataclasses.asdict(matrix.layout), "reference": matrix.reference,
-                "axes": {axis: [{"label": c.label, "name": c.name, "params": c.kwargs} for c in choices]
-                         for axis, choices in matrix.axes.items()}}
+    before = json.loads(path.read_text()).get("cells", []) if path.is_file() else []
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(resolved, indent=1, default=str))
+    tmp.write_text(json.dumps(resolved(matrix, list(dict.fromkeys([*before, *cells]))), indent=1, default=str))
     os.replace(tmp, path)
 
 
@@ -189,18 +219,18 @@ def show_progress() -> None:
     logging.getLogger("bench").setLevel(logging.INFO)  # the built-in components too (bench.protections …)
 
 
-def _call(fn: Callable[[Any, torch.device], dict], job: Job, devices: Any) -> dict[str, Any]:
+def _call(fn: Callable[[Any, torch.device], Any], job: Job, devices: Any) -> Any:
     show_progress()  # in this process, which may be a joblib worker
     keep_freed_memory()
     with _acquire(devices, job.threads) as device:
         return fn(job, device)
 
 
-def _guarded(fn: Callable, job: ProtectJob | PurifyJob, devices: Any) -> dict[str, Any]:
+def _guarded(fn: Callable, job: ProtectJob | PurifyJob, devices: Any) -> SetBuilt:
     try:
-        return {"key": job.key, "error": None, **_call(fn, job, devices)}
+        return _call(fn, job, devices)
     except Exception:
-        return {"key": job.key, "error": traceback.format_exc()}
+        return SetBuilt(job.key, error=traceback.format_exc())
 
 
 def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, failures: dict[str, str]) -> int:
@@ -210,12 +240,12 @@ def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, fa
     if not jobs:
         return 0
     with tqdm(total=len(jobs), desc=stage.name, unit="set", file=sys.stderr, leave=False) as bar:
-        def done(result: dict[str, Any]) -> None:
+        def done(result: SetBuilt) -> None:
             bar.update()
-            failures.pop(result["key"], None)
-            if result["error"]:
-                failures[result["key"]] = result["error"]
-                bar.write(f"{stage.name} failed: {result['error'].strip().splitlines()[-1]}")
+            failures.pop(result.key, None)
+            if result.error:
+                failures[result.key] = result.error
+                bar.write(f"{stage.name} failed: {result.error.strip().splitlines()[-1]}")
             else:
                 built[0] += 1
         _run_claimed(stage, _guarded, fn, jobs, backend, done, lambda job: bar.update())
@@ -223,21 +253,20 @@ def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, fa
 
 
 def _run_claimed(stage: Stage, runner: Callable, fn: Callable, jobs: list[Any], backend: Backend,
-                 on_result: Callable[[dict], None], elsewhere: Callable[[Any], None]) -> None:
+                 on_result: Callable[[Any], None], elsewhere: Callable[[Any], None]) -> None:
     """``backend.map`` with each job under its claim; the jobs that another worker holds are waited for (``elsewhere``
     sees those it finished), and run here if their claim is released without a result or goes stale."""
     by_key, pending = {job.key: job for job in jobs}, list(jobs)
     while pending:
         deferred: list[Any] = []
 
-        def collect(result: dict[str, Any]) -> None:
-            claim = result.pop("claim")
-            if claim == "deferred":
-                deferred.append(by_key[result["key"]])
-            elif claim == "elsewhere":
-                elsewhere(by_key[result["key"]])
+        def collect(outcome: Outcome) -> None:
+            if outcome.claim == "deferred":
+                deferred.append(by_key[outcome.key])
+            elif outcome.claim == "elsewhere":
+                elsewhere(by_key[outcome.key])
             else:
-                on_result(result)
+                on_result(outcome.result)
 
         backend.map(functools.partial(claimed, runner=runner, stage=stage), fn, pending, collect)
         if deferred:

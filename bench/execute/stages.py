@@ -29,7 +29,7 @@ from bench.plan.matrix import Choice
 from bench.execute.metrics import confidence_ascent_ratio, gradient_compression_ratio, perturbation_metrics
 from bench.plan.planner import Components, Plan
 from bench.plan.recipes import Recipe, make_recipe
-from bench.store.records import RecordLog
+from bench.store.records import Made, Record, RecordLog, RecordStore
 from bench.execute.train import train_and_evaluate
 
 
@@ -45,6 +45,7 @@ class ProtectJob:
     seed: int
     fitted_on: float | None
     fits: tuple[str, ...] = ()  # the models the protection declares fitting (its cache entry holds them)
+    redo: bool = False  # rebuild even where cached (--rerun, --force)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class PurifyJob:
     cache: Path
     threads: int
     plan: Plan
+    redo: bool = False  # rebuild even where cached (--rerun, --force)
 
     @property
     def key(self) -> str:
@@ -71,6 +73,7 @@ class TrainJob:
     recipe: dict[str, Any]
     upstream_error: str | None
     show_epochs: bool
+    redo: bool = False  # retrain even where recorded (--rerun, --force)
 
     @property
     def key(self) -> str:
@@ -78,35 +81,57 @@ class TrainJob:
 
 
 @dataclasses.dataclass(frozen=True)
+class SetBuilt:
+    """What a protect or purify job came to: its seconds, or the traceback of its failure."""
+
+    key: str
+    seconds: float | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """A job under its claim: ``ran`` (``result``: a ``Record`` for train, else a ``SetBuilt``), ``deferred`` (another
+    live worker holds the claim) or ``elsewhere`` (its result exists, made by another worker)."""
+
+    key: str
+    claim: str
+    result: Record | SetBuilt | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
-    """A stage as its claims see it: the claims, their folder, and where its results land (the record log for
-    train; else the cache the jobs name); a failed record counts as a result unless retrying those since ``since``."""
+    """A stage as its claims see it: the claims, their folder, and where its results land (train: the matrix's
+    record log, ``log``, among every log of the results folder, ``results``; else the cache the jobs name). A record
+    counts as the result unless it failed and failures are retried, or the job is redone: then only one made since
+    ``since`` (this run's start) does."""
 
     name: str
     claims: Claims
     folder: str
     log: Path | None = None
+    results: Path | None = None
     retry_failed: bool = False
     since: float = 0.0
 
     def done(self, job: ProtectJob | PurifyJob | TrainJob, verify: bool = False,
-             latest: dict[str, Any] | None = None) -> bool:
+             latest: dict[str, Record] | None = None) -> bool:
         """Whether the job's result exists (with ``verify``, its checksums too: a corrupted entry is deleted);
-        ``latest`` is the record log's ``latest()`` if already read."""
+        ``latest`` is the results folder's ``RecordStore.latest()`` if already read."""
         if isinstance(job, TrainJob):
-            assert self.log is not None
-            record = (RecordLog(self.log).latest() if latest is None else latest).get(job.key)
-            return record is not None and (record["status"] == "ok" or not self.retry_failed
-                                           or record.get("finished_at", 0) >= self.since)
+            assert self.results is not None
+            record = (RecordStore(self.results).latest() if latest is None else latest).get(job.key)
+            return record is not None and (record.finished_at >= self.since or not job.redo
+                                           and (record.ok or not self.retry_failed))
         kind, fits = ("protected", job.fits) if isinstance(job, ProtectJob) else ("purified", job.plan.purify_fits)
         cache = Cache(job.cache)
-        if verify:
-            return cache.valid(kind, job.key, fits)
-        return cache.has(kind, job.key) and set(fits) <= set(cache.manifest(kind, job.key).get("models", {}))
+        present = cache.valid(kind, job.key, fits) if verify else \
+            cache.has(kind, job.key) and set(fits) <= set(cache.manifest(kind, job.key).get("models", {}))
+        return present and (not job.redo or cache.manifest(kind, job.key)["created"] >= self.since)
 
     def finished(self, jobs: list[Any]) -> list[Any]:
-        """Those of ``jobs`` whose result exists (reading the record log once for all)."""
-        latest = RecordLog(self.log).latest() if self.log is not None else None
+        """Those of ``jobs`` whose result exists (reading the record logs once for all)."""
+        latest = RecordStore(self.results).latest() if self.results is not None else None
         return [job for job in jobs if self.done(job, latest=latest)]
 
 
@@ -123,8 +148,8 @@ def protect_job(job: ProtectJob, device: torch.device) -> dict[str, Any]:
     cache.save("protected", job.key, fitted.data, {"spec": protection.spec(), "seed": job.seed, "seconds": seconds,
                                                    "device": str(device), "info": fitted.data.info,
                                                    **perturbation_metrics(train.images, fitted.data.images)},
-               models=fitted.models)
-    return {"seconds": seconds}
+               models=fitted.models, replace=job.redo)
+    return SetBuilt(job.key, seconds)
 
 
 def purify_job(job: PurifyJob, device: torch.device) -> dict[str, Any]:
@@ -147,14 +172,14 @@ def purify_job(job: PurifyJob, device: torch.device) -> dict[str, Any]:
     _check_models(countermeasure, fitted)
     cache.save("purified", job.key, fitted.data, {"spec": countermeasure.spec(), "seed": cell.seed,
                                                   "seconds": seconds, "device": str(device), "info": fitted.data.info},
-               models=fitted.models)
-    return {"seconds": seconds}
+               models=fitted.models, replace=job.redo)
+    return SetBuilt(job.key, seconds)
 
 
-def train_job(job: TrainJob, device: torch.device) -> dict[str, Any]:
-    """Train and evaluate one cell; always returns a record (status ``error`` with the traceback on failure)."""
-    record: dict[str, Any] = {**describe(job), "device": str(device), "threads": job.threads, "status": "ok",
-                              "error": None, "versions": library_versions(), "seconds": {}}
+def train_job(job: TrainJob, device: torch.device) -> Record:
+    """Train and evaluate one cell; always returns its record (status ``error`` with the traceback on failure)."""
+    measured: dict[str, Any] = {"seconds": {}}  # Record fields, as the stages measure them
+    status, error = "ok", None
     try:
         if job.upstream_error:
             raise RuntimeError(f"an earlier stage failed:\n{job.upstream_error}")
@@ -163,54 +188,59 @@ def train_job(job: TrainJob, device: torch.device) -> dict[str, Any]:
         sets = mixes.assemble(cache, job.plan.source)
         train = mixes.require(cache, "purified", job.plan.purify_key) if job.plan.purify_key else sets.train
         test = mixes.require(cache, "dataset", f"{job.plan.dataset_key}-test")
-        record["seconds"]["load"] = time.perf_counter() - start
+        measured["seconds"]["load"] = time.perf_counter() - start
         seconds, reports = stage_reports(cache, job.plan)
-        record["seconds"].update(seconds)
-        record.update(reports)
+        measured["seconds"].update(seconds)
+        measured.update(reports)
         if sets.mask.any():  # clean vs protected, over the protected images
-            record.update(perturbation_metrics(sets.clean.images[sets.mask], sets.train.images[sets.mask]))
+            measured.update(perturbation_metrics(sets.clean.images[sets.mask], sets.train.images[sets.mask]))
         built = Components.of(job.plan.cell)
         recipe = make_recipe(**job.recipe).for_victim(built.victim.name)
-        record.update(recipe=recipe.name, recipe_params=dataclasses.asdict(recipe))
+        measured.update(recipe=recipe.name, recipe_params=dataclasses.asdict(recipe))
         start = time.perf_counter()
         result = _train(job, cache, built, recipe, train, test, device)
-        record["seconds"]["train"] = time.perf_counter() - start
-        record.update({k: v for k, v in result.items() if k != "model"})
+        measured["seconds"]["train"] = time.perf_counter() - start
+        measured.update({k: v for k, v in result.items() if k != "model"})
         if sets.mask.any() and job.plan.protection_key:
-            record.update(gradient_metrics(result["model"], sets.clean, sets.train, sets.mask, device))
+            measured.update(gradient_metrics(result["model"], sets.clean, sets.train, sets.mask, device))
     except Exception:
-        record.update(status="error", error=traceback.format_exc())
-    record["finished_at"] = time.time()
-    return record
+        status, error = "error", traceback.format_exc()
+    return Record(**identity(job), **measured, status=status, error=error, device=str(device), threads=job.threads,
+                  versions=library_versions(), finished_at=time.time())
 
 
-def claimed(fn: Callable, job: Any, devices: Any, *, runner: Callable, stage: Stage) -> dict[str, Any]:
-    """``runner(fn, job, devices)`` under the job's claim (``claim``: ``ran``), unless another worker holds it
-    (``deferred``) or its result exists (``elsewhere``); a record is appended before the claim is released."""
+def claimed(fn: Callable, job: Any, devices: Any, *, runner: Callable, stage: Stage) -> Outcome:
+    """``runner(fn, job, devices)`` under the job's claim (``ran``), unless another worker holds it (``deferred``)
+    or its result exists (``elsewhere``); a record is appended before the claim is released."""
     claim = stage.claims.claim(stage.folder, job.key)
     if claim is None:
-        return {"key": job.key, "claim": "deferred"}
+        return Outcome(job.key, "deferred")
     with claim:
         if stage.done(job, verify=True):
-            return {"key": job.key, "claim": "elsewhere"}
+            return Outcome(job.key, "elsewhere")
         result = runner(fn, job, devices)
-        if stage.log is not None:
+        if isinstance(result, Record):
+            assert stage.log is not None
             RecordLog(stage.log).append(result)
-        return {**result, "key": job.key, "claim": "ran"}
+        return Outcome(job.key, "ran", result)
 
 
-def describe(job: TrainJob) -> dict[str, Any]:
-    """A record's identity: its key, matrix, labels, components (name, params, declared stages and reports)."""
+def identity(job: TrainJob) -> dict[str, Any]:
+    """A record's identity: its key, matrix, labels, components (name, params, what made them: version and a
+    plugin's code; declared stages and reports)."""
     cell, plan = job.plan.cell, job.plan
     info: dict[str, Any] = {"cell": plan.cell_key, "matrix": job.matrix, "seed": cell.seed,
                             "poison_ratio": cell.poison_ratio, "mix": cell.mix, "dataset_key": plan.dataset_key,
-                            "protection_key": plan.protection_key, "purify_key": plan.purify_key}
-    for axis in ("dataset", "protection", "countermeasure", "victim"):
-        choice = getattr(cell, axis)
+                            "protection_key": plan.protection_key, "purify_key": plan.purify_key, "components": {}}
+    built = Components.of(cell)
+    dataset = DATASETS.create(cell.dataset.name, **cell.dataset.kwargs)
+    for axis, component in (("dataset", dataset), ("protection", built.protection),
+                            ("countermeasure", built.countermeasure), ("victim", built.victim)):
+        choice, spec = getattr(cell, axis), component.spec()
         info.update({axis: choice.label, f"{axis}_name": choice.name, f"{axis}_params": choice.kwargs})
-    countermeasure = COUNTERMEASURES.get(cell.countermeasure.name)
-    info.update(countermeasure_stage="+".join(sorted(countermeasure.stages)) or "none",
-                countermeasure_reports=countermeasure.reports)
+        info["components"][axis] = Made(spec["name"], spec["version"], spec.get("code"))
+    info.update(countermeasure_stage="+".join(sorted(built.countermeasure.stages)) or "none",
+                countermeasure_reports=built.countermeasure.reports)
     return info
 
 

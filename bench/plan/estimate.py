@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.data import mixes
-from bench.store.cache import Cache, make_key
+from bench.store.cache import Cache
+from bench.store.keys import make_key
 from bench.core.components import COUNTERMEASURES, PROTECTIONS
 from bench.plan.matrix import Cell, Choice, Matrix
 from bench.plan.planner import known_dataset_key, plan_cell
 from bench.plan.recipes import make_recipe
-from bench.store.records import RecordLog
+from bench.store.records import Record, RecordLog
 
 DEFAULT_MAX_HOURS = 12.0  # `bench run` on a CPU refuses a matrix estimated longer (--max-hours)
 # Training images/s of bench's loop. cpu: a 1-thread fp32 step (batch 64) timed on the 2-core dev machine under
@@ -70,18 +71,19 @@ def train_images(dataset: Choice) -> int:
     return full if per_class is None else min(full, per_class * (100 if dataset.name == "cifar100" else 10))
 
 
-def timings(folders: list[Path]) -> list[dict[str, Any]]:
+def timings(folders: list[Path]) -> list[Record]:
     """Every ok record under ``<folder>/runs/*/records.jsonl``."""
     files = sorted({p.resolve() for f in folders for p in Path(f).glob("runs/*/records.jsonl")})
-    return [r for p in files for r in RecordLog(p).read() if r.get("status") == "ok" and "seconds" in r]
+    return [r for p in files for r in RecordLog(p).read() if r.ok]
 
 
-def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str, Any], records: list[dict[str, Any]],
-             device: str, jobs: int) -> Estimate:
-    """Plan ``cells`` (with the dataset keys the cache knows) and estimate their remaining work on ``device``."""
+def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str, Record], known: list[Record],
+             records: list[Record], device: str, jobs: int) -> Estimate:
+    """Plan ``cells`` (with the dataset keys the cache or the ``known`` records give) and estimate their remaining
+    work on ``device`` from the timings of ``records``."""
     kind = device.split(":")[0]
-    records = [r for r in records if str(r.get("device", "")).split(":")[0] == kind]  # timings of this device kind
-    keys = {choice: known_dataset_key(cache, choice) for choice in {c.dataset for c in cells}}  # loads nothing
+    records = [r for r in records if r.device.split(":")[0] == kind]  # timings of this device kind
+    keys = {choice: known_dataset_key(cache, choice, known).key for choice in {c.dataset for c in cells}}  # no loading
     plans = [plan_cell(cell, keys[cell.dataset], matrix.recipe) for cell in cells  # check_cells refuses the rest
              if not mixes.missing_capability(cell.mix, PROTECTIONS.get(cell.protection.name))]
     todo = [p for p in plans if p.cell_key not in recorded]
@@ -109,8 +111,9 @@ def refusal(matrix: Matrix, work: Estimate, max_hours: float, estimate_of: Calla
             f"— a GPU job. {instead} pass --max-hours {math.ceil(hours) + 1} to run it anyway.")
 
 
-def _same(record: dict[str, Any], axis: str, choice: Choice) -> bool:
-    return record.get(f"{axis}_name") == choice.name and make_key(record.get(f"{axis}_params")) == make_key(choice.kwargs)
+def _same(record: Record, axis: str, choice: Choice) -> bool:
+    return getattr(record, f"{axis}_name") == choice.name and \
+        make_key(getattr(record, f"{axis}_params")) == make_key(choice.kwargs)
 
 
 def _rate(kind: str, victim: str) -> float:
@@ -124,25 +127,26 @@ def _factor(name: str, params: dict[str, Any]) -> float:
         2 if name == "distill" else 1
 
 
-def _train_seconds(cell: Cell, recipe: dict[str, Any], records: list[dict], kind: str) -> tuple[float, bool]:
+def _train_seconds(cell: Cell, recipe: dict[str, Any], records: list[Record], kind: str) -> tuple[float, bool]:
     """(seconds, whether from records) to train the cell: its images × epochs (or iterations × batch) at the median
     rate of records of the same victim (of the same recipe and countermeasure where there are)."""
     own = make_recipe(**recipe).for_victim(cell.victim.name)
     samples = own.iterations * own.batch_size if own.iterations else own.epochs * train_images(cell.dataset)
     work = samples * _factor(cell.countermeasure.name, cell.countermeasure.kwargs)
-    alike = [r for r in records if r.get("victim_name") == cell.victim.name and "train" in r["seconds"] and r.get("steps")]
-    same = [r for r in alike if r.get("recipe") == recipe["name"] and _same(r, "countermeasure", cell.countermeasure)]
-    rates = [r["steps"] * r["recipe_params"]["batch_size"] * _factor(r["countermeasure_name"], r["countermeasure_params"])
-             / max(r["seconds"]["train"], 1e-9) for r in same or alike]
+    alike = [r for r in records if r.victim_name == cell.victim.name and "train" in r.seconds and r.steps
+             and r.recipe_params]
+    same = [r for r in alike if r.recipe == recipe["name"] and _same(r, "countermeasure", cell.countermeasure)]
+    rates = [r.steps * r.recipe_params["batch_size"] * _factor(r.countermeasure_name, r.countermeasure_params)
+             / max(r.seconds["train"], 1e-9) for r in same or alike]
     return (work / statistics.median(rates), True) if rates else (work / _rate(kind, cell.victim.name), False)
 
 
-def _set_seconds(choice: Choice, dataset: Choice, stage: str, records: list[dict], kind: str) -> tuple[float, bool]:
+def _set_seconds(choice: Choice, dataset: Choice, stage: str, records: list[Record], kind: str) -> tuple[float, bool]:
     """(seconds, whether from records) to build a protected/purified set: the median seconds per image of records
     of the same component and parameters, else ``WORK_PER_IMAGE``, × its images."""
     axis, step = ("protection", "protect") if stage == "protected" else ("countermeasure", "purify")
-    per_image = [r["seconds"][step] / train_images(Choice(r["dataset_name"], tuple(r["dataset_params"].items()), ""))
-                 for r in records if _same(r, axis, choice) and step in r["seconds"]]
+    per_image = [r.seconds[step] / train_images(Choice(r.dataset_name, tuple(r.dataset_params.items()), ""))
+                 for r in records if _same(r, axis, choice) and step in r.seconds]
     if per_image:
         return statistics.median(per_image) * train_images(dataset), True
     param = (PROTECTIONS if stage == "protected" else COUNTERMEASURES).get(choice.name).surrogate_param

@@ -33,7 +33,7 @@ from typing import Any
 from bench.report import references
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
 from bench.data.datasets import DATASETS
-from bench.report.leaderboard import LAYOUT_AXES, Layout
+from bench.plan.layout import LAYOUT_AXES, Layout
 from bench.data.mixes import MIXES
 from bench.core.registry import ConfigError, Registry
 from bench.core.units import warn_small_budgets
@@ -94,6 +94,16 @@ class Matrix:
     layout: Layout = Layout()
     reference: str | None = None  # the published table it reproduces (bench.report.references.TABLES)
     cpu_alternative: str | None = None  # the named matrix sized for a CPU (bench.plan.estimate)
+
+
+def resolved(matrix: Matrix, cells: list[str]) -> dict[str, Any]:
+    """The matrix as ``runs/<matrix>/matrix.json`` saves it: every variant's full parameters, the layout, the
+    reference, and the keys of its ``cells``."""
+    return {"name": matrix.name, "source": matrix.source, "description": matrix.description, "seeds": matrix.seeds,
+            "poison_ratio": matrix.poison_ratios, "mix": matrix.mixes, "recipe": matrix.recipe,
+            "exclude": matrix.exclude, "layout": dataclasses.asdict(matrix.layout), "reference": matrix.reference,
+            "axes": {axis: [{"label": c.label, "name": c.name, "params": c.kwargs} for c in choices]
+                     for axis, choices in matrix.axes.items()}, "cells": cells}
 
 
 def resolve_path(name_or_path: str) -> Path:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from bench.data import mixes
-from bench.store.cache import Cache, make_key
+from bench.store.cache import Cache
+from bench.store import keys
+from bench.store.keys import make_key
+from bench.store.records import Record
 from bench.core.components import COUNTERMEASURES, DATA, PROTECTIONS, VICTIMS, Countermeasure, Protection, Victim
 from bench.data.datasets import DATASETS, fingerprint
 from bench.plan.matrix import Cell
@@ -70,14 +73,36 @@ def prepare_dataset(cache: Cache, choice: Any) -> str:
     return key
 
 
-def known_dataset_key(cache: Cache, choice: Any) -> str:
-    """The key ``prepare_dataset`` gave a dataset of this spec, from the cache's manifests without loading it; else
-    a placeholder key (nothing made from it is cached)."""
-    spec = make_key(DATASETS.create(choice.name, **choice.kwargs).spec())
+@dataclasses.dataclass(frozen=True)
+class KnownKey:
+    """A dataset's key found without loading it, and where: ``cache`` (its entry's manifest), ``records`` (a record
+    of the same dataset spec: the files are fingerprinted when a run loads them) or ``none`` (a placeholder key,
+    under which nothing is cached or recorded)."""
+
+    key: str
+    source: str
+
+
+def known_dataset_key(cache: Cache, choice: Any, records: Iterable[Record] = ()) -> KnownKey:
+    """The key ``prepare_dataset`` gives a dataset of this spec, from the cache's manifests, else from the newest
+    record of a dataset of the same spec (a fresh clone's committed records), without loading the data."""
+    spec = DATASETS.create(choice.name, **choice.kwargs).spec()
     for manifest in sorted(cache.root.glob("dataset/*-train/manifest.json")):
-        if make_key(json.loads(manifest.read_text()).get("spec")) == spec:
-            return manifest.parent.name.removesuffix("-train")
-    return f"unprepared-{spec}"
+        if make_key(json.loads(manifest.read_text()).get("spec")) == make_key(spec):
+            return KnownKey(manifest.parent.name.removesuffix("-train"), "cache")
+    same = [r for r in records if r.dataset_name == choice.name and _dataset_spec(r) == spec
+            and r.components["dataset"].version == spec["version"]]
+    if same:
+        return KnownKey(max(same, key=lambda r: r.finished_at).dataset_key, "records")
+    return KnownKey(f"unprepared-{make_key(spec)}", "none")
+
+
+def _dataset_spec(record: Record) -> dict[str, Any] | None:
+    """The spec of a record's dataset as this bench builds it (None where it no longer builds)."""
+    try:
+        return DATASETS.create(record.dataset_name, **record.dataset_params).spec()
+    except ConfigError:
+        return None
 
 
 def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None],
@@ -140,17 +165,14 @@ def plan_cell(cell: Cell, dataset_key: str, recipe: dict[str, Any], built: Compo
         raise ConfigError(f"{_describe(cell)}: {reason}")
     protection, countermeasure, victim = built.protection, built.countermeasure, built.victim
     ratio = mixes.fitted_on(cell.mix, cell.poison_ratio)
-    protection_key = None if protection.identity or not mixes.uses_protection(cell.mix) else make_key(
-        {"dataset": dataset_key, "protection": protection.spec(), "seed": cell.seed,
-         **({"fitted_on": ratio} if ratio is not None else {})})
+    protection_key = None if protection.identity or not mixes.uses_protection(cell.mix) else keys.protection_key(
+        dataset_key, protection.spec(), cell.seed, ratio)
     source = mixes.TrainSource(dataset_key, protection_key, cell.poison_ratio, cell.seed, cell.mix)
-    spec = {"dataset": dataset_key, "protection": protection_key, "poison_ratio": cell.poison_ratio,
-            "seed": cell.seed, **({"mix": cell.mix} if cell.mix != "protected" else {}),
-            # clean_only ignores the protection, but each row of a table is its own cell
-            **({"unused_protection": protection.spec()} if not mixes.uses_protection(cell.mix) else {})}
-    purify_key = make_key({**spec, "countermeasure": countermeasure.spec()}) if DATA in countermeasure.stages else None
-    cell_key = make_key({**spec, "countermeasure": countermeasure.spec(), "victim": victim.spec(),
-                         "recipe": dataclasses.asdict(make_recipe(**recipe))})
+    unused = protection.spec() if not mixes.uses_protection(cell.mix) else None
+    common = keys.train_source(dataset_key, protection_key, cell.poison_ratio, cell.seed, cell.mix, unused)
+    purify_key = keys.purify_key(common, countermeasure.spec()) if DATA in countermeasure.stages else None
+    own_recipe = dataclasses.asdict(make_recipe(**recipe).for_victim(victim.name))
+    cell_key = keys.cell_key(common, countermeasure.spec(), victim.spec(), own_recipe)
     return Plan(cell, source, purify_key, cell_key, protection.fits if protection_key else (),
                 countermeasure.fits if purify_key else ())
 

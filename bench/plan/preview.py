@@ -1,0 +1,52 @@
+"""The dry run's table (``bench run --dry-run``): every planned cell, whether its protected set is cached and its
+result recorded (in any matrix's log of the results folder), and why a cell will run: never recorded, a stale
+record at its place in this matrix's table (a component's version or code changed), or asked for again."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from bench.plan.planner import KnownKey, Plan
+from bench.store.cache import Cache
+from bench.store.records import Record, stale_reasons
+
+COLUMNS = ("dataset", "protection", "countermeasure", "victim", "seed", "poison_ratio", "mix")
+HEADER = " | ".join([*COLUMNS, "poison", "result"])
+
+
+def preview(plans: list[Plan], reasons: list[list[str]], dataset_keys: dict[object, KnownKey], cache: Cache,
+            recorded: dict[str, Record], own: list[Record], todo: set[str], out: Callable[[str], None]) -> None:
+    """Print the table, then the counts. ``own``: the matrix's own log (for stale records at a cell's place);
+    ``todo``: the keys of the cells a run would train."""
+    shown_at = {tuple(r.labels()[c] for c in COLUMNS): r for r in own}  # the newest record at each place
+    out(HEADER)
+    stale = 0
+    for plan, why in zip(plans, reasons):
+        labels = plan.cell.labels()
+        poison = "identity" if plan.protection_key is None else (
+            "cached" if cache.has("protected", plan.protection_key) else "to build")
+        record = recorded.get(plan.cell_key)
+        old = shown_at.get(tuple(labels[c] for c in COLUMNS))
+        if plan.cell_key not in todo:
+            result = record.status if record else "to run"
+        elif record is not None:
+            result = f"to rerun (recorded: {record.status})"
+        elif old is not None:
+            stale += 1
+            result = f"to run (stale record: {'; '.join(stale_reasons(old)) or 'its inputs changed'})"
+        else:
+            result = "to run"
+        blocked = f" | blocked: {'; '.join(r.split(':')[0] for r in why)}" if why else ""  # in full below
+        out(f"{' | '.join(labels[c] for c in COLUMNS)} | poison: {poison} | result: {result}{blocked}")
+    listed = sum(p.cell_key in recorded for p in plans)
+    again = sum(p.cell_key in todo and p.cell_key in recorded for p in plans)
+    out(f"{len(plans)} cells, {listed} recorded, {sum(p.cell_key in todo for p in plans)} to train"
+        + (f" ({stale} replace a stale record)" if stale else "") + (f" ({again} recorded, run again)" if again else ""))
+    for choice, known in dataset_keys.items():
+        label = getattr(choice, "label", choice)
+        if known.source == "records":
+            out(f"dataset {label}: key from its records (not loaded; a run fingerprints the files and reuses these "
+                "records only if the data are the same)")
+        elif known.source == "none":
+            out(f"dataset {label}: not loaded yet, so nothing made from it is cached; a run loads it first (and "
+                "stops with where to place its files if they are absent)")
