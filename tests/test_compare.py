@@ -13,6 +13,7 @@ from bench.report import references
 from bench.cli import main
 from bench.plan.matrix import parse_matrix
 from bench.store.records import RecordLog
+from tests.conftest import make_record
 from bench.core.registry import ConfigError
 
 PAPER = [("Clean", "Vanilla", 94.0), ("Clean", "JPEG10", 85.0), ("Clean", "Mean", 89.5), ("Clean", "Max", 94.0),
@@ -49,7 +50,7 @@ def write_run(tmp_path, records, reference="t-table1", labels=LABELS, layout=Non
     run = tmp_path / "runs" / "m"
     run.mkdir(parents=True)
     for record in records:
-        RecordLog(run / "records.jsonl").append(record)
+        RecordLog(run / "records.jsonl").append(make_record(**record))
     order = {"protections": ["clean", "em", "cwp"], "countermeasures": ["none", "jpeg[quality=10]"]}
     (run / "matrix.json").write_text(json.dumps({
         "name": "m", "reference": reference, "layout": {**(layout or {}), "labels": labels},
@@ -220,8 +221,10 @@ def test_save_resolved_keeps_the_reference(paper, tmp_path):
     from bench.execute.scheduler import save_resolved
 
     raw = {"datasets": ["digits"], "protections": ["clean"], "countermeasures": ["none"], "victims": ["cnn"]}
-    save_resolved(parse_matrix({**raw, "reference": "t-table1"}, "m"), tmp_path / "matrix.json")
-    assert json.loads((tmp_path / "matrix.json").read_text())["reference"] == "t-table1"
+    save_resolved(parse_matrix({**raw, "reference": "t-table1"}, "m"), ["k1"], tmp_path / "matrix.json")
+    save_resolved(parse_matrix({**raw, "reference": "t-table1"}, "m"), ["k2", "k1"], tmp_path / "matrix.json")
+    saved = json.loads((tmp_path / "matrix.json").read_text())
+    assert saved["reference"] == "t-table1" and saved["cells"] == ["k1", "k2"]  # every run's cells, once
 
 
 @pytest.mark.parametrize("name", C.with_reference())

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import math
 import statistics
 
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO
-from bench.report.leaderboard import Layout, build_tables, leaderboard, markdown, write_tables
+from tests.conftest import REPO, record_json
+from bench.plan.layout import Layout
+from bench.report.leaderboard import build_tables, leaderboard, markdown, write_tables
 
 
 def rec(protection: str, countermeasure: str, acc: float | None = 0.5, *, seed: int = 0, best: float | None = None,
@@ -194,20 +196,23 @@ def test_records_without_reports_warn_and_show_the_final_epoch():
     assert table.mean.at["cwp", "early_stop"] == pytest.approx(10)
 
 
-def test_leaderboard_is_a_pure_step_over_records(tmp_path):
-    """Building leaderboards imports neither torch nor any plugin, so a broken plugin cannot stop it."""
+def test_a_broken_plugin_does_not_stop_the_leaderboard(tmp_path):
+    """Leaderboards are a step over records: a plugin that fails to import leaves them buildable (no record's
+    staleness can be judged then), though every command that plans refuses to start."""
     import subprocess
     import sys
 
-    code = ("import sys, json; from pathlib import Path; from bench.report.leaderboard import leaderboard; "
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "broken.py").write_text("raise RuntimeError('broken plugin')\n")
+    code = ("import json; from pathlib import Path; from bench.report.leaderboard import leaderboard; "
             f"run = Path({str(tmp_path)!r}) / 'runs' / 'm'; run.mkdir(parents=True); "
-            f"(run / 'records.jsonl').write_text(json.dumps({rec('clean', 'none')!r}) + '\\n'); "
+            f"(run / 'records.jsonl').write_text(json.dumps({record_json(**rec('clean', 'none'))!r}) + '\\n'); "
             "(run / 'matrix.json').write_text(json.dumps({'axes': {}, 'layout': {'summary': False}})); "
             f"tables, _ = leaderboard(Path({str(tmp_path)!r}), 'm'); "
-            "assert len(tables) == 1 and 'Mean' not in tables[0].mean, tables; "
-            "bad = [m for m in sys.modules if m == 'torch' or m.split('.')[0] in ('protections', 'countermeasures', 'victims')]; "
-            "assert not bad, bad")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+            "assert len(tables) == 1 and 'Mean' not in tables[0].mean, tables")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "BENCH_PLUGINS": str(plugins)})
     assert result.returncode == 0, result.stderr
 
 
@@ -323,7 +328,7 @@ def test_leaderboard_reads_the_layout_from_matrix_json(tmp_path):
 
     run = tmp_path / "runs" / "m"
     run.mkdir(parents=True)
-    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uge_records()))
+    (run / "records.jsonl").write_text("".join(json.dumps(record_json(**r)) + "\n" for r in uge_records()))
     axes = {"protections": [{"label": "uge"}, {"label": "clean"}], "victims": [{"label": "authorized"}, {"label": "cnn"}]}
     (run / "matrix.json").write_text(json.dumps({"axes": axes, "layout": dataclasses.asdict(UGE)}))
     tables, written = leaderboard(tmp_path, "m")

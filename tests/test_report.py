@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.store.cache import make_key
+from bench.store.keys import make_key
 from bench.cli import main
 from bench.core.registry import ConfigError
 from bench.report.page import build_report
+from tests.conftest import record_json
 
 DATASET = "d" * 24
 CWP_SPEC = {"name": "cwp", "version": 1, "params": {"size_fraction": 0.375}}
@@ -34,7 +35,7 @@ def record(protection: str, countermeasure: str, acc: float, *, ratio: float = 1
             "precision": "fp32", "augment": "none", "versions": {"python": "3.11.2", "torch": "2.4.0"},
             "recipe_params": {"name": "quick", "epochs": 5, "lr": 0.1}, "seconds": {"load": 0.1, "train": 2.5},
             "protection_key": key, "purify_key": "p" * 24 if countermeasure == "jpeg" else None,
-            "finished_at": 1.0, **extra}
+            "dataset_key": None, "finished_at": 1.0, **extra}
 
 
 def write_run(results: Path, records: list[dict], ratios: list[float] = (1.0,)) -> None:
@@ -49,7 +50,7 @@ def write_run(results: Path, records: list[dict], ratios: list[float] = (1.0,)) 
                       "countermeasures": [{"label": c, "name": c, "params": {}} for c in ("none", "jpeg")],
                       "victims": [{"label": "cnn", "name": "cnn", "params": {}}]}}
     (run / "matrix.json").write_text(json.dumps(saved))
-    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "records.jsonl").write_text("".join(json.dumps(record_json(**r)) + "\n" for r in records))
 
 
 def write_entry(folder: Path, images: np.ndarray, labels: np.ndarray, manifest: dict) -> None:

@@ -13,7 +13,6 @@ in each cell; LaTeX three sub-columns under each column; CSV the numbers under t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tomllib
 from pathlib import Path
@@ -23,8 +22,9 @@ import pandas as pd
 
 from bench.report import references
 from bench.core.components import COUNTERMEASURES, PROTECTIONS
-from bench.report.leaderboard import Layout, Table, build_tables
-from bench.store.records import RecordLog
+from bench.plan.layout import Layout
+from bench.report.leaderboard import Table, build_tables
+from bench.report.view import matrix_view
 from bench.core.registry import ConfigError
 
 PARTS = ("ours", "paper", "Δ")
@@ -36,21 +36,16 @@ SAME_DATA = {"cifar10-jpeg": ("cifar10", "a JPEG q75 copy")}
 
 
 def comparison_tables(results: Path, matrix: str, metric: str = "final") -> list[pd.DataFrame]:
-    """Each leaderboard table of ``matrix``'s records joined with its reference table's (dataset, victim) block."""
-    saved_path = results / "runs" / matrix / "matrix.json"
-    if not saved_path.is_file():
-        raise ConfigError(f"no {saved_path}: run `bench run --matrix {matrix}` first (it saves the resolved matrix)")
-    saved = json.loads(saved_path.read_text())
-    reference = saved.get("reference")
-    if reference is None:
-        raise ConfigError(f"matrix {matrix!r} names no published table ({saved_path} has no 'reference'): add "
-                          f"a top-level reference = \"<table>\" (one of {', '.join(references.TABLES)}) to its TOML "
+    """Each leaderboard table of ``matrix``'s records (``bench.report.view``) joined with its reference table's
+    (dataset, victim) block."""
+    view = matrix_view(results, matrix)
+    if view.reference is None:
+        raise ConfigError(f"matrix {matrix!r} names no published table (its matrix has no 'reference'): add a "
+                          f"top-level reference = \"<table>\" (one of {', '.join(references.TABLES)}) to its TOML "
                           "and rerun `bench run` (recorded cells are skipped, matrix.json is rewritten); matrices "
                           f"with one: {', '.join(with_reference()) or 'none'}")
-    order = {axis: [c["label"] for c in choices] for axis, choices in saved["axes"].items()}
-    layout = Layout.parse(saved.get("layout", {}))
-    tables = build_tables(RecordLog(results / "runs" / matrix / "records.jsonl").read(), order, metric, layout=layout)
-    return [compare(table, reference, layout) for table in tables]
+    tables = build_tables(view.rows, view.order, metric, layout=view.layout)
+    return [compare(table, view.reference, view.layout) for table in tables]
 
 
 def compare(table: Table, reference: str, layout: Layout) -> pd.DataFrame:
@@ -106,12 +101,15 @@ def _join(ours: pd.DataFrame, paper: pd.DataFrame, layout: Layout) -> pd.DataFra
 
 def _marks(table: Table, cells: pd.DataFrame, layout: Layout,
            paper: pd.DataFrame) -> tuple[dict[tuple[str, str], str], list[str]]:
-    """Symbols per cell for components off the paper's setting (their Mean and Max get the row's), the legend."""
+    """Symbols per cell for components off the paper's setting and for stale records (their Mean and Max get the
+    row's), the legend."""
     who: dict[str, list[str]] = {}  # each deviation → the components that ran with it (one symbol for all)
     found: dict[tuple[str, str], list[str]] = {}
     rows = cells[list(layout.rows)].agg(" · ".join, axis=1)
     for (row, col), group in cells.groupby([rows, cells[layout.columns]], sort=False):
         off = [d for record in group.to_dict("records") for d in deviations(record)]
+        off += [(row, f"stale: {record['stale']}; `bench run` retrains it") for record in group.to_dict("records")
+                if record.get("stale")]
         found[(row, col)] = list(dict.fromkeys(text for _, text in off))
         for label, text in off:
             who[text] = list(dict.fromkeys([*who.get(text, []), label]))

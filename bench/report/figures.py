@@ -1,5 +1,5 @@
-"""The figures of ``bench report`` (matplotlib, Agg backend, PNG bytes) and the image statistics of a cached
-protected set against its clean train set.
+"""The figures of ``bench report`` and of ``bench.api`` (matplotlib Figures; ``png`` turns one into PNG bytes) and the
+image statistics of a cached protected set against its clean train set.
 
 Figures: per-epoch train / test accuracy (a panel per table row, a line per column, where early stopping and
 shortcut learning show), a clean / protected / amplified-perturbation grid, and ConfounderGAN Fig. 5's
@@ -43,7 +43,7 @@ def png(fig: plt.Figure) -> bytes:
     return buffer.getvalue()
 
 
-def curve_figure(cells: pd.DataFrame, row_axes: list[str], column_axis: str, title: str) -> bytes | None:
+def curve_figure(cells: pd.DataFrame, row_axes: list[str], column_axis: str, title: str) -> plt.Figure | None:
     """Per-epoch accuracy: a panel per row label (``row_axes`` joined by `` · ``), a line per ``column_axis``
     label, test solid and train dashed, mean over seeds; ``None`` when no record carries curves."""
     cells = cells[cells["status"] == "ok"] if "status" in cells else cells
@@ -80,7 +80,7 @@ def curve_figure(cells: pd.DataFrame, row_axes: list[str], column_axis: str, tit
                bbox_to_anchor=(0.5, -0.02 - 0.025 * math.ceil(len(columns) / 7)))
     fig.suptitle(f"{title}\ntest accuracy (solid) and train accuracy (dashed) per epoch", fontsize=10)
     fig.tight_layout()
-    return png(fig)
+    return fig
 
 
 def _mean_curve(curves: pd.Series) -> np.ndarray | None:
@@ -93,7 +93,7 @@ def _mean_curve(curves: pd.Series) -> np.ndarray | None:
     return pd.DataFrame([c for c in lists if len(c) == length]).mean(axis=0).to_numpy()  # skips NaN, no warning
 
 
-def ratio_figure(frame: pd.DataFrame, title: str) -> bytes:
+def ratio_figure(frame: pd.DataFrame, title: str) -> plt.Figure:
     """ConfounderGAN Fig. 5: final test accuracy (%) against the poison ratio, a polyline per ``series``;
     ``frame`` has columns ``series``, ``poison_ratio`` and ``value`` (percent, NaN for failed cells)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -106,10 +106,10 @@ def ratio_figure(frame: pd.DataFrame, title: str) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    return png(fig)
+    return fig
 
 
-def image_grid(data: ProtectedSet, title: str, count: int = 8) -> bytes:
+def image_grid(data: ProtectedSet, title: str, count: int = 8) -> plt.Figure:
     """Clean, protected and amplified perturbation (δ/(2·max|δ|) + 0.5) rows of ``count`` images, one per class first."""
     index = sample_index(data.labels, count)
     delta = data.protected[index].astype(np.float32) - data.clean[index].astype(np.float32)
@@ -131,7 +131,7 @@ def image_grid(data: ProtectedSet, title: str, count: int = 8) -> bytes:
                 ax.set_ylabel(name, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return png(fig)
+    return fig
 
 
 def sample_index(labels: np.ndarray, count: int) -> np.ndarray:
@@ -181,7 +181,7 @@ def load_protected(cache: Path, record: dict[str, Any]) -> ProtectedSet | str:
 
 def _dataset_key(cache: Path, manifest: dict[str, Any], record: dict[str, Any]) -> str | None:
     """The dataset key that, with the manifest's spec and seed, gives the protection key (``bench.plan.planner``)."""
-    from bench.store.cache import make_key
+    from bench.store.keys import make_key
     from bench.data.mixes import fitted_on
 
     ratio = fitted_on(record.get("mix") or "protected", record["poison_ratio"])

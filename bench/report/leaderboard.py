@@ -1,5 +1,5 @@
-"""Leaderboards from records, a pure step over them (no torch, no plugins: a record carries all the
-leaderboard reads): one table per dataset × victim (× recipe × poison ratio), in DH Table I's
+"""Leaderboards from records, a step over them alone (nothing is trained or loaded): one table per dataset × victim
+(× recipe × poison ratio), in DH Table I's
 layout: rows = protections (clean first), columns = countermeasures, then ``Mean`` and ``Max`` over the
 countermeasures; mean ± std over seeds where there are several. Written as CSV and Markdown.
 
@@ -7,15 +7,14 @@ Rows of cells with another train-set ``mix`` than ``protected`` read ``protectio
 ratios with a single countermeasure give ConfounderGAN Fig. 5's layout instead: a column per ratio p.
 
 A matrix's ``[layout]`` (``Layout``, saved in ``runs/<matrix>/matrix.json``) picks other row and column axes
-among protection, countermeasure and victim (those leave the grouping), display names, and the summary.
+among protection, countermeasure and victim (those leave the grouping), display names, and the summary. A cell
+whose record an older version of a component made reads ``45.10 (stale)``, with a line saying why.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
-import json
 import re
 import warnings
 from pathlib import Path
@@ -23,66 +22,13 @@ from typing import Any
 
 import pandas as pd
 
-from bench.store.records import RecordLog
-from bench.core.registry import ConfigError
+from bench.plan.layout import LAYOUT_AXES, Layout
+from bench.report.view import matrix_view
 
 GROUP = ("dataset", "victim", "recipe", "poison_ratio")
-LAYOUT_AXES = ("protection", "countermeasure", "victim")
-LAYOUT_KEYS = ("rows", "columns", "labels", "summary")
+STALE = " (stale)"  # after a number whose record an older version of a component made
 METRICS = {"final": "test accuracy (%, final)", "best": "test accuracy (%, best)",
            "car": "CAR (%, ConfounderGAN App. A Eq. 6)", "gcr": "GCR (%, ConfounderGAN App. A Eq. 7)"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """A table layout: row axes (a row's label joins theirs with `` · ``), the column axis, names shown for
-    component labels, and whether Mean and Max columns follow. The default is DH Table I's."""
-
-    rows: tuple[str, ...] = ("protection",)
-    columns: str = "countermeasure"
-    labels: dict[str, str] = dataclasses.field(default_factory=dict, hash=False)
-    summary: bool = True
-
-    @property
-    def axes(self) -> tuple[str, ...]:
-        return (*self.rows, self.columns)
-
-    def name(self, label: str) -> str:
-        """The name shown for a component label."""
-        return self.labels.get(label, label)
-
-    @classmethod
-    def parse(cls, raw: Any) -> Layout:
-        """Validate a ``[layout]`` table (from TOML or matrix.json); a ConfigError names the key and the fix."""
-        if not isinstance(raw, dict):
-            raise ConfigError(f"key 'layout': expected a table of {', '.join(LAYOUT_KEYS)}, got {raw!r}")
-        for key in raw:
-            if key not in LAYOUT_KEYS:
-                raise ConfigError(f"key 'layout.{key}': unknown{_hint(key, LAYOUT_KEYS)} (allowed: {', '.join(LAYOUT_KEYS)})")
-        rows, columns = raw.get("rows", list(cls.rows)), raw.get("columns", cls.columns)
-        labels, summary = raw.get("labels", {}), raw.get("summary", True)
-        if not isinstance(rows, (list, tuple)) or not rows or not all(isinstance(r, str) for r in rows):
-            raise ConfigError(f"key 'layout.rows': expected a non-empty list of axes, e.g. rows = [\"protection\"], "
-                              f"got {rows!r}")
-        if not isinstance(columns, str):
-            raise ConfigError(f"key 'layout.columns': expected one axis name, e.g. columns = \"victim\", got {columns!r}")
-        for key, axis in [*(("rows", r) for r in rows), ("columns", columns)]:
-            if axis not in LAYOUT_AXES:
-                raise ConfigError(f"key 'layout.{key}': unknown axis {axis!r}{_hint(axis, LAYOUT_AXES)} "
-                                  f"(axes: {', '.join(LAYOUT_AXES)})")
-        if len(set(rows)) < len(rows):
-            raise ConfigError(f"key 'layout.rows': an axis appears twice in {list(rows)}; name each axis once")
-        if columns in rows:
-            free = [a for a in LAYOUT_AXES if a not in rows]
-            fix = f"set columns to {' or '.join(map(repr, free))}" if free else "leave one axis out of rows for columns"
-            default = "" if "columns" in raw else " (columns defaults to 'countermeasure')"
-            raise ConfigError(f"key 'layout.columns': axis {columns!r} is also in rows {list(rows)}{default}; {fix}")
-        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
-            raise ConfigError(f"key 'layout.labels': expected a table of label = \"shown name\" strings, e.g. "
-                              f"{{ none = \"Normal\" }}, got {labels!r}")
-        if not isinstance(summary, bool):
-            raise ConfigError(f"key 'layout.summary': expected true or false, got {summary!r}")
-        return cls(tuple(rows), columns, dict(labels), summary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +42,7 @@ class Table:
     display: pd.DataFrame
     ran: tuple[str, ...] = ()  # what the stages report they ran where it is a choice (weights or alternative)
     cells: pd.DataFrame | None = dataclasses.field(default=None, repr=False)  # its records, labels as shown
+    stale: tuple[str, ...] = ()  # why its cells marked STALE are: a component's version or code changed since
 
 
 def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | None = None,
@@ -119,7 +66,14 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
     frame["protection"] = row_labels(frame)
     ratios = not by_ratio and frame["poison_ratio"].nunique() > 1
     return [dataclasses.replace(pivot(group, keys, order or {}, metric, by_ratio, ratios, layout), ran=what_ran(group),
-                                cells=group) for keys, group in frame.groupby(grouping(layout), sort=False)]
+                                cells=group, stale=why_stale(group))
+            for keys, group in frame.groupby(grouping(layout), sort=False)]
+
+
+def why_stale(group: pd.DataFrame) -> tuple[str, ...]:
+    """A line per reason its stale records share (``bench.store.records.stale_reasons``), with how many."""
+    reasons = group["stale"][group["stale"] != ""].value_counts(sort=False)
+    return tuple(f"{n} record(s): {why}" for why, n in reasons.items())
 
 
 def what_ran(group: pd.DataFrame) -> tuple[str, ...]:
@@ -150,6 +104,7 @@ def latest_positions(records: list[dict[str, Any]]) -> pd.DataFrame:
     recency = frame["finished_at"] if "finished_at" in frame else pd.Series(range(len(frame)), index=frame.index)
     frame = frame.loc[recency.sort_values(kind="stable").index].drop_duplicates(position, keep="last")
     frame["recipe"] = frame.get("recipe", pd.Series(dtype=object)).fillna("?")
+    frame["stale"] = frame.get("stale", pd.Series("", index=frame.index)).fillna("")
     return frame
 
 
@@ -205,6 +160,7 @@ def pivot(group: pd.DataFrame, keys: tuple, order: dict[str, list[str]], metric:
     by = ["row", layout.columns]
     stats = group.groupby(by, sort=False)["value"].agg(["mean", "std", "count"])
     failed = group[group["status"] != "ok"].groupby(by).size()
+    stale = group[group["stale"] != ""].groupby(by).size()
     mean = stats["mean"].unstack().reindex(index=rows, columns=cols)
     std = stats["std"].unstack().reindex(index=rows, columns=cols)
     count = stats["count"].unstack().reindex(index=rows, columns=cols).fillna(0)
@@ -216,9 +172,10 @@ def pivot(group: pd.DataFrame, keys: tuple, order: dict[str, list[str]], metric:
         for c in cols:
             m, s, n = mean.at[r, c], std.at[r, c], count.at[r, c]
             display.at[r, c] = ("error" if (r, c) in failed.index else "") if pd.isna(m) else (
-                f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}")
+                f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}") + STALE * ((r, c) in stale.index)
         for c in summary:
-            display.at[r, c] = "" if pd.isna(mean.at[r, c]) else f"{mean.at[r, c]:.2f}"
+            marked = any((r, c) in stale.index for c in cols)
+            display.at[r, c] = "" if pd.isna(mean.at[r, c]) else f"{mean.at[r, c]:.2f}" + STALE * marked
     display.index.name = mean.index.name = std.index.name = " · ".join(layout.rows)
     grouped = [names[axis] for axis in LAYOUT_AXES if axis in names]
     suffix = f", poison ratio {names['poison_ratio']:g}" if ratios else ""
@@ -230,6 +187,7 @@ def pivot(group: pd.DataFrame, keys: tuple, order: dict[str, list[str]], metric:
 
 def markdown(table: Table) -> str:
     ran = "".join(f"\n- ran: {line}" for line in table.ran)
+    ran += "".join(f"\n- {STALE.strip()}: {line}" for line in table.stale)
     return f"### {table.title}\n\n" + table.display.to_markdown(stralign="right") + "\n" + (ran + "\n" if ran else "")
 
 
@@ -250,23 +208,16 @@ def write_tables(tables: list[Table], out_dir: Path, metric: str = "final") -> l
 
 def leaderboard(results: Path, matrix_name: str, metric: str = "final",
                 mix_recipes: bool = False) -> tuple[list[Table], list[Path]]:
-    """Build and write the leaderboards of a matrix's recorded runs."""
-    run_dir = results / "runs" / matrix_name
-    records = RecordLog(run_dir / "records.jsonl").read()
-    resolved = run_dir / "matrix.json"
-    order, layout = None, Layout()
-    if resolved.is_file():  # the matrix's order of each axis, and its [layout] (older files have none)
-        saved = json.loads(resolved.read_text())
-        order = {axis: [c["label"] for c in choices] for axis, choices in saved["axes"].items()}
-        layout = Layout.parse(saved.get("layout", {}))
-    tables = build_tables(records, order, metric, mix_recipes, layout)
-    out_dir = results / "leaderboards" / matrix_name
+    """Build and write the leaderboards of a matrix's records (``bench.report.view``), with ``records.csv``: every
+    cell's latest record, flat (curves left out), ``stale`` saying why one is stale, for analyses of one's own."""
+    view = matrix_view(results, matrix_name)
+    tables = build_tables(view.rows, view.order, metric, mix_recipes, view.layout)
+    out_dir = results / "leaderboards" / view.name
     written = write_tables(tables, out_dir, metric)
-    if records:  # every cell's latest record, flat (curves left out), for analyses of one's own
-        flat = pd.json_normalize(list({r["cell"]: r for r in records if "cell" in r}.values()))
-        flat.drop(columns=[c for c in ("train_acc", "test_acc", "error") if c in flat]).to_csv(out_dir / "records.csv", index=False)
-        written.append(out_dir / "records.csv")
-    return tables, written
+    flat = pd.json_normalize(list({r["cell"]: r for r in view.rows}.values()))
+    flat.drop(columns=[c for c in ("train_acc", "test_acc", "error") if c in flat]).to_csv(out_dir / "records.csv",
+                                                                                          index=False)
+    return tables, [*written, out_dir / "records.csv"]
 
 
 def _axis_order(group: pd.DataFrame, axis: str, order: dict[str, list[str]], by_ratio: bool,
@@ -283,11 +234,6 @@ def _ordered(labels: pd.Series, preferred: list[str] | None, first: str | None) 
     present = list(dict.fromkeys(labels))
     ordered = [x for x in (preferred or []) if x in present] + [x for x in present if x not in (preferred or [])]
     return sorted(ordered, key=lambda x: x != first)
-
-
-def _hint(key: str, options: Any) -> str:
-    close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 def _slug(text: str) -> str:

@@ -21,8 +21,9 @@ from typing import Any
 import pandas as pd
 
 from bench.report import figures
-from bench.report.leaderboard import Layout, build_tables, cell_values, latest_positions, row_labels
-from bench.store.records import RecordLog
+from bench.plan.layout import Layout
+from bench.report.leaderboard import build_tables, cell_values, latest_positions, row_labels
+from bench.report.view import matrix_view
 from bench.core.registry import ConfigError
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
@@ -69,14 +70,9 @@ Block = Heading | Text | Frame | Figure
 def build_report(results: Path, matrix: str, out: Path | None = None) -> list[Path]:
     """Write ``report.html``, ``report.md`` and the PNG figures of ``matrix``'s records under ``out``
     (default ``<results>/reports/<matrix>``); returns the written paths."""
-    run_dir = results / "runs" / matrix
-    records = RecordLog(run_dir / "records.jsonl").read()
-    if not records:
-        raise ConfigError(f"no records for matrix {matrix!r} under {results / 'runs'}; run "
-                          f"`bench run --matrix {matrix}` first")
-    saved = json.loads((run_dir / "matrix.json").read_text()) if (run_dir / "matrix.json").is_file() else {}
-    blocks = sections(results, matrix, records, saved)
-    return write(blocks, out or results / "reports" / matrix, f"bench report — {matrix}")
+    view = matrix_view(results, matrix)
+    blocks = sections(results, view.name, view.rows, view.saved)
+    return write(blocks, out or results / "reports" / view.name, f"bench report — {view.name}")
 
 
 def sections(results: Path, matrix: str, records: list[dict[str, Any]], saved: dict[str, Any]) -> list[Block]:
@@ -92,9 +88,12 @@ def sections(results: Path, matrix: str, records: list[dict[str, Any]], saved: d
 def header(matrix: str, saved: dict[str, Any], latest: pd.DataFrame) -> list[Block]:
     ok = int((latest["status"] == "ok").sum())
     built = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    stale = int((latest["stale"] != "").sum())
     lines = [f"Matrix {matrix}: {saved.get('description') or '(no description)'}",
              f"Source: {saved.get('source', '?')}. Built {built} from records only (no training).",
-             f"Cells recorded: {len(latest)} — {ok} ok, {len(latest) - ok} failed."]
+             f"Cells recorded: {len(latest)} — {ok} ok, {len(latest) - ok} failed"
+             + (f"; {stale} stale (an older version of a component made them, marked (stale); `bench run --matrix "
+                f"{matrix}` retrains them)." if stale else ".")]
     return [Heading(1, f"bench report — {matrix}"), *(Text(line) for line in lines)]
 
 
@@ -104,7 +103,8 @@ def leaderboards(results: Path, matrix: str, records: list[dict[str, Any]], orde
     for metric, note in (("final", "final epoch"), ("best", "best epoch (oracle early stopping)")):
         for table in build_tables(records, order, metric, layout=layout):
             blocks += [Heading(3, table.title), Frame(table.display),
-                       *(Text(f"ran: {line}", note=True) for line in table.ran)]
+                       *(Text(f"ran: {line}", note=True) for line in table.ran),
+                       *(Text(f"stale: {line}", note=True) for line in table.stale)]
     if saved.get("reference"):  # ours | paper | Δ for a matrix that declares the paper table it follows
         from bench.report.compare import comparison_tables
 
@@ -122,7 +122,7 @@ def curves(records: list[dict[str, Any]], order: dict[str, list[str]], layout: L
     for i, table in enumerate(build_tables(records, order, "final", layout=layout)):
         image = figures.curve_figure(table.cells, list(layout.rows), layout.columns, table.title) \
             if table.cells is not None else None
-        blocks.append(Figure(f"curves-{i}-{table.slug}", image, table.title) if image else
+        blocks.append(Figure(f"curves-{i}-{table.slug}", figures.png(image), table.title) if image else
                       Text(f"{table.title}: no record carries per-epoch curves", note=True))
     return blocks
 
@@ -142,7 +142,8 @@ def protections(cache: Path, latest: pd.DataFrame, order: dict[str, list[str]]) 
         if isinstance(data, str):
             blocks.append(Text(f"{name}: {data}", note=True))
             continue
-        blocks.append(Figure(f"images-{record['protection_key']}", figures.image_grid(data, name), name))
+        blocks.append(Figure(f"images-{record['protection_key']}", figures.png(figures.image_grid(data, name)),
+                             name))
         s = data.stats
         stats.append({"protection": name, "L∞ (/255)": s["linf"] * 255, "L2 (mean)": s["l2"], "PSNR (dB)": s["psnr"],
                       f"SSIM (mean of {s['ssim_images']})": s["ssim"], "images": len(data.clean),
@@ -165,7 +166,7 @@ def ratios(latest: pd.DataFrame, layout: Layout) -> list[Block]:
     keys = ["dataset", "victim", "recipe", "countermeasure"]
     for i, (names, group) in enumerate(frame.groupby(keys, sort=False)):
         title = " × ".join(map(str, names[:2])) + f", recipe {names[2]}, countermeasure {layout.name(names[3])}"
-        blocks.append(Figure(f"ratios-{i}", figures.ratio_figure(group, title), title))
+        blocks.append(Figure(f"ratios-{i}", figures.png(figures.ratio_figure(group, title)), title))
     return blocks
 
 
