@@ -7,7 +7,6 @@ naming the file, the key and close matches, before anything runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
@@ -34,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
                           "label matches GLOB; repeatable")
     run.add_argument("--dry-run", action="store_true", help="print every cell and whether it is cached, run nothing")
     run.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed")
+    run.add_argument("--rerun", action="append", default=[], metavar="KEY=GLOB",
+                     help="retrain the cells matching KEY=GLOB (as --only) and rebuild their protected and purified "
+                          "sets, even where recorded and cached (after editing a component's code); repeatable")
+    run.add_argument("--force", action="store_true", help="as --rerun of every (selected) cell")
     run.add_argument("--rebuild-sets", action="store_true",
                      help="also build the protected sets of recorded cells missing from the cache (records kept from "
                           "another machine), so that `bench report` shows their images; no cell is retrained")
@@ -101,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     for sub in (run, board, perf, protect, report):
         sub.add_argument("--results", type=Path, default=Path(os.environ.get("BENCH_RESULTS", "results")),
                          help="output folder (default: ./results or $BENCH_RESULTS)")
+    for sub in (run, listing, show, board, perf, protect, report):
+        sub.add_argument("--plugins", action="append", default=[], metavar="PATH|MODULE",
+                         help="load these plugins too (repeatable): a .py file, a package folder, a folder of plugins "
+                              "or a module name; beside $BENCH_PLUGINS and installed `bench.plugins` entry points")
     args = parser.parse_args(argv)
+    if args.plugins:  # loaded with the rest on the first registry call
+        from bench.core import plugins
+
+        plugins.use(*args.plugins)
     if args.command in ("perf", "protect"):  # `run` does it in each job's process
         from bench.execute.train import keep_freed_memory
 
@@ -128,33 +139,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ["BENCH_DATA_ROOT"] = str(Path(args.data_root).resolve())
     # SIGTERM (kill, a cluster's time limit) unwinds like Ctrl-C, so the worker processes are stopped with the run
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    if args.jobs < 0 or args.threads < 1:
-        raise ConfigError("--jobs must be ≥ 0 (0 = automatic) and --threads ≥ 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: no CUDA device is available here; use --device cpu or auto")
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        raise ConfigError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    if args.jobs < 0:
+        raise ConfigError("--jobs must be ≥ 0 (0 = automatic)")
     backend = BackendOptions(args.backend, args.slurm_partition, args.slurm_time_min, args.gpus_per_task,
                              args.ray_address)
     backend.check(args.device)
-    matrix = load_matrix(args.matrix)
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
-    jobs = args.jobs or gpus or max(1, (os.cpu_count() or 1) // args.threads)
+    jobs = args.jobs or gpus or max(1, (os.cpu_count() or 1) // max(1, args.threads))
     start = time.perf_counter()
     options = RunOptions(args.results, jobs, args.device, args.threads, tuple(args.only), args.dry_run,
-                         args.retry_failed, args.rebuild_sets, stale=args.stale_after, backend=backend)
-    if args.max_hours is not None:  # else RunOptions' default (bench.plan.estimate.DEFAULT_MAX_HOURS)
-        if args.max_hours <= 0:
-            raise ConfigError(f"--max-hours must be > 0, got {args.max_hours:g}")
-        options = dataclasses.replace(options, max_hours=args.max_hours)
+                         args.retry_failed, tuple(args.rerun), args.force, args.rebuild_sets, stale=args.stale_after,
+                         backend=backend, **({"max_hours": args.max_hours} if args.max_hours is not None else {}))
+    matrix = load_matrix(args.matrix)
     counts = run_matrix(matrix, options)
     if args.dry_run:
         return 0
-    print(f"matrix {matrix.name}: {counts['cells']} cells — {counts['trained']} trained, "
-          f"{counts['skipped']} already recorded, {counts['failed']} failed — {time.perf_counter() - start:.1f} s "
-          f"(jobs={jobs}, backend={args.backend}); built {counts['protected']} protected and {counts['purified']} purified sets")
+    print(f"matrix {matrix.name}: {counts.cells} cells — {counts.trained} trained, {counts.skipped} already recorded, "
+          f"{counts.failed} failed — {time.perf_counter() - start:.1f} s (jobs={jobs}, backend={args.backend}); built "
+          f"{counts.protected} protected and {counts.purified} purified sets")
     _print_leaderboard(args.results, matrix.name, "final")
-    return _report_failures(args.results / "runs" / matrix.name / "records.jsonl", counts["failed"])
+    return _report_failures(args.results / "runs" / matrix.name / "records.jsonl", counts.failed)
 
 
 def _report_failures(log: Path, failed: int) -> int:
@@ -163,7 +167,7 @@ def _report_failures(log: Path, failed: int) -> int:
         return 0
     from bench.store.records import RecordLog
 
-    errors = {r["error"].strip().splitlines()[-1] for r in RecordLog(log).latest().values() if r["status"] == "error"}
+    errors = {(r.error or "").strip().splitlines()[-1] for r in RecordLog(log).latest().values() if not r.ok}
     print(f"bench: {failed} cell(s) failed; full tracebacks in {log}; fix the cause and rerun with --retry-failed:",
           file=sys.stderr)
     for line in sorted(errors):
@@ -195,25 +199,19 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.plan.matrix import resolve_path
     from bench.report.page import build_report
+    from bench.report.view import run_name
 
-    name = args.matrix if (args.results / "runs" / args.matrix).is_dir() else resolve_path(args.matrix).stem
-    print(f"report written: {build_report(args.results, name, args.out)[0]}")
+    print(f"report written: {build_report(args.results, run_name(args.results, args.matrix), args.out)[0]}")
     return 0
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from bench.plan.matrix import resolve_path
+    from bench.report.view import run_name
 
-    name = args.matrix
-    if not (args.results / "runs" / name).is_dir():
-        name = resolve_path(args.matrix).stem
-    if not (args.results / "runs" / name / "records.jsonl").is_file():
-        raise ConfigError(f"no records for matrix {name!r} under {args.results / 'runs'}; run `bench run --matrix {args.matrix}` first")
     if args.compare and args.mix_recipes:
         raise ConfigError("--compare paper compares one recipe per table, as the paper's: drop --mix-recipes")
-    _print_leaderboard(args.results, name, args.metric, args.mix_recipes, args.compare)
+    _print_leaderboard(args.results, run_name(args.results, args.matrix), args.metric, args.mix_recipes, args.compare)
     return 0
 
 
