@@ -11,11 +11,20 @@ TEST_WORKERS ?= 2
 
 setup: $(STAMP)
 
-# torch/torchvision first, pinned to the releases on this workplace's disk; the rest from the package index.
+# torch/torchvision first, then the rest from the package index. TORCH_SPEC pins them: the releases on this
+# workplace's disk, for Python 3.11 only (3.12+ downloads them from the index: torch's CUDA build and triton).
+# TORCH_INDEX_URL, if set, replaces the package index for them (pip --index-url), e.g.
+# https://download.pytorch.org/whl/cpu for a CPU-only build. Either takes effect in a new .venv (rm -rf .venv).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX_URL ?=
+
+# pip builds the editable install in a temporary env with pyproject's [build-system] setuptools: 3.12+ venvs
+# have none, so --no-build-isolation failed there unless the torch wheel happened to pull setuptools in.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check $(if $(TORCH_INDEX_URL),--index-url '$(TORCH_INDEX_URL)') \
+		$(foreach s,$(TORCH_SPEC),'$(s)')
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
 run: $(STAMP)
