@@ -7,7 +7,7 @@ MATRIX ?= smoke
 # Test workers (pytest-xdist): the tests are single-threaded, so one per core; 2 cores here.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test test-slow clean
+.PHONY: setup run test test-slow docs clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
+
+# The README's component table is `bench list --markdown` of the built-ins: regenerate it after adding one.
+docs: $(STAMP)
+	$(PY) -m bench list --markdown --update README.md
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow

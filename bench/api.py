@@ -36,7 +36,6 @@ from bench.data.datasets import DATASETS, Dataset, fingerprint, train_images_lik
 from bench.data.mixes import ATTACKER_SEED, class_mask
 from bench.execute.augment import KINDS as AUGMENTATIONS
 from bench.execute.augment import random_crop, random_flip, standard_augment
-from bench.execute.scheduler import RunCounts
 from bench.execute.train import Normalize, autocast, channel_stats, resolve_precision, train_and_evaluate
 from bench.plan.matrix import Matrix, load_matrix, parse_matrix
 from bench.plan.recipes import RECIPES, Recipe, make_recipe
@@ -47,6 +46,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
+    from bench.execute.scheduler import RunCounts
     from bench.report.leaderboard import Table
 
 __all__ = [
@@ -184,6 +184,16 @@ def plot_protected(matrix: str, results: str | Path = "results") -> list[Figure]
     found = {key: load_protected(folder / "cache", r) for key, r in shown.items()}
     return [image_grid(data, f"{shown[key]['protection']} (seed {shown[key]['seed']})")
             for key, data in found.items() if isinstance(data, ProtectedSet)]
+
+
+def __getattr__(name: str) -> Any:
+    """``RunCounts`` loads with the scheduler (joblib, tqdm): plugins import this module, and listing them stays
+    cheap."""
+    if name == "RunCounts":
+        from bench.execute.scheduler import RunCounts
+
+        return RunCounts
+    raise AttributeError(f"module 'bench.api' has no attribute {name!r}")
 
 
 def _matrix(matrix: str | Path | dict[str, Any] | Matrix) -> Matrix:

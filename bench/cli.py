@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.execute.claims import DEFAULT_STALE
 from bench.core.registry import ConfigError
 # the listing's helpers live in bench.report.catalog; the README test and older scripts import them from here
-from bench.report.catalog import KINDS, component_table, describe_capabilities  # noqa: F401
+from bench.report.catalog import KINDS, component_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     listing = commands.add_parser("list", help="list components (parameters, papers, capabilities), named matrices "
                                   "and recipes")
     listing.add_argument("kind", nargs="?", choices=KINDS, help="one kind (default: all)")
-    listing.add_argument("--markdown", action="store_true", help="print the README's component table")
+    listing.add_argument("--markdown", action="store_true", help="print the README's component table (built-ins)")
+    listing.add_argument("--update", type=Path, metavar="FILE",
+                         help="with --markdown: replace the component table in FILE (make docs: README.md)")
     show = commands.add_parser("show", help="everything about one component, named matrix or recipe: docstring, "
                                "parameters (types, defaults, units), capabilities, paper, version, file")
     show.add_argument("name", help="a name from `bench list`, KIND/NAME where kinds share it (protections/em, "
@@ -242,8 +244,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         if args.kind and args.kind not in catalog.COMPONENT_KINDS:
             raise ConfigError(f"--markdown prints the README's component table: drop {args.kind!r}, or give one of "
                               f"{', '.join(catalog.COMPONENT_KINDS)}")
-        print(component_table(catalog.registries(), [k for k in kinds if k in catalog.COMPONENT_KINDS]))
+        table = component_table(catalog.registries(), [k for k in kinds if k in catalog.COMPONENT_KINDS])
+        if args.update is None:
+            print(table)
+        else:
+            print(f"{args.update}: component table {'updated' if catalog.update_readme(args.update, table) else 'current'}")
         return 0
+    if args.update is not None:
+        raise ConfigError("--update FILE writes the component table: add --markdown")
     for kind in kinds:  # kind by kind, so that `bench list | head` reads the first before the last is built
         print(catalog.listing(kind), flush=True)
     return 0

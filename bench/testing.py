@@ -102,7 +102,7 @@ def create(cls: type, **params: Any) -> Any:
 
 def builtin_names(registry: Any) -> list[str]:
     """The registered names whose class is bench's own (not a plugin's, nor a test's)."""
-    return [name for name in registry.names() if registry.get(name).__module__.startswith("bench.")]
+    return registry.names(builtin=True)
 
 
 def resolve(specs: Iterable[str | type]) -> list[type]:

@@ -4,33 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.cli import component_table
-from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
-from bench.data.datasets import DATASETS
-from bench.testing import builtin_names
+import pytest
+
+from bench.core.registry import ConfigError
+from bench.report.catalog import TABLE_HEADER, component_table, registries, update_readme
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-class BuiltIn:
-    """A registry seen through bench's own components only (plugins installed here are not in the README)."""
-
-    def __init__(self, registry) -> None:
-        self.registry = registry
-
-    def names(self) -> list[str]:
-        return builtin_names(self.registry)
-
-    def get(self, name: str) -> type:
-        return self.registry.get(name)
-
-
 def test_readme_component_table_is_current():
-    """The README's component table is `bench list --markdown` of the built-ins: regenerate it when adding one."""
-    registries = {"protections": PROTECTIONS, "countermeasures": COUNTERMEASURES, "victims": VICTIMS,
-                  "datasets": DATASETS}
-    table = component_table({kind: BuiltIn(registry) for kind, registry in registries.items()}, list(registries))
-    assert table in README.read_text()
+    """The README's component table is `bench list --markdown` (built-ins only): `make docs` regenerates it."""
+    table = component_table(registries(), list(registries()))
+    assert table in README.read_text(), "run `make docs` (bench list --markdown --update README.md)"
+    assert "invert_test" not in table
+
+
+def test_make_docs_updates_the_table_in_place(tmp_path):
+    page = tmp_path / "README.md"
+    page.write_text(f"# x\n\n{TABLE_HEADER}\n|---|\n| old | row |\n\nafter\n")
+    table = component_table(registries(), ["victims"])
+    assert update_readme(page, table) and page.read_text() == f"# x\n\n{table}\n\nafter\n"
+    assert not update_readme(page, table)
+    other = tmp_path / "other.md"
+    other.write_text("no table here\n")
+    with pytest.raises(ConfigError, match="no component table"):
+        update_readme(other, table)
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():

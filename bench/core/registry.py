@@ -98,10 +98,11 @@ class Registry(Generic[C]):
 
         return decorate
 
-    def names(self, pattern: str = "*") -> list[str]:
-        """Registered names matching an fnmatch ``pattern``, sorted."""
+    def names(self, pattern: str = "*", *, builtin: bool = False) -> list[str]:
+        """Registered names matching an fnmatch ``pattern``, sorted; with ``builtin``, bench's own only (no plugin's)."""
         discover()
-        return sorted(n for n in self._classes if fnmatch.fnmatchcase(n, pattern))
+        return sorted(n for n, cls in self._classes.items()
+                      if fnmatch.fnmatchcase(n, pattern) and (is_builtin(cls) or not builtin))
 
     def __contains__(self, name: str) -> bool:
         discover()

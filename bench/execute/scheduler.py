@@ -38,8 +38,8 @@ from bench.plan.planner import Plan, check_cells, known_dataset_key, plan_cell, 
 from bench.plan.preview import preview
 from bench.store.records import Record, RecordLog, RecordStore
 from bench.core.registry import ConfigError
-from bench.execute.stages import (Outcome, ProtectJob, PurifyJob, SetBuilt, Stage, TrainJob, claimed, protect_job,
-                                  purify_job, train_job)
+from bench.execute.claimed import Outcome, Stage, claimed
+from bench.execute.stages import ProtectJob, PurifyJob, SetBuilt, TrainJob, protect_job, purify_job, train_job
 from bench.execute.train import keep_freed_memory
 
 Job = ProtectJob | PurifyJob | TrainJob

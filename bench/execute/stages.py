@@ -4,7 +4,7 @@ processes or in-process, Slurm array tasks, Ray tasks).
 protect (clean train set → protected set and its fitted models, cached) → purify (data-stage countermeasure on
 the train set as the cell's mix assembles it, cached) → train and evaluate a victim on the clean test set
 (→ one record). Components are named by their ``Choice`` and rebuilt from the registries in the worker. A job
-runs under its key's claim (``claimed``, ``bench.execute.claims``), so that runs sharing a results folder compute it once.
+runs under its key's claim (``bench.execute.claimed``), so that runs sharing a results folder compute it once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -22,14 +22,13 @@ from tqdm import tqdm
 from bench.data import mixes
 from bench.store.artifacts import load_models
 from bench.store.cache import Cache, library_versions
-from bench.execute.claims import Claims
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, TRAIN, Fitted, ImageSet, Models
 from bench.data.datasets import DATASETS
 from bench.plan.matrix import Choice
 from bench.execute.metrics import confidence_ascent_ratio, gradient_compression_ratio, perturbation_metrics
 from bench.plan.planner import Components, Plan
 from bench.plan.recipes import Recipe, make_recipe
-from bench.store.records import Made, Record, RecordLog, RecordStore
+from bench.store.records import Made, Record
 from bench.execute.train import train_and_evaluate
 
 
@@ -89,53 +88,7 @@ class SetBuilt:
     error: str | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """A job under its claim: ``ran`` (``result``: a ``Record`` for train, else a ``SetBuilt``), ``deferred`` (another
-    live worker holds the claim) or ``elsewhere`` (its result exists, made by another worker)."""
-
-    key: str
-    claim: str
-    result: Record | SetBuilt | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """A stage as its claims see it: the claims, their folder, and where its results land (train: the matrix's
-    record log, ``log``, among every log of the results folder, ``results``; else the cache the jobs name). A record
-    counts as the result unless it failed and failures are retried, or the job is redone: then only one made since
-    ``since`` (this run's start) does."""
-
-    name: str
-    claims: Claims
-    folder: str
-    log: Path | None = None
-    results: Path | None = None
-    retry_failed: bool = False
-    since: float = 0.0
-
-    def done(self, job: ProtectJob | PurifyJob | TrainJob, verify: bool = False,
-             latest: dict[str, Record] | None = None) -> bool:
-        """Whether the job's result exists (with ``verify``, its checksums too: a corrupted entry is deleted);
-        ``latest`` is the results folder's ``RecordStore.latest()`` if already read."""
-        if isinstance(job, TrainJob):
-            assert self.results is not None
-            record = (RecordStore(self.results).latest() if latest is None else latest).get(job.key)
-            return record is not None and (record.finished_at >= self.since or not job.redo
-                                           and (record.ok or not self.retry_failed))
-        kind, fits = ("protected", job.fits) if isinstance(job, ProtectJob) else ("purified", job.plan.purify_fits)
-        cache = Cache(job.cache)
-        present = cache.valid(kind, job.key, fits) if verify else \
-            cache.has(kind, job.key) and set(fits) <= set(cache.manifest(kind, job.key).get("models", {}))
-        return present and (not job.redo or cache.manifest(kind, job.key)["created"] >= self.since)
-
-    def finished(self, jobs: list[Any]) -> list[Any]:
-        """Those of ``jobs`` whose result exists (reading the record logs once for all)."""
-        latest = RecordStore(self.results).latest() if self.results is not None else None
-        return [job for job in jobs if self.done(job, latest=latest)]
-
-
-def protect_job(job: ProtectJob, device: torch.device) -> dict[str, Any]:
+def protect_job(job: ProtectJob, device: torch.device) -> SetBuilt:
     """Protect the clean train set and cache the result with the models the protection fitted."""
     cache = Cache(job.cache)
     train = mixes.require(cache, "dataset", f"{job.dataset_key}-train")
@@ -152,7 +105,7 @@ def protect_job(job: ProtectJob, device: torch.device) -> dict[str, Any]:
     return SetBuilt(job.key, seconds)
 
 
-def purify_job(job: PurifyJob, device: torch.device) -> dict[str, Any]:
+def purify_job(job: PurifyJob, device: torch.device) -> SetBuilt:
     """Apply a data-stage countermeasure to the cell's (partly) protected train set and cache the result."""
     cache = Cache(job.cache)
     sets = mixes.assemble(cache, job.plan.source)
@@ -207,22 +160,6 @@ def train_job(job: TrainJob, device: torch.device) -> Record:
         status, error = "error", traceback.format_exc()
     return Record(**identity(job), **measured, status=status, error=error, device=str(device), threads=job.threads,
                   versions=library_versions(), finished_at=time.time())
-
-
-def claimed(fn: Callable, job: Any, devices: Any, *, runner: Callable, stage: Stage) -> Outcome:
-    """``runner(fn, job, devices)`` under the job's claim (``ran``), unless another worker holds it (``deferred``)
-    or its result exists (``elsewhere``); a record is appended before the claim is released."""
-    claim = stage.claims.claim(stage.folder, job.key)
-    if claim is None:
-        return Outcome(job.key, "deferred")
-    with claim:
-        if stage.done(job, verify=True):
-            return Outcome(job.key, "elsewhere")
-        result = runner(fn, job, devices)
-        if isinstance(result, Record):
-            assert stage.log is not None
-            RecordLog(stage.log).append(result)
-        return Outcome(job.key, "ran", result)
 
 
 def identity(job: TrainJob) -> dict[str, Any]:

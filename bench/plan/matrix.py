@@ -16,6 +16,7 @@ An optional top-level ``reference = "dh-table1"`` names the published table the 
 ``bench.report.references.TABLES``): ``bench leaderboard --compare paper`` sets its cells beside the paper's, joined on
 the shown labels (``bench.report.compare``). An optional ``cpu_alternative = "full-cpu"`` names the matrix in
 ``bench/matrices/`` that ``bench run`` suggests when this one is estimated too long for a CPU (``bench.plan.estimate``).
+An optional ``extends = "<matrix>"`` builds on another matrix (``bench.plan.extends``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import dataclasses
 import difflib
 import fnmatch
 import itertools
-import tomllib
 import types
 import typing
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import Any
 from bench.report import references
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
 from bench.data.datasets import DATASETS
+from bench.plan.extends import read_matrix_toml
 from bench.plan.layout import LAYOUT_AXES, Layout
 from bench.data.mixes import MIXES
 from bench.core.registry import ConfigError, Registry
@@ -125,10 +126,7 @@ def resolve_path(name_or_path: str) -> Path:
 def load_matrix(name_or_path: str) -> Matrix:
     """Read and validate a matrix; every error names the file and the key, and nothing has run yet."""
     path = resolve_path(name_or_path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    raw = read_matrix_toml(path)
     try:
         return parse_matrix(raw, path.stem, str(path))
     except ConfigError as err:

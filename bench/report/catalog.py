@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from bench.core.units import units
 
 COMPONENT_KINDS = ("protections", "countermeasures", "victims", "datasets")
 KINDS = (*COMPONENT_KINDS, "matrices", "recipes")
+TABLE_HEADER = "| kind | name | parameters (defaults) | capabilities | follows |"
 SINGULAR = {"protections": "protection", "countermeasures": "countermeasure", "victims": "victim",
             "datasets": "dataset", "matrices": "matrix", "recipes": "recipe"}
 # the folder of bench.plan.matrix.MATRIX_DIR, not imported from there: that module loads pandas for its layouts
@@ -60,20 +62,42 @@ def describe_capabilities(cls: type) -> str:
         parts.append("trains the victim on part of the train set")
     if caps.get("reports") == "best":
         parts.append("reports the best epoch")
+    if caps.get("keeps_images"):
+        parts.append("its data stage only fits models (images unchanged)")
+    if "train" in caps.get("stages", ()) and not caps.get("hooks_draw", True):
+        parts.append("train hooks draw no randomness")
     if caps["expensive_on_cpu"]:
         parts.append("expensive on CPU")
     return "; ".join(parts)
 
 
 def component_table(registries: dict, kinds: list[str]) -> str:
-    """A Markdown table of components: kind, name, parameters with defaults, capabilities, the paper each follows."""
-    lines = ["| kind | name | parameters (defaults) | capabilities | follows |", "|---|---|---|---|---|"]
+    """The README's Markdown table of bench's own components (no plugin's): kind, name, parameters with defaults,
+    capabilities, the paper each follows."""
+    lines = [TABLE_HEADER, "|---|---|---|---|---|"]
     for kind in kinds:
-        for name in registries[kind].names():
+        for name in registries[kind].names(builtin=True):
             cls = registries[kind].get(name)
             caps = describe_capabilities(cls) if kind != "datasets" else "—"
             lines.append(f"| {kind[:-1]} | `{name}` | {describe_params(cls) or '—'} | {caps} | {cls.paper or '—'} |")
     return "\n".join(lines)
+
+
+def update_readme(path: Path, table: str) -> bool:
+    """Replace the component table in the Markdown file at ``path`` (from its header line to the next blank line) with
+    ``table``, atomically; whether it changed. A ConfigError where the file has no such table."""
+    text = path.read_text()
+    start = text.find(TABLE_HEADER)
+    if start < 0:
+        raise ConfigError(f"{path} has no component table (a line starting {TABLE_HEADER!r}) to update")
+    end = text.find("\n\n", start)
+    new = text[:start] + table + (text[end:] if end >= 0 else "\n")
+    if new == text:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+    return True
 
 
 def listing(kind: str) -> str:

@@ -73,7 +73,7 @@ def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | No
 def why_stale(group: pd.DataFrame) -> tuple[str, ...]:
     """A line per reason its stale records share (``bench.store.records.stale_reasons``), with how many."""
     reasons = group["stale"][group["stale"] != ""].value_counts(sort=False)
-    return tuple(f"{n} record(s): {why}" for why, n in reasons.items())
+    return tuple(f"{n} record(s) made by {why}; `bench run` retrains them" for why, n in reasons.items())
 
 
 def what_ran(group: pd.DataFrame) -> tuple[str, ...]:

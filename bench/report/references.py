@@ -1,4 +1,4 @@
-"""The papers' published numbers, as data: one long-format CSV per table under ``bench/references/``.
+"""The papers' published numbers, as data: one long-format CSV per table under ``bench/report/tables/``.
 
 The values are transcribed from the papers' text in ``../shared/papers`` (DH: dh-semantic-deep-hiding.txt,
 ConfounderGAN: confoundergan.txt, UGE: uge-ungeneralizable-examples.txt), exactly as printed (``10.00`` stays
@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from bench.core.registry import ConfigError
+
+if TYPE_CHECKING:  # pandas loads where a table is read: matrices name tables without reading them
+    import pandas as pd
 
 REFERENCES = Path(__file__).parent / "tables"
 COLUMNS = ["paper", "table", "dataset", "victim", "row", "column", "value", "note"]
@@ -66,6 +68,8 @@ def load_reference(table: str) -> pd.DataFrame:
     Raises:
         ConfigError: the table is unknown, or its file is malformed.
     """
+    import pandas as pd
+
     if table not in TABLES:
         raise _unknown(table)
     path = REFERENCES / f"{table}.csv"
@@ -100,6 +104,8 @@ def reference_pivot(table: str, dataset: str | None = None, victim: str | None =
     Raises:
         ConfigError: the table is unknown, the selection is empty, or it spans several blocks.
     """
+    import pandas as pd
+
     frame = load_reference(table)
     blocks = sorted(set(zip(frame["dataset"], frame["victim"])))
     if dataset is not None:

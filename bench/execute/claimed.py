@@ -1,0 +1,77 @@
+"""A job under its key's claim (``bench.execute.claims``): whether its result exists (a valid cache entry, or a record
+in any log of the results folder), and running it unless another live worker holds the key or has made the result,
+so that runs sharing a results folder compute each key once. A record is appended before the claim is released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.execute.claims import Claims
+from bench.execute.stages import ProtectJob, PurifyJob, SetBuilt, TrainJob
+from bench.store.cache import Cache
+from bench.store.records import Record, RecordLog, RecordStore
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """A job under its claim: ``ran`` (``result``: a ``Record`` for train, else a ``SetBuilt``), ``deferred`` (another
+    live worker holds the claim) or ``elsewhere`` (its result exists, made by another worker)."""
+
+    key: str
+    claim: str
+    result: Record | SetBuilt | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage as its claims see it: the claims, their folder, and where its results land (train: the matrix's
+    record log, ``log``, among every log of the results folder, ``results``; else the cache the jobs name). A record
+    counts as the result unless it failed and failures are retried, or the job is redone: then only one made since
+    ``since`` (this run's start) does."""
+
+    name: str
+    claims: Claims
+    folder: str
+    log: Path | None = None
+    results: Path | None = None
+    retry_failed: bool = False
+    since: float = 0.0
+
+    def done(self, job: ProtectJob | PurifyJob | TrainJob, verify: bool = False,
+             latest: dict[str, Record] | None = None) -> bool:
+        """Whether the job's result exists (with ``verify``, its checksums too: a corrupted entry is deleted);
+        ``latest`` is the results folder's ``RecordStore.latest()`` if already read."""
+        if isinstance(job, TrainJob):
+            assert self.results is not None
+            record = (RecordStore(self.results).latest() if latest is None else latest).get(job.key)
+            return record is not None and (record.finished_at >= self.since or not job.redo
+                                           and (record.ok or not self.retry_failed))
+        kind, fits = ("protected", job.fits) if isinstance(job, ProtectJob) else ("purified", job.plan.purify_fits)
+        cache = Cache(job.cache)
+        present = cache.valid(kind, job.key, fits) if verify else \
+            cache.has(kind, job.key) and set(fits) <= set(cache.manifest(kind, job.key).get("models", {}))
+        return present and (not job.redo or cache.manifest(kind, job.key)["created"] >= self.since)
+
+    def finished(self, jobs: list[Any]) -> list[Any]:
+        """Those of ``jobs`` whose result exists (reading the record logs once for all)."""
+        latest = RecordStore(self.results).latest() if self.results is not None else None
+        return [job for job in jobs if self.done(job, latest=latest)]
+
+
+def claimed(fn: Callable, job: Any, devices: Any, *, runner: Callable, stage: Stage) -> Outcome:
+    """``runner(fn, job, devices)`` under the job's claim (``ran``), unless another worker holds it (``deferred``)
+    or its result exists (``elsewhere``); a record is appended before the claim is released."""
+    claim = stage.claims.claim(stage.folder, job.key)
+    if claim is None:
+        return Outcome(job.key, "deferred")
+    with claim:
+        if stage.done(job, verify=True):
+            return Outcome(job.key, "elsewhere")
+        result = runner(fn, job, devices)
+        if isinstance(result, Record):
+            assert stage.log is not None
+            RecordLog(stage.log).append(result)
+        return Outcome(job.key, "ran", result)
