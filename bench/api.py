@@ -27,8 +27,8 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from bench.core.components import (COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, VICTIMS, Attacker, Countermeasure,
-                                   Fitted, Generator, ImageSet, Models, Pretrained, Protection, TrainHooks, Victim)
+from bench.core.components import (COUNTERMEASURES, DATA, PROTECTIONS, TRAIN, VICTIMS, Attacker, Countermeasure, Fitted,
+                                   Generator, ImageSet, Models, Pretrained, Protection, TrainHooks, Victim)
 from bench.core.plugins import use
 from bench.core.registry import Component, ConfigError, Registry, code_fingerprint, component_identity
 from bench.core.units import pixel_steps

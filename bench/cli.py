@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.execute.claims import DEFAULT_STALE
 from bench.core.registry import ConfigError
+from bench.execute.claims import DEFAULT_STALE
 # the listing's helpers live in bench.report.catalog; the README test and older scripts import them from here
 from bench.report.catalog import KINDS, component_table
 
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.plan.matrix import load_matrix
     from bench.execute.backends import BackendOptions
     from bench.execute.scheduler import RunOptions, run_matrix
+    from bench.plan.matrix import load_matrix
 
     if args.data_root:
         os.environ["BENCH_DATA_ROOT"] = str(Path(args.data_root).resolve())

@@ -33,6 +33,7 @@ from bench.core.contracts import (CPU, assert_countermeasure_contract, assert_da
                                   assert_protection_contract, assert_reference_params, assert_subset_contract,
                                   assert_train_hooks, assert_victim_large_input, assert_victim_trains, run_hooks)
 from bench.core.registry import Registry
+from bench.core.units import PIXEL_STEPS
 from bench.data import mixes
 from bench.data.datasets import DATASETS, Cifar10Jpeg
 
@@ -187,6 +188,10 @@ class ProtectionContracts(_Contracts):
     @_contract("protection", _has_epsilon)
     @pytest.mark.parametrize("epsilon", EPSILONS)
     def test_linf_budget(self, component: type, epsilon: float, contract_batch: ImageSet) -> None:
+        field = {f.name: f for f in dataclasses.fields(component)}["epsilon"]
+        assert field.metadata.get("unit") == PIXEL_STEPS and field.metadata.get("budget"), (
+            f"{component.name}'s epsilon declares no unit: bench counts L∞ budgets in 1/255 steps; declare "
+            "`epsilon: float = pixel_steps(8.0)` (bench.api) so that this test and a matrix's ε < 1 warning apply")
         assert_linf_budget(create(component, epsilon=epsilon), contract_batch)
 
 

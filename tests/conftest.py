@@ -11,19 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.testing import CIFAR10_JPEG_MISSING, cifar10_jpeg_path  # noqa: F401  (one copy, tests import them here)
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cifar10_jpeg_path() -> Path | None:
-    """The CIFAR-10 JPEG copy where ``cifar10-jpeg`` finds it ($BENCH_CIFAR10_JPEG, the data root, ../shared/data
-    beside the repository), or None."""
-    from bench.data.datasets import Cifar10Jpeg
-
-    return next((path for path in Cifar10Jpeg().candidates() if path.is_file()), None)
-
-
-CIFAR10_JPEG_MISSING = ("needs cifar10_jpeg75.npz (the CIFAR-10 JPEG q75 copy, ../shared/data/README.md): set "
-                        "$BENCH_CIFAR10_JPEG to its path, or place it in the data root or ../shared/data/")
 requires_cifar10_jpeg = pytest.mark.skipif(cifar10_jpeg_path() is None, reason=CIFAR10_JPEG_MISSING)
 
 

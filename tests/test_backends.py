@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.execute.backends import BackendOptions
 from bench.cli import main
-from bench.store.records import RecordLog
 from bench.core.registry import ConfigError
+from bench.execute.backends import BackendOptions
+from bench.store.records import RecordLog
 from conftest import REPO
 
 MATRIX = """

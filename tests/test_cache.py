@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.store.cache import Cache
-from bench.store.keys import make_key
 from bench.core.components import ImageSet
 from bench.execute.metrics import perturbation_metrics
+from bench.store.cache import Cache
+from bench.store.keys import make_key
 from bench.store.records import RecordLog
 from tests.conftest import make_record
 

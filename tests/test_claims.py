@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.core.registry import ConfigError
 from bench.execute.claims import Claims
 from bench.store.records import RecordLog
 from tests.conftest import make_record
-from bench.core.registry import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SPAWN = multiprocessing.get_context("spawn")  # children import only bench.execute.claims / bench.store.records, not torch

@@ -8,13 +8,13 @@ import math
 import pandas as pd
 import pytest
 
+from bench.cli import main
+from bench.core.registry import ConfigError
+from bench.plan.matrix import parse_matrix
 from bench.report import compare as C
 from bench.report import references
-from bench.cli import main
-from bench.plan.matrix import parse_matrix
 from bench.store.records import RecordLog
 from tests.conftest import make_record
-from bench.core.registry import ConfigError
 
 PAPER = [("Clean", "Vanilla", 94.0), ("Clean", "JPEG10", 85.0), ("Clean", "Mean", 89.5), ("Clean", "Max", 94.0),
          ("EM", "Vanilla", 10.0), ("EM", "JPEG10", 84.0), ("EM", "Gray", 69.0), ("EM", "Mean", 54.33),

@@ -16,16 +16,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bench.execute import metrics
-from bench.store.artifacts import load_models
-from bench.store.cache import Cache
 from bench.cli import main
 from bench.core.components import PROTECTIONS, VICTIMS, ImageSet
 from bench.data.datasets import DATASETS
-from bench.plan.recipes import make_recipe
+from bench.execute import metrics
 from bench.execute.train import train_and_evaluate
+from bench.plan.recipes import make_recipe
 from bench.protections import _surrogate as S
 from bench.protections.confoundergan import Discriminator, Generator, encrypt
+from bench.store.artifacts import load_models
+from bench.store.cache import Cache
 from tests.conftest import require_cifar10_jpeg
 
 CPU = torch.device("cpu")

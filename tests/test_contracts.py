@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from bench.core.components import Countermeasure, ImageSet, Protection, TrainHooks
-from bench.data.datasets import DATASETS
-from bench.plan.recipes import make_recipe
 from bench.core.registry import Registry
+from bench.data.datasets import DATASETS
 from bench.execute.train import train_and_evaluate
+from bench.plan.recipes import make_recipe
 from bench.store.records import RecordLog
 from tests.conftest import REPO, run_subprocess, tiny_matrix
 

@@ -18,10 +18,10 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from scipy import ndimage
 
 from bench.core.components import COUNTERMEASURES, TRAIN, VICTIMS, ImageSet, TrainHooks
+from bench.countermeasures import _ops, _trivial
 from bench.data.datasets import DATASETS
 from bench.plan.matrix import expand, load_matrix
 from conftest import require_cifar10_jpeg
-from bench.countermeasures import _ops, _trivial
 
 CPU = torch.device("cpu")
 # Train stages whose hooks need models their own data stage fitted (distill's teacher: tests/test_uge.py).
@@ -418,8 +418,8 @@ def test_dh_table1_matrices_follow_the_column_order(name):
 @pytest.mark.parametrize("name", TRAIN_STAGE)
 def test_train_stage_countermeasures_run_in_the_loop(name):
     """One epoch of the real loop on digits with each train-stage countermeasure (soft labels, attack, loss)."""
-    from bench.plan.recipes import make_recipe
     from bench.execute.train import train_and_evaluate
+    from bench.plan.recipes import make_recipe
 
     train, test = DATASETS.create("digits", per_class=10, test_per_class=5).load()
     hooks = COUNTERMEASURES.create(name, **HOOK_PARAMS.get(name, {})).train_hooks(train.num_classes, train.size)
@@ -433,8 +433,8 @@ def test_train_stage_countermeasures_run_in_the_loop(name):
 def test_data_stage_countermeasures_leave_the_test_set_alone(tmp_path):
     """A run with every new data-stage countermeasure: all cells train, and the cached test split is the
     dataset's test split, byte for byte (purification sees only the train set)."""
-    from bench.store.cache import Cache
     from bench.cli import main
+    from bench.store.cache import Cache
     from bench.store.records import RecordLog
     from conftest import TINY, tiny_matrix
 
@@ -457,8 +457,8 @@ def test_data_stage_countermeasures_leave_the_test_set_alone(tmp_path):
 
 
 def test_ueraser_standard_is_adversarial_for_the_first_quarter_in_the_loop(monkeypatch):
-    from bench.plan.recipes import make_recipe
     from bench.execute.train import train_and_evaluate
+    from bench.plan.recipes import make_recipe
 
     train, test = DATASETS.create("digits", per_class=10, test_per_class=5).load()
     hooks = COUNTERMEASURES.create("ueraser", repeats=3).train_hooks(train.num_classes, train.size)

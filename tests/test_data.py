@@ -14,8 +14,8 @@ from sklearn.datasets import load_digits
 
 import bench.data.datasets
 from bench.core.components import ImageSet
-from bench.data.datasets import CIFAR10_JPEG_ENV, DATA_ROOT_ENV, DATASETS, balanced_subset, data_root, fingerprint
 from bench.core.registry import ConfigError
+from bench.data.datasets import CIFAR10_JPEG_ENV, DATA_ROOT_ENV, DATASETS, balanced_subset, data_root, fingerprint
 from conftest import cifar10_jpeg_path, requires_cifar10_jpeg
 
 

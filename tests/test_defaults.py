@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
+from bench.core.registry import ConfigError
 from bench.data.datasets import DATASETS, balanced_subset
+from bench.execute.train import train_and_evaluate
 from bench.plan.matrix import load_matrix
 from bench.plan.recipes import RECIPES, Recipe, make_recipe
-from bench.core.registry import ConfigError
-from bench.execute.train import train_and_evaluate
 from bench.protections import _surrogate
 
 CPU = torch.device("cpu")

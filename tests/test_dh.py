@@ -10,14 +10,14 @@ import torch
 import bench.countermeasures  # noqa: F401  (registers)
 import bench.protections  # noqa: F401
 import bench.victims  # noqa: F401
+from bench.core.components import PROTECTIONS, ImageSet
+from bench.core.registry import ConfigError
+from bench.data.datasets import DATASETS
+from bench.data.mixes import fit_protection
+from bench.plan.matrix import expand, load_matrix
+from bench.plan.planner import check_cells
 from bench.store.artifacts import load_models
 from bench.store.cache import Cache
-from bench.core.components import PROTECTIONS, ImageSet
-from bench.data.datasets import DATASETS
-from bench.plan.matrix import expand, load_matrix
-from bench.data.mixes import fit_protection
-from bench.plan.planner import check_cells
-from bench.core.registry import ConfigError
 
 CPU = torch.device("cpu")
 FAST = dict(source="skimage", extractor="classifier", extractor_epochs=1, blocks=2, growth=8, iterations=3,
@@ -132,9 +132,9 @@ def test_dh_classwise_makes_a_cnn_learn_far_less_than_on_clean_data():
     in the dh-cpu matrix; ≥ 20 points below clean and the hidden image revealed at ≥ 20 dB. Measured (dh-cpu):
     clean 54.2 %, DH(C) 13.5 %, PSNR 34.1 dB, SSIM 0.969, reveal 16.9 dB: the reveal bar fails at this CPU size
     (4 blocks, 1,000 iterations; the paper: 16, 5,000)."""
-    from bench.plan.recipes import make_recipe
-    from bench.execute.train import train_and_evaluate
     from bench.core.components import VICTIMS
+    from bench.execute.train import train_and_evaluate
+    from bench.plan.recipes import make_recipe
 
     train, test = DATASETS.create("cifar10-jpeg", per_class=500, test_per_class=100).load()
     dh = PROTECTIONS.create("dh", source="skimage", extractor="classifier", extractor_arch="resnet20",

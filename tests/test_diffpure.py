@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from bench.core.components import COUNTERMEASURES, ImageSet
+from bench.core.registry import ConfigError
+from bench.countermeasures import _ddpm
+from bench.countermeasures.diffpure import DDPM
 from bench.data.datasets import DATASETS
 from bench.plan.matrix import Cell, Choice
 from bench.plan.planner import Components, missing_capabilities
-from bench.core.registry import ConfigError
 from conftest import require_cifar10_jpeg
-from bench.countermeasures import _ddpm
-from bench.countermeasures.diffpure import DDPM
 
 CPU = torch.device("cpu")
 TINY = {"model": "trained", "train_steps": 2, "train_width": 8, "train_batch_size": 8, "t_star": 10}

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.data import mixes
 from bench.cli import main
 from bench.core.components import COUNTERMEASURES, Attacker, Countermeasure, ImageSet
+from bench.countermeasures.dncnn import DnCNN, dihedral, halves
+from bench.data import mixes
 from bench.data.datasets import DATASETS
 from bench.store.records import RecordLog
 from conftest import require_cifar10_jpeg
-from bench.countermeasures.dncnn import DnCNN, dihedral, halves
 
 CPU = torch.device("cpu")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet
-from bench.data.datasets import DATASETS
-from bench.plan.recipes import make_recipe
 from bench.core.registry import ConfigError
+from bench.data.datasets import DATASETS
 from bench.execute.train import train_and_evaluate
+from bench.plan.recipes import make_recipe
 from conftest import require_cifar10_jpeg
 
 CPU = torch.device("cpu")

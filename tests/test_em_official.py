@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from bench.core.components import PROTECTIONS, ImageSet
-from bench.data.datasets import DATASETS
 from bench.core.registry import ConfigError
+from bench.data.datasets import DATASETS
 from bench.protections import _surrogate as S
 from bench.protections import tap as T
 

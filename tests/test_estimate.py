@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from bench.store.cache import Cache
 from bench.cli import main
+from bench.core.registry import ConfigError
 from bench.plan.estimate import Estimate, estimate, refusal, timings
 from bench.plan.matrix import expand, load_matrix, parse_matrix
-from bench.core.registry import ConfigError
+from bench.store.cache import Cache
 from tests.conftest import record_json
 
 TRANSFER = {"full": {"resnet50", "vgg19", "densenet121", "vit"}, "full-cpu": {"resnet20", "vgg11", "mobilenetv2", "vit"}}

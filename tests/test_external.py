@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_components import assert_image_set_contract, digits_batch, rgb_batch
 
-from bench.store.keys import make_key
 from bench.cli import main
 from bench.core.components import PROTECTIONS, ImageSet, Protection
-from bench.data.datasets import DATASETS
-from bench.store.records import RecordLog
 from bench.core.registry import ConfigError
+from bench.data.datasets import DATASETS
+from bench.store.keys import make_key
+from bench.store.records import RecordLog
 from conftest import TINY, run_subprocess, tiny_matrix
-from test_components import assert_image_set_contract, digits_batch, rgb_batch
 
 CPU = torch.device("cpu")
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import math
+import os
 import statistics
 
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, record_json
 from bench.plan.layout import Layout
 from bench.report.leaderboard import build_tables, leaderboard, markdown, write_tables
+from tests.conftest import REPO, record_json
 
 
 def rec(protection: str, countermeasure: str, acc: float | None = 0.5, *, seed: int = 0, best: float | None = None,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.core.registry import ConfigError
 from bench.plan.layout import Layout
 from bench.plan.matrix import CELL_KEYS, MATRIX_DIR, expand, load_matrix, parse_matrix, select
-from bench.core.registry import ConfigError
 from tests.conftest import record_json
 
 
@@ -298,8 +298,8 @@ def test_layout_round_trips_through_matrix_json_into_the_leaderboard(tmp_path):
     """save_resolved writes the layout beside the records; leaderboard() reads it back (records carry none)."""
     import json
 
-    from bench.report.leaderboard import leaderboard
     from bench.execute.scheduler import save_resolved
+    from bench.report.leaderboard import leaderboard
 
     matrix = parse_matrix(UGE_DOC, "m")
     run = tmp_path / "runs" / "m"

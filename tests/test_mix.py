@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.store.cache import Cache
 from bench.cli import main
-from bench.report.leaderboard import build_tables
-from bench.plan.matrix import expand, parse_matrix
-from bench.store.records import RecordLog
 from bench.core.registry import ConfigError
 from bench.data.mixes import TrainSource, assemble, class_mask
+from bench.plan.matrix import expand, parse_matrix
 from bench.plan.planner import check_cells, plan_cell, prepare_dataset
+from bench.report.leaderboard import build_tables
+from bench.store.cache import Cache
+from bench.store.records import RecordLog
 from tests.conftest import tiny_matrix
 
 GAN = "{ surrogate = \"cnn\", surrogate_epochs = 1, epochs = 1, width = 8 }"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.api import make_key
 from bench.core.components import COUNTERMEASURES, Countermeasure
 from bench.core.registry import ConfigError, Registry, code_fingerprint, component_identity
-from bench.api import make_key
 from conftest import REPO, run_subprocess, tiny_matrix
 
 PY = sys.executable
@@ -247,6 +247,10 @@ def test_editing_a_plugin_changes_its_fingerprint_and_nothing_else_does(tmp_path
     (package / "helper.py").write_text(HELPER + "# a helper's edit counts too\n")
     after = codes()
     assert after[0] != before[0] and after[1] != before[1]
+    (flat.parent / "unrelated.py").write_text("x = 1\n")  # beside the file, never imported by it: no change
+    assert codes() == after
+    (flat.parent / "helper_t_fp.py").write_text(HELPER + "# the flat file's helper (import helper_t_fp)\n")
+    assert codes()[0] != after[0], "a flat plugin's fingerprint must cover the helper it imports beside it"
 
 
 CELL = ("from bench.core.components import Countermeasure\n"

@@ -119,7 +119,10 @@ def test_rerun_retrains_and_rebuilds_only_the_matching_cells(tmp_path, capsys):
     created = {p.parent.name: json.loads(p.read_text())["created"] for p in results.glob("cache/purified/*/manifest.json")}
     capsys.readouterr()
     assert run(matrix, results, "--rerun", "countermeasure=bdr") == 0
-    assert "2 trained, 2 already recorded" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 trained, 2 already recorded" in out
+    assert "4 cells, 4 recorded, 2 to train; protected sets 1 cached, 1 to build; purified sets 2 cached, 2 to build" \
+        in out.splitlines()[0]  # the estimate counts what --rerun retrains and rebuilds
     again = {p.parent.name: json.loads(p.read_text())["created"] for p in results.glob("cache/purified/*/manifest.json")}
     assert again.keys() == created.keys() and all(again[k] > created[k] for k in created)  # bdr's sets rebuilt
     latest = RecordLog(results / "runs" / "tiny" / "records.jsonl").read()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.report.references import COLUMNS, KEY, REFERENCES, TABLES, load_reference, reference_pivot
 from bench.core.registry import ConfigError
+from bench.report.references import COLUMNS, KEY, REFERENCES, TABLES, load_reference, reference_pivot
 
 PAPERS = Path(__file__).resolve().parents[1].parent / "shared" / "papers"
 TEXT = {"dh": "dh-semantic-deep-hiding.txt", "confoundergan": "confoundergan.txt",

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, Countermeasure, Protection
-from bench.data.datasets import DATASETS
 from bench.core.registry import Component, ConfigError, Registry, component_identity, describe_params
+from bench.data.datasets import DATASETS
 
 
 class Thing(Component):

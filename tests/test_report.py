@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.store.keys import make_key
 from bench.cli import main
 from bench.core.registry import ConfigError
 from bench.report.page import build_report
+from bench.store.keys import make_key
 from tests.conftest import record_json
 
 DATASET = "d" * 24

@@ -19,9 +19,9 @@ from sklearn.datasets import make_classification
 
 from bench.core.components import PROTECTIONS, ImageSet
 from bench.data.datasets import DATASETS
-from conftest import require_cifar10_jpeg
 from bench.protections.ar import OFFSETS, ar_fill, crops_within, find_processes, start_signals
 from bench.protections.shortcuts import lsp_patterns
+from conftest import require_cifar10_jpeg
 
 CPU = torch.device("cpu")
 

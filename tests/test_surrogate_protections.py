@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.core.components import PROTECTIONS, VICTIMS, ImageSet
-from bench.data.datasets import DATASETS
-from bench.plan.recipes import make_recipe
 from bench.core.registry import ConfigError
+from bench.data.datasets import DATASETS
 from bench.execute.train import train_and_evaluate
+from bench.plan.recipes import make_recipe
 from bench.protections import _surrogate as S
 
 CPU = torch.device("cpu")

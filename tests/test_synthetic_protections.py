@@ -11,14 +11,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_components import delta, digits_batch, rgb_batch
 
 from bench.core.components import PROTECTIONS, VICTIMS, ImageSet
-from bench.data.datasets import DATASETS
-from bench.plan.recipes import make_recipe
 from bench.core.registry import ConfigError
+from bench.data.datasets import DATASETS
 from bench.execute.train import train_and_evaluate
+from bench.plan.recipes import make_recipe
 from bench.protections.ar import OFFSETS, ar_fill, find_processes
-from test_components import delta, digits_batch, rgb_batch
 
 CPU = torch.device("cpu")
 SHAPES = [(1, 16), (3, 32)]

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.execute.augment import random_resized_crop, standard_augment
 from bench.core.components import VICTIMS, TrainHooks
-from bench.data.datasets import DATASETS
-from bench.plan.recipes import RECIPES, make_recipe
 from bench.core.registry import ConfigError
+from bench.data.datasets import DATASETS
+from bench.execute.augment import random_resized_crop, standard_augment
 from bench.execute.train import TrainingDiverged, _schedule, cpu_has_bf16, resolve_precision, train_and_evaluate
+from bench.plan.recipes import RECIPES, make_recipe
 
 CPU = torch.device("cpu")
 

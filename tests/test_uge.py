@@ -11,15 +11,16 @@ import torch
 import bench.countermeasures  # noqa: F401  (registers)
 import bench.protections  # noqa: F401
 import bench.victims  # noqa: F401
-from bench.store.artifacts import load_models
-from bench.store.cache import Cache
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS, ImageSet, Models
+from bench.core.registry import ConfigError
 from bench.data.datasets import DATASETS
 from bench.plan.matrix import expand, load_matrix
 from bench.plan.planner import check_cells
-from bench.core.registry import ConfigError
+from bench.protections.uge import Generator
 from bench.protections.uge import encoders as E
-from bench.protections.uge import Generator, gradient_matching
+from bench.protections.uge import gradient_matching
+from bench.store.artifacts import load_models
+from bench.store.cache import Cache
 from bench.victims.authorized import initial_network
 
 CPU = torch.device("cpu")
@@ -161,8 +162,8 @@ def test_bad_parameters_raise(params, message):
 def test_uge_hackers_learn_less_than_on_clean_data_while_the_authorized_network_learns():
     """Real data, CPU-sized: cifar10-jpeg 50/class; a hacker CNN on UGE data falls ≥ 15 points below its clean
     accuracy; the authorized network stays within 10 points of its clean accuracy."""
-    from bench.plan.recipes import make_recipe
     from bench.execute.train import train_and_evaluate
+    from bench.plan.recipes import make_recipe
 
     train, test = DATASETS.create("cifar10-jpeg", per_class=50, test_per_class=50).load()
     uge = PROTECTIONS.create("uge", authorized="resnet20", encoder="classifier", encoder_arch="cnn", encoder_epochs=80,

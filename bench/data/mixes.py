@@ -9,8 +9,8 @@ import dataclasses
 
 import torch
 
-from bench.store.cache import Cache
 from bench.core.components import Attacker, Fitted, ImageSet, Models, Protection
+from bench.store.cache import Cache
 
 MIXES = {
     "protected": "p protected (protection fitted on the whole train set) + (1 − p) clean",

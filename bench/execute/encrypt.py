@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.store.artifacts import load_models, owner_class, resolve_entry
 from bench.core.components import PROTECTIONS
 from bench.core.registry import ConfigError
+from bench.store.artifacts import load_models, owner_class, resolve_entry
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")

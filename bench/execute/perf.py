@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.core.components import VICTIMS, ImageSet
-from bench.plan.recipes import make_recipe
 from bench.execute.train import channel_stats, train_and_evaluate
+from bench.plan.recipes import make_recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,8 @@ class PerfSettings:
 def reference_loop(model: nn.Module, train: ImageSet, batch_size: int, epochs: int, device: torch.device,
                    workers: int, seed: int) -> float:
     """Train the way APBench's train.py does; returns training images/s."""
-    from torch.utils.data import DataLoader, Dataset
     from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
 
     mean, std = channel_stats(train.images)

@@ -25,22 +25,20 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from bench.execute import backends
-
-from bench.plan import estimate
-
-from bench.data import mixes
-from bench.execute.backends import Backend, BackendOptions
-from bench.store.cache import Cache
-from bench.execute.claims import DEFAULT_STALE, Claims
-from bench.plan.matrix import Cell, Matrix, expand, load_matrix, resolved, select
-from bench.plan.planner import Plan, check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal
-from bench.plan.preview import preview
-from bench.store.records import Record, RecordLog, RecordStore
 from bench.core.registry import ConfigError
+from bench.data import mixes
+from bench.execute import backends
+from bench.execute.backends import Backend, BackendOptions
 from bench.execute.claimed import Outcome, Stage, claimed
+from bench.execute.claims import DEFAULT_STALE, Claims
 from bench.execute.stages import ProtectJob, PurifyJob, SetBuilt, TrainJob, protect_job, purify_job, train_job
 from bench.execute.train import keep_freed_memory
+from bench.plan import estimate
+from bench.plan.matrix import Cell, Matrix, expand, load_matrix, resolved, select
+from bench.plan.planner import check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal, to_train
+from bench.plan.preview import preview
+from bench.store.cache import Cache
+from bench.store.records import Record, RecordLog, RecordStore
 
 Job = ProtectJob | PurifyJob | TrainJob
 
@@ -106,13 +104,13 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     recorded = store.latest()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
     device = options.backend.target(device)  # a cluster's GPUs, where it is given them
-    check_budget(matrix, cells, cache, recorded, records, device, options, out)
+    check_budget(matrix, cells, cache, recorded, records, redo, device, options, out)
     built, reasons = check_cells(cells, device.split(":")[0], lambda line: print(line, file=sys.stderr),
                                  refuse=not options.dry_run)
     if options.dry_run:  # loads and writes nothing; dataset keys from the cache or the records
         keys = {choice: known_dataset_key(cache, choice, records) for choice in {c.dataset for c in cells}}
         plans = [plan_cell(cell, keys[cell.dataset].key, matrix.recipe, b) for cell, b in zip(cells, built)]
-        preview(plans, reasons, keys, cache, recorded, log.read(), _todo(plans, recorded, redo, options), out)
+        preview(plans, reasons, keys, cache, recorded, log.read(), to_train(plans, recorded, redo, options.retry_failed), out)
         if error := refusal(cells, reasons):  # listed first, so a dry run shows the whole grid before refusing
             raise error
         return RunCounts(len(plans), skipped=len(plans))
@@ -120,7 +118,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     plans = [plan_cell(cell, dataset_keys[cell.dataset], matrix.recipe, b) for cell, b in zip(cells, built)]
     save_resolved(matrix, [p.cell_key for p in plans], options.results / "runs" / matrix.name / "matrix.json")
     again = {p.cell_key for p in plans if p.cell in redo}
-    todo = [p for p in plans if p.cell_key in _todo(plans, recorded, redo, options)]
+    todo = [p for p in plans if p.cell_key in to_train(plans, recorded, redo, options.retry_failed)]
     backend = backends.create(options.backend, options.results, options.jobs, options.threads, device, out)
     failures: dict[str, str] = {}
     since = time.time()
@@ -164,18 +162,13 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     return RunCounts(len(plans), trained["ok"], skipped + trained["elsewhere"], trained["error"], protected, purified)
 
 
-def _todo(plans: list[Plan], recorded: dict[str, Record], redo: set[Cell], options: RunOptions) -> set[str]:
-    """The keys of the cells to train: never recorded, asked for again, or failed where failures are retried."""
-    return {p.cell_key for p in plans if p.cell_key not in recorded or p.cell in redo
-            or (options.retry_failed and not recorded[p.cell_key].ok)}
-
-
 def check_budget(matrix: Matrix, cells: list, cache: Cache, recorded: dict[str, Record], records: list[Record],
-                 device: str, options: RunOptions, out: Callable[[str], None]) -> None:
+                 redo: set[Cell], device: str, options: RunOptions, out: Callable[[str], None]) -> None:
     """Print the cost estimate; unless a dry run, refuse (exit 2, naming the matrix's ``cpu_alternative``) a CPU
     run estimated over ``options.max_hours``, before anything is loaded or written."""
     timings = estimate.timings([options.results, Path(os.environ.get("BENCH_RESULTS", "results"))])
-    work = estimate.estimate(matrix, cells, cache, recorded, records, timings, device, options.jobs)
+    work = estimate.estimate(matrix, cells, cache, recorded, records, timings, device, options.jobs, redo,
+                             options.retry_failed)
     out(work.line(matrix.name))
 
     def of(name: str) -> estimate.Estimate:

@@ -19,17 +19,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bench.data import mixes
-from bench.store.artifacts import load_models
-from bench.store.cache import Cache, library_versions
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, TRAIN, Fitted, ImageSet, Models
+from bench.data import mixes
 from bench.data.datasets import DATASETS
-from bench.plan.matrix import Choice
 from bench.execute.metrics import confidence_ascent_ratio, gradient_compression_ratio, perturbation_metrics
+from bench.execute.train import train_and_evaluate
+from bench.plan.matrix import Choice
 from bench.plan.planner import Components, Plan
 from bench.plan.recipes import Recipe, make_recipe
+from bench.store.artifacts import load_models
+from bench.store.cache import Cache, library_versions
 from bench.store.records import Made, Record
-from bench.execute.train import train_and_evaluate
 
 
 @dataclasses.dataclass(frozen=True)

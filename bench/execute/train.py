@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.execute.augment import standard_augment
 from bench.core.components import ImageSet, TrainHooks
+from bench.execute.augment import standard_augment
 from bench.plan.recipes import Recipe
 
 

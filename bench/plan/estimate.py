@@ -15,13 +15,13 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.core.components import COUNTERMEASURES, PROTECTIONS
 from bench.data import mixes
+from bench.plan.matrix import Cell, Choice, Matrix
+from bench.plan.planner import known_dataset_key, plan_cell, to_train
+from bench.plan.recipes import make_recipe
 from bench.store.cache import Cache
 from bench.store.keys import make_key
-from bench.core.components import COUNTERMEASURES, PROTECTIONS
-from bench.plan.matrix import Cell, Choice, Matrix
-from bench.plan.planner import known_dataset_key, plan_cell
-from bench.plan.recipes import make_recipe
 from bench.store.records import Record, RecordLog
 
 DEFAULT_MAX_HOURS = 12.0  # `bench run` on a CPU refuses a matrix estimated longer (--max-hours)
@@ -51,13 +51,15 @@ class Estimate:
     device: str
     from_records: int  # stages timed from similar records
     from_table: int  # stages timed from the rate tables
+    again: int = 0  # recorded cells trained again (--rerun, --force, --retry-failed)
 
     def line(self, name: str) -> str:
         sets = "; ".join(f"{kind} sets {cached:,} cached, {todo:,} to build" for kind, (cached, todo) in self.sets.items())
-        return (f"matrix {name}: {self.cells:,} cells, {self.recorded:,} recorded, {self.cells - self.recorded:,} to "
-                f"train; {sets}; est. {duration(self.seconds)} on this {self.device.upper()} ({self.jobs} job{'s' * (self.jobs != 1)}; timings: "
-                f"recorded for {self.from_records} of {self.from_records + self.from_table} stages, else bench's rough "
-                "rate table)")
+        jobs = f"{self.jobs} job{'s' * (self.jobs != 1)}"
+        return (f"matrix {name}: {self.cells:,} cells, {self.recorded:,} recorded, "
+                f"{self.cells - self.recorded + self.again:,} to train; {sets}; est. {duration(self.seconds)} on this "
+                f"{self.device.upper()} ({jobs}; timings: recorded for {self.from_records} of "
+                f"{self.from_records + self.from_table} stages, else bench's rough rate table)")
 
 
 def duration(seconds: float) -> str:
@@ -78,26 +80,31 @@ def timings(folders: list[Path]) -> list[Record]:
 
 
 def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str, Record], known: list[Record],
-             records: list[Record], device: str, jobs: int) -> Estimate:
+             records: list[Record], device: str, jobs: int, redo: set[Cell] | None = None,
+             retry_failed: bool = False) -> Estimate:
     """Plan ``cells`` (with the dataset keys the cache or the ``known`` records give) and estimate their remaining
-    work on ``device`` from the timings of ``records``."""
+    work on ``device`` from the timings of ``records``; ``redo`` cells (``--rerun``) train and rebuild their sets
+    again, and failed cells train again with ``retry_failed``."""
     kind = device.split(":")[0]
     records = [r for r in records if r.device.split(":")[0] == kind]  # timings of this device kind
     keys = {choice: known_dataset_key(cache, choice, known).key for choice in {c.dataset for c in cells}}  # no loading
     plans = [plan_cell(cell, keys[cell.dataset], matrix.recipe) for cell in cells  # check_cells refuses the rest
              if not mixes.missing_capability(cell.mix, PROTECTIONS.get(cell.protection.name))]
-    todo = [p for p in plans if p.cell_key not in recorded]
+    redo = redo or set()
+    keys = to_train(plans, recorded, redo, retry_failed)
+    todo = [p for p in plans if p.cell_key in keys]
     times = [_train_seconds(p.cell, matrix.recipe, records, kind) for p in todo]
     sets = {}
     for stage, axis in (("protected", "protection"), ("purified", "countermeasure")):
         key_of = (lambda p: p.protection_key) if stage == "protected" else (lambda p: p.purify_key)
         cached = {key_of(p) for p in plans if key_of(p) and cache.has(stage, key_of(p))}
-        build = {key_of(p): p.cell for p in todo if key_of(p) and key_of(p) not in cached}
+        build = {key_of(p): p.cell for p in todo if key_of(p) and (key_of(p) not in cached or p.cell in redo)}
         times += [_set_seconds(getattr(cell, axis), cell.dataset, stage, records, kind) for cell in build.values()]
         sets[stage] = (len(cached), len(build))
     found = sum(known for _, known in times)
-    return Estimate(len(plans), len(plans) - len(todo), sets, sum(t for t, _ in times) / max(1, jobs), jobs, kind,
-                    found, len(times) - found)
+    listed = sum(p.cell_key in recorded for p in plans)
+    return Estimate(len(plans), listed, sets, sum(t for t, _ in times) / max(1, jobs), jobs, kind, found,
+                    len(times) - found, again=sum(p.cell_key in recorded for p in todo))
 
 
 def refusal(matrix: Matrix, work: Estimate, max_hours: float, estimate_of: Callable[[str], Estimate]) -> str | None:

@@ -30,15 +30,15 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from bench.report import references
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
-from bench.data.datasets import DATASETS
-from bench.plan.extends import read_matrix_toml
-from bench.plan.layout import LAYOUT_AXES, Layout
-from bench.data.mixes import MIXES
 from bench.core.registry import ConfigError, Registry
 from bench.core.units import warn_small_budgets
+from bench.data.datasets import DATASETS
+from bench.data.mixes import MIXES
+from bench.plan.extends import read_matrix_toml
+from bench.plan.layout import LAYOUT_AXES, Layout
 from bench.plan.recipes import make_recipe
+from bench.report import references
 
 MATRIX_DIR = Path(__file__).resolve().parents[1] / "matrices"
 AXES: dict[str, Registry] = {"datasets": DATASETS, "protections": PROTECTIONS,

@@ -12,16 +12,16 @@ import dataclasses
 import json
 from typing import Any, Callable, Iterable
 
-from bench.data import mixes
-from bench.store.cache import Cache
-from bench.store import keys
-from bench.store.keys import make_key
-from bench.store.records import Record
 from bench.core.components import COUNTERMEASURES, DATA, PROTECTIONS, VICTIMS, Countermeasure, Protection, Victim
+from bench.core.registry import ConfigError
+from bench.data import mixes
 from bench.data.datasets import DATASETS, fingerprint
 from bench.plan.matrix import Cell
 from bench.plan.recipes import make_recipe
-from bench.core.registry import ConfigError
+from bench.store import keys
+from bench.store.cache import Cache
+from bench.store.keys import make_key
+from bench.store.records import Record
 
 MAX_LISTED = 10  # refused cells named in one error
 
@@ -175,6 +175,13 @@ def plan_cell(cell: Cell, dataset_key: str, recipe: dict[str, Any], built: Compo
     cell_key = keys.cell_key(common, countermeasure.spec(), victim.spec(), own_recipe)
     return Plan(cell, source, purify_key, cell_key, protection.fits if protection_key else (),
                 countermeasure.fits if purify_key else ())
+
+
+def to_train(plans: list[Plan], recorded: dict[str, Record], redo: set[Cell], retry_failed: bool) -> set[str]:
+    """The keys of the cells a run trains: never recorded, asked for again (``--rerun``, ``--force``), or failed
+    where failures are retried."""
+    return {p.cell_key for p in plans if p.cell_key not in recorded or p.cell in redo
+            or (retry_failed and not recorded[p.cell_key].ok)}
 
 
 def _describe(cell: Cell) -> str:

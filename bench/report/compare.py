@@ -20,12 +20,12 @@ from typing import Any
 
 import pandas as pd
 
-from bench.report import references
 from bench.core.components import COUNTERMEASURES, PROTECTIONS
+from bench.core.registry import ConfigError
 from bench.plan.layout import Layout
+from bench.report import references
 from bench.report.leaderboard import Table, build_tables
 from bench.report.view import matrix_view
-from bench.core.registry import ConfigError
 
 PARTS = ("ours", "paper", "Δ")
 SUMMARY = ("Mean", "Max")

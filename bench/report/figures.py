@@ -181,8 +181,8 @@ def load_protected(cache: Path, record: dict[str, Any]) -> ProtectedSet | str:
 
 def _dataset_key(cache: Path, manifest: dict[str, Any], record: dict[str, Any]) -> str | None:
     """The dataset key that, with the manifest's spec and seed, gives the protection key (``bench.plan.planner``)."""
-    from bench.store.keys import make_key
     from bench.data.mixes import fitted_on
+    from bench.store.keys import make_key
 
     ratio = fitted_on(record.get("mix") or "protected", record["poison_ratio"])
     for entry in sorted((cache / "dataset").glob("*-train")):

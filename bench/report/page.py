@@ -20,11 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from bench.report import figures
 from bench.plan.layout import Layout
+from bench.report import figures
 from bench.report.leaderboard import build_tables, cell_values, latest_positions, row_labels
 from bench.report.view import matrix_view
-from bench.core.registry import ConfigError
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
 h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:2em}

@@ -104,7 +104,6 @@ def reference_pivot(table: str, dataset: str | None = None, victim: str | None =
     Raises:
         ConfigError: the table is unknown, the selection is empty, or it spans several blocks.
     """
-    import pandas as pd
 
     frame = load_reference(table)
     blocks = sorted(set(zip(frame["dataset"], frame["victim"])))

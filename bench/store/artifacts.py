@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from bench.store.cache import verify
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, Models
 from bench.core.registry import ConfigError, Registry
+from bench.store.cache import verify
 
 OWNERS: dict[str, Registry] = {"protected": PROTECTIONS, "purified": COUNTERMEASURES}
 
