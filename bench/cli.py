@@ -258,7 +258,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from bench.report.catalog import show
+    from bench.report.show import show
 
     print(show(args.name))
     return 0

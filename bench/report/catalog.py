@@ -7,9 +7,7 @@ records, and named matrices are read as plain TOML; ``bench show MATRIX`` valida
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
-import itertools
 import os
 import tomllib
 from pathlib import Path
@@ -109,7 +107,7 @@ def listing(kind: str) -> str:
     registry, lines = registries()[kind], [f"{kind}:"]
     for name in registry.names():
         cls = registry.get(name)
-        params = ", ".join(f"{f.name}={_default(f)!r}{_unit(cls, f.name)}" for f in dataclasses.fields(cls))
+        params = ", ".join(f"{f.name}={field_default(f)!r}{unit_suffix(cls, f.name)}" for f in dataclasses.fields(cls))
         lines += [f"  {name}: {params or '(no parameters)'}", f"      follows: {cls.paper or '—'}"]
         if kind != "datasets":
             lines.append(f"      capabilities: {describe_capabilities(cls)}")
@@ -138,7 +136,7 @@ def matrix_files() -> dict[str, Path]:
     return {path.stem: path for path in sorted(MATRIX_DIR.glob("*.toml"))}
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
@@ -147,9 +145,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def list_matrices() -> str:
     """``bench list matrices``: each named matrix's description, recipe, reference table and CPU alternative."""
-    lines = [f"matrices ({_relative(MATRIX_DIR)}/; `bench show NAME` validates one and counts its cells):"]
+    lines = [f"matrices ({relative_path(MATRIX_DIR)}/; `bench show NAME` validates one and counts its cells):"]
     for name, path in matrix_files().items():
-        raw = _read_toml(path)
+        raw = read_toml(path)
         recipe = raw.get("recipe", {}).get("name", "quick") if isinstance(raw.get("recipe"), dict) else "quick"
         lines += [f"  {name}: {raw.get('description') or '—'}",
                   f"      recipe: {recipe}; reference: {raw.get('reference') or '—'}; "
@@ -161,10 +159,10 @@ def list_recipes() -> str:
     """``bench list recipes``: each recipe's key settings, per-victim changes and source."""
     from bench.plan.recipes import RECIPES
 
-    lines = [f"recipes ({_relative(RECIPES_FILE)}; a matrix's [recipe] table overrides any field):"]
+    lines = [f"recipes ({relative_path(RECIPES_FILE)}; a matrix's [recipe] table overrides any field):"]
     for name, recipe in RECIPES.items():
         lines.append(f"  {name}: {recipe_settings(recipe)}")
-        lines += [f"      for {victim}: {_changes(changes)}" for victim, changes in recipe.victim_overrides]
+        lines += [f"      for {victim}: {changes_text(changes)}" for victim, changes in recipe.victim_overrides]
         lines.append(f"      source: {recipe.source}")
     return "\n".join(lines)
 
@@ -185,136 +183,28 @@ def recipe_settings(recipe: Any) -> str:
     return ", ".join(parts)
 
 
-def resolve(name: str) -> list[tuple[str, str]]:
-    """The (kind, name) entries ``name`` picks: a ``.toml`` path, ``KIND/NAME``, or a bare name in any kind."""
-    if name.endswith(".toml"):
-        return [("matrices", name)]
-    kind, sep, bare = name.partition("/")
-    if sep:
-        kind = next((k for k in KINDS if kind in (k, SINGULAR[k])), "")
-        if not kind:
-            raise ConfigError(f"{name!r}: unknown kind {name.partition('/')[0]!r}; write KIND/NAME with KIND one of "
-                              f"{', '.join(KINDS)}")
-        known = _names(kind)
-        if bare not in known:
-            close = difflib.get_close_matches(bare, known, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(f'{kind}/{c}' for c in close)}?" if close else ""
-            raise ConfigError(f"unknown {SINGULAR[kind]} {bare!r}{hint} (`bench list {kind}` lists them)")
-        return [(kind, bare)]
-    found = [(kind, name) for kind in KINDS if name in _names(kind)]
-    if not found:
-        every = {f"{kind}/{n}": n for kind in KINDS for n in _names(kind)}
-        close = [q for q, n in every.items() if n in difflib.get_close_matches(name, list(every.values()), 3, 0.5)]
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown name {name!r}{hint} (`bench list` lists every component, matrix and recipe)")
-    return found
-
-
-def _names(kind: str) -> list[str]:
-    if kind == "matrices":
-        return list(matrix_files())
-    if kind == "recipes":
-        from bench.plan.recipes import RECIPES
-
-        return list(RECIPES)
-    return registries()[kind].names()
-
-
-def show(name: str) -> str:
-    """``bench show NAME``: everything about the entries ``name`` picks (all of them, and how to pick one,
-    where a name is shared across kinds)."""
-    found = resolve(name)
-    pages = [show_matrix(n) if kind == "matrices" else show_recipe(n) if kind == "recipes" else
-             show_component(kind, n) for kind, n in found]
-    if len(found) > 1:
-        picks = ", ".join(f"`bench show {kind}/{n}`" for kind, n in found)
-        pages.insert(0, f"{name!r} names {len(found)} entries; each follows (show one with {picks})")
-    return "\n\n".join(pages)
-
-
-def show_component(kind: str, name: str) -> str:
-    """A component's kind, version, file, paper, capabilities, parameters (types, defaults, units), docstring."""
-    cls = registries()[kind].get(name)
-    lines = [f"{kind}/{name} ({SINGULAR[kind]}, version {cls.version})", f"file: {_location(cls)}",
-             f"follows: {cls.paper or '—'}"]
-    if kind != "datasets":
-        lines.append(f"capabilities: {describe_capabilities(cls)}")
-    if kind == "victims" and (count := parameter_count(cls)) is not None:
-        lines.append(f"model size at 3×32×32, 10 classes: {count:,} weights")
-    fields = dataclasses.fields(cls)
-    lines.append("parameters:" if fields else "parameters: none")
-    lines += [f"  {f.name}: {f.type if isinstance(f.type, str) else getattr(f.type, '__name__', f.type)} = "
-              f"{_default(f)!r}{_unit(cls, f.name)}" for f in fields]
-    if units(cls):
-        lines.append("  [1/255]: counted in 1/255 pixel steps (8 → 8/255 of the pixel range)")
-    return "\n".join(lines + ["", inspect.cleandoc(cls.__doc__ or "(no docstring)")])
-
-
-def show_matrix(name_or_path: str) -> str:
-    """A matrix's file, description, recipe, cell count and axes (each variant with its non-default parameters)."""
-    from bench.plan.matrix import expand, load_matrix, resolve_path
-
-    path = resolve_path(name_or_path)
-    matrix = load_matrix(str(path))
-    raw, regs = _read_toml(path), registries()
-    recipe = dict(matrix.recipe)
-    lines = [f"matrices/{matrix.name}", f"file: {_relative(path)}", f"description: {matrix.description or '—'}",
-             f"cells: {len(expand(matrix))}", f"recipe: {recipe.pop('name')}" + (f" ({_changes(recipe.items())})"
-                                                                                if recipe else ""),
-             f"reference: {matrix.reference or '—'}; cpu_alternative: {matrix.cpu_alternative or '—'}",
-             f"seeds: {list(matrix.seeds)}; poison_ratio: {list(matrix.poison_ratios)}; mix: {list(matrix.mixes)}"]
-    for axis, choices in matrix.axes.items():
-        lines.append(f"{axis} ({len(choices)}):")
-        for choice in choices:
-            defaults = {f.name: _default(f) for f in dataclasses.fields(regs[axis].get(choice.name))}
-            changed = [(k, v) for k, v in choice.params if v != defaults.get(k)]
-            lines.append(f"  {choice.label}" + (f": {_changes(changed)}" if changed else ""))
-    lines += [f"exclude: {_changes(rule.items())}" for rule in matrix.exclude]
-    if "layout" in raw:
-        lines.append(f"layout: {_changes(raw['layout'].items())}")
-    header = ["  " + line[1:].strip() for line in itertools.takewhile(lambda line: line.startswith("#"),
-                                                                     path.read_text().splitlines())]
-    return "\n".join(lines + (["notes (the file's header):", *header] if header else []))
-
-
-def show_recipe(name: str) -> str:
-    """Every field of a recipe."""
-    from bench.plan.recipes import RECIPES
-
-    recipe = RECIPES[name]
-    lines = [f"recipes/{name}", f"file: {_relative(RECIPES_FILE)}"]
-    for f in dataclasses.fields(recipe):
-        value = getattr(recipe, f.name)
-        if f.name == "victim_overrides":
-            lines.append("victim_overrides:" + ("" if value else " none"))
-            lines += [f"  {victim}: {_changes(changes)}" for victim, changes in value]
-        else:
-            lines.append(f"{f.name}: {value!r}" if f.name != "source" else f"source: {value}")
-    return "\n".join(lines)
-
-
-def _default(f: dataclasses.Field) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
-def _unit(cls: type, field: str) -> str:
+def unit_suffix(cls: type, field: str) -> str:
     unit = units(cls).get(field)
     return f" [{unit}]" if unit else ""
 
 
-def _changes(pairs: Any) -> str:
+def changes_text(pairs: Any) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in pairs)
 
 
-def _location(cls: type) -> str:
+def defined_at(cls: type) -> str:
     """``file:line`` where a class is defined, relative to the working folder where it lies inside it."""
     try:
-        return f"{_relative(Path(inspect.getsourcefile(cls) or '?'))}:{inspect.getsourcelines(cls)[1]}"
+        return f"{relative_path(Path(inspect.getsourcefile(cls) or '?'))}:{inspect.getsourcelines(cls)[1]}"
     except (OSError, TypeError):  # defined in a notebook or from a string: no file to name
         return f"module {cls.__module__}"
 
 
-def _relative(path: Path) -> str:
+def relative_path(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
