@@ -110,15 +110,18 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     if options.dry_run:  # loads and writes nothing; dataset keys from the cache or the records
         keys = {choice: known_dataset_key(cache, choice, records) for choice in {c.dataset for c in cells}}
         plans = [plan_cell(cell, keys[cell.dataset].key, matrix.recipe, b) for cell, b in zip(cells, built)]
-        preview(plans, reasons, keys, cache, recorded, log.read(), to_train(plans, recorded, redo, options.retry_failed), out)
+        preview(plans, reasons, keys, cache, recorded, log.read(), to_train(plans, recorded, redo, options.retry_failed),
+                out)
         if error := refusal(cells, reasons):  # listed first, so a dry run shows the whole grid before refusing
             raise error
         return RunCounts(len(plans), skipped=len(plans))
     dataset_keys = {choice: prepare_dataset(cache, choice) for choice in {c.dataset for c in cells}}
     plans = [plan_cell(cell, dataset_keys[cell.dataset], matrix.recipe, b) for cell, b in zip(cells, built)]
     save_resolved(matrix, [p.cell_key for p in plans], options.results / "runs" / matrix.name / "matrix.json")
-    again = {p.cell_key for p in plans if p.cell in redo}
-    todo = [p for p in plans if p.cell_key in to_train(plans, recorded, redo, options.retry_failed)]
+    train_keys = to_train(plans, recorded, redo, options.retry_failed)
+    todo = [p for p in plans if p.cell_key in train_keys]
+    again = [p for p in plans if p.cell in redo]  # their sets are rebuilt too, for every cell that shares them
+    rebuild = {p.protection_key for p in again} | {p.purify_key for p in again}
     backend = backends.create(options.backend, options.results, options.jobs, options.threads, device, out)
     failures: dict[str, str] = {}
     since = time.time()
@@ -127,22 +130,22 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     protect_jobs = {p.protection_key: ProtectJob(cache.root, options.threads, p.protection_key, p.dataset_key,
                                                  p.cell.protection, p.cell.seed,
                                                  mixes.fitted_on(p.cell.mix, p.cell.poison_ratio), p.protection_fits,
-                                                 redo=p.cell_key in again)
+                                                 redo=p.protection_key in rebuild)
                     for p in (plans if options.rebuild_sets else todo)
-                    if p.protection_key and (p.cell_key in again
+                    if p.protection_key and (p.protection_key in rebuild
                                              or not cache.valid("protected", p.protection_key, p.protection_fits))}
     protected = _run_stage(Stage("protect", claims, "protect", since=since), protect_job, list(protect_jobs.values()),
                            backend, failures)
-    purify_jobs = {p.purify_key: PurifyJob(cache.root, options.threads, p, redo=p.cell_key in again)
+    purify_jobs = {p.purify_key: PurifyJob(cache.root, options.threads, p, redo=p.purify_key in rebuild)
                    for p in todo if p.purify_key and p.protection_key not in failures
-                   and (p.cell_key in again or not cache.valid("purified", p.purify_key, p.purify_fits))}
+                   and (p.purify_key in rebuild or not cache.valid("purified", p.purify_key, p.purify_fits))}
     purified = _run_stage(Stage("purify", claims, "purify", since=since), purify_job, list(purify_jobs.values()),
                           backend, failures)
 
     bar = tqdm(total=len(plans), initial=skipped, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True)
     train_jobs = [TrainJob(cache.root, options.threads, p, matrix.name, matrix.recipe,
                            failures.get(p.protection_key or "") or failures.get(p.purify_key or ""),
-                           options.jobs == 1 or len(todo) == 1, redo=p.cell_key in again) for p in todo]
+                           options.jobs == 1 or len(todo) == 1, redo=p.cell in redo) for p in todo]
     trained = {"ok": 0, "error": 0, "elsewhere": 0}
 
     def record(result: Record) -> None:  # appended by the worker, before it released the cell's claim

@@ -134,7 +134,8 @@ def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
         return raw
     made = {axis: _recovered(axis, raw) for axis in AXES}
     new = {**raw, "schema": SCHEMA, "legacy_cell": raw["cell"], "components": made}
-    specs = {axis: {"name": m["name"], "version": m["version"], "params": raw[f"{axis}_params"]} for axis, m in made.items()}
+    specs = {axis: {"name": m["name"], "version": m["version"], "params": raw[f"{axis}_params"]}
+             for axis, m in made.items()}
     if raw.get("recipe_params") and all(m["version"] is not None and not _is_plugin(axis, m["name"])
                                         for axis, m in made.items()):
         unused = specs["protection"] if raw.get("mix") == "clean_only" else None
@@ -146,7 +147,7 @@ def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _recovered(axis: str, raw: dict[str, Any]) -> dict[str, Any]:
     """The version of a schema-1 record's component on ``axis``: reproduced from the key that holds it, else 1
-    where the component has never left version 1, else unknown (``None``)."""
+    where the component has never left version 1 (versions start at 1), else unknown (``None``)."""
     name, params = raw[f"{axis}_name"], raw[f"{axis}_params"]
     current = _current_version(axis, name)
     if current is None:
@@ -161,8 +162,8 @@ def _recovered(axis: str, raw: dict[str, Any]) -> dict[str, Any]:
             None), spec(v)) == raw["purify_key"]),
     }
     test = candidates.get(axis)
-    version = next((v for v in range(1, current + 1) if test(v)), None) if test else (1 if current == 1 else None)
-    return {"name": name, "version": version, "code": None}
+    version = next((v for v in range(1, current + 1) if test(v)), None) if test else None
+    return {"name": name, "version": 1 if version is None and current == 1 else version, "code": None}
 
 
 def _registry(axis: str) -> Any:
