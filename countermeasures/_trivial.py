@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.countermeasures._ops import (affine, brightness, contrast, device_generator, draw, identity_matrix, per_image,
-                                  rotate, sharpness, signed)
+from bench.countermeasures._ops import (affine, brightness, contrast, device_generator, draw, identity_matrix,
+                                        per_image, rotate, sharpness, signed)
 
 
 def shear(x: torch.Tensor, amount: torch.Tensor, axis: int) -> torch.Tensor:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.api import (AUGMENTATIONS as KINDS, COUNTERMEASURES, DATA, RECIPES, TRAIN, VICTIMS, Countermeasure, Fitted,
-                       ImageSet, Models, Normalize, TrainHooks, make_recipe, train_and_evaluate)
+from bench.api import AUGMENTATIONS as KINDS
+from bench.api import (COUNTERMEASURES, DATA, RECIPES, TRAIN, VICTIMS, Countermeasure, Fitted, ImageSet, Models,
+                       Normalize, TrainHooks, make_recipe, train_and_evaluate)
 from bench.victims.authorized import authorized_arch, authorized_start
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]

@@ -130,3 +130,19 @@ def test_rerun_retrains_and_rebuilds_only_the_matching_cells(tmp_path, capsys):
     assert run(matrix, results, "--force") == 0
     assert "4 trained, 0 already recorded" in capsys.readouterr().out
     assert run(matrix, results, "--force", "--rerun", "countermeasure=bdr") == 2
+
+
+def test_a_recipes_prose_is_not_in_the_cell_key(monkeypatch):
+    """Rewording a recipe's description (or renaming it) used to orphan every record: keys hold what trains."""
+    import dataclasses
+
+    from bench.plan import recipes
+
+    matrix = load_matrix("smoke")
+    cell = expand(matrix)[0]
+    before = plan_cell(cell, "data-0", matrix.recipe).cell_key
+    reworded = dataclasses.replace(recipes.RECIPES["quick"], source="another description")
+    monkeypatch.setitem(recipes.RECIPES, "quick", reworded)
+    assert plan_cell(cell, "data-0", matrix.recipe).cell_key == before
+    monkeypatch.setitem(recipes.RECIPES, "quick", dataclasses.replace(reworded, lr=reworded.lr * 2))
+    assert plan_cell(cell, "data-0", matrix.recipe).cell_key != before  # a setting that trains differently

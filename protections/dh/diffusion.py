@@ -159,6 +159,7 @@ def _sample(picked: list[dict], images: Path, per_class: int, seed: int, steps: 
     image centre-cropped and resized to 512; PNGs under ``root``, prompts.json last (it marks a complete cache)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
     from PIL import Image
+
     from bench.protections.dh.semantic import canny_edges, square
     try:
         controlnet = ControlNetModel.from_pretrained(sources[CONTROLNET.env])

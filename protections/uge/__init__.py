@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bench.api import (PROTECTIONS, VICTIMS, Fitted, ImageSet, Models, Normalize, Pretrained, Protection,
-                       channel_stats, standard_augment)
+from bench.api import (PROTECTIONS, VICTIMS, Fitted, ImageSet, Models, Normalize, Pretrained, Protection, channel_stats,
+                       standard_augment)
 from bench.protections import _surrogate as S
 from bench.protections.uge import encoders as E
 from bench.protections.uge.generator import Generator, encrypt, recalibrate
