@@ -96,6 +96,8 @@ def test_a_matrix_that_extends_another_trains_only_its_new_cells(tmp_path, capsy
     child = tmp_path / "child.toml"
     child.write_text(f'extends = "{parent.name}"\n[countermeasures]\ngrayscale = {{}}\n[recipe]\nepochs = 2\n')
     capsys.readouterr()
+    assert run(child, results, "--dry-run") == 0
+    assert "6 cells, 4 recorded, 2 to train" in capsys.readouterr().out
     assert run(child, results) == 0
     out = capsys.readouterr().out
     assert "matrix child: 6 cells — 2 trained, 4 already recorded" in out
