@@ -115,17 +115,22 @@ def test_extends_errors_name_the_file(tmp_path):
     assert main(["run", "--matrix", str(tmp_path / "b.toml"), "--dry-run"]) == 2
 
 
+def purified_times(results) -> dict[str, float]:
+    """When each purified set was made, by key."""
+    return {p.parent.name: json.loads(p.read_text())["created"] for p in results.glob("cache/purified/*/manifest.json")}
+
+
 def test_rerun_retrains_and_rebuilds_only_the_matching_cells(tmp_path, capsys):
     matrix, results = tiny_matrix(tmp_path), tmp_path / "r"
     assert run(matrix, results) == 0
-    created = {p.parent.name: json.loads(p.read_text())["created"] for p in results.glob("cache/purified/*/manifest.json")}
+    created = purified_times(results)
     capsys.readouterr()
     assert run(matrix, results, "--rerun", "countermeasure=bdr") == 0
     out = capsys.readouterr().out
     assert "2 trained, 2 already recorded" in out
-    assert "4 cells, 4 recorded, 2 to train; protected sets 1 cached, 1 to build; purified sets 2 cached, 2 to build" \
-        in out.splitlines()[0]  # the estimate counts what --rerun retrains and rebuilds
-    again = {p.parent.name: json.loads(p.read_text())["created"] for p in results.glob("cache/purified/*/manifest.json")}
+    estimate = out.splitlines()[0]  # it counts what --rerun retrains and rebuilds
+    assert "4 cells, 4 recorded, 2 to train; protected sets 1 cached, 1 to build; purified sets 2 cached, 2 to" in estimate
+    again = purified_times(results)
     assert again.keys() == created.keys() and all(again[k] > created[k] for k in created)  # bdr's sets rebuilt
     latest = RecordLog(results / "runs" / "tiny" / "records.jsonl").read()
     assert len(latest) == 6 and {r.countermeasure for r in latest[4:]} == {"bdr"}
@@ -148,3 +153,11 @@ def test_a_recipes_prose_is_not_in_the_cell_key(monkeypatch):
     assert plan_cell(cell, "data-0", matrix.recipe).cell_key == before
     monkeypatch.setitem(recipes.RECIPES, "quick", dataclasses.replace(reworded, lr=reworded.lr * 2))
     assert plan_cell(cell, "data-0", matrix.recipe).cell_key != before  # a setting that trains differently
+
+
+def test_a_plugin_whose_code_changed_is_stale(monkeypatch):
+    record = make_record(components={"dataset": {"name": "digits", "version": 1},
+                                     "protection": {"name": "clean", "version": 1},
+                                     "countermeasure": {"name": "none", "version": 1, "code": "old-fingerprint"},
+                                     "victim": {"name": "cnn", "version": 1}})
+    assert stale_reasons(record) == ["none: code changed since (its package or file, or a helper it imports)"]

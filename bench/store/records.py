@@ -210,7 +210,7 @@ def stale_reasons(record: Record) -> list[str]:
         elif made.version != now.version:
             reasons.append(f"{made.name} v{made.version} (now v{now.version})")
         elif made.code != now.code:
-            reasons.append(f"{made.name}: code changed since")
+            reasons.append(f"{made.name}: code changed since (its package or file, or a helper it imports)")
     return reasons
 
 
