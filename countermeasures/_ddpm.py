@@ -88,7 +88,8 @@ def denoise(unet: Any, config: dict, x: torch.Tensor, t_star: int, sampler: str,
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",))
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",
+                                                                                    "TRANSFORMERS_OFFLINE"))
 
 
 def _cached(hub_id: str) -> bool:
@@ -103,10 +104,12 @@ def load(model: str, weights: Pretrained) -> tuple[Any, dict, str]:
     """(UNet2DModel, its DDPM scheduler config, where it came from): ``$BENCH_DDPM`` for the default hub id, else
     ``model`` as a local folder (a UNet folder, or a pipeline folder with unet/ and scheduler/) or hub id."""
     from diffusers import DDPMScheduler, UNet2DModel
-    source = str(weights.locate() or model) if model == weights.hub_id else model
+    default = model == weights.hub_id  # $BENCH_DDPM where set, else the hub (its cache, or a download)
+    source = weights.load_from() if default else model
     local = Path(source).expanduser()
-    if not local.exists() and (os.environ.get(weights.env) and model == weights.hub_id or _offline()
-                               and not _cached(source)):
+    absent = (not weights.resolve().available) if default else (not local.exists() and _offline()
+                                                                and not _cached(source))
+    if absent:
         raise ConfigError(f"{weights.missing()} (no {source!r} here{', HF_HUB_OFFLINE is set' * _offline()})")
     sub = "unet" if (local / "unet" / "config.json").is_file() else None
     try:

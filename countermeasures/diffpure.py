@@ -19,7 +19,10 @@ DDPM = Pretrained("DDPM", env="BENCH_DDPM", hub_id="google/ddpm-cifar10-32",
                   files="a diffusers UNet2DModel folder (config.json, diffusion_pytorch_model.safetensors) and its "
                         "scheduler_config.json (e.g. `huggingface-cli download google/ddpm-cifar10-32 --local-dir "
                         "DIR` on a connected machine)",
-                  alternative="model = 'trained' (the attacker trains a small DDPM itself; recorded)")
+                  alternative="model = 'trained' (the attacker trains a small DDPM itself; recorded)",
+                  size_mb=143, licence="Apache-2.0", allow=("config.json", "scheduler_config.json",
+                                                            "diffusion_pytorch_model.safetensors",
+                                                            "diffusion_pytorch_model.bin"))
 
 
 @COUNTERMEASURES.register("diffpure")

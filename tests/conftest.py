@@ -14,6 +14,7 @@ import torch
 from bench.testing import CIFAR10_JPEG_MISSING, cifar10_jpeg_path  # noqa: F401  (one copy, tests import them here)
 
 REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download weights: a cell planned from the hub fails, not fetches
 requires_cifar10_jpeg = pytest.mark.skipif(cifar10_jpeg_path() is None, reason=CIFAR10_JPEG_MISSING)
 
 

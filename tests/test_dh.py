@@ -108,8 +108,12 @@ def test_the_ood_mix_hands_dh_the_labels_of_the_images_it_encrypts(digits):
 
 
 def test_the_paper_setting_is_refused_without_its_weights_and_names_the_alternatives(monkeypatch, tmp_path):
+    """Offline with empty caches (online, the hub's weights would be downloaded at run time: tests/test_weights.py)."""
     for env in ("BENCH_SD", "BENCH_CONTROLNET", "BENCH_CLIP", "BENCH_COCO", "BENCH_RESNET18"):
         monkeypatch.delenv(env, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     matrix = tmp_path / "m.toml"
     matrix.write_text('[datasets.digits]\n[protections.dh]\n[countermeasures.none]\n[victims.cnn]\n')
     with pytest.raises(ConfigError, match="BENCH_SD") as err:

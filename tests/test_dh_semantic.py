@@ -146,11 +146,12 @@ def test_pretrained_for_names_the_weights_each_source_needs():
 
 @pytest.fixture
 def coco(tmp_path, monkeypatch):
-    """A two-image COCO captions file, no weights anywhere (a hub cache holding them would be used)."""
-    for env in ("BENCH_SD", "BENCH_CONTROLNET", "BENCH_CLIP"):
+    """A two-image COCO captions file, no weights anywhere (offline, an empty hub cache: one holding them, or the
+    hub online, would be used)."""
+    for env in ("BENCH_SD", "BENCH_CONTROLNET", "BENCH_CLIP", "HF_HOME", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(env, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(D, "_cached", lambda hub_id, filename: False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     (tmp_path / "train2017").mkdir()
     for i in range(2):
         write(tmp_path / "train2017" / f"{i:012d}.jpg", i, side=64)

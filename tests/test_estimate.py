@@ -102,9 +102,11 @@ def test_run_refuses_before_any_work(tmp_path, monkeypatch, capsys):
 
 
 def test_dry_run_lists_blocked_cells_then_refuses_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    """A dry run of a grid with cells lacking weights lists every cell (blocked ones say why), then exits 2 with
-    the full reasons; it loads and writes no data."""
+    """A dry run of a grid with cells lacking weights (offline, none cached) lists every cell (blocked ones say
+    why), then exits 2 with the full reasons; it loads and writes no data."""
     monkeypatch.delenv("BENCH_DDPM", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     path = tmp_path / "weights.toml"
     path.write_text('victims = ["cnn"]\n[datasets.digits]\n[protections]\ncwn = {}\n'
                     '[countermeasures]\nnone = {}\ndiffpure = {}\n')

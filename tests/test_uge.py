@@ -110,7 +110,10 @@ def test_distill_fits_the_teacher_from_theta0_keeps_the_data_and_matches_it(digi
 
 
 def test_clip_is_refused_without_weights_and_names_the_alternative(monkeypatch, tmp_path):
+    """Offline with an empty hub cache (online, the hub id is downloaded at run time: tests/test_weights.py)."""
     monkeypatch.delenv(E.CLIP.env, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     matrix = tmp_path / "m.toml"
     matrix.write_text('[datasets.digits]\n[protections.uge]\n[countermeasures.none]\n[victims.authorized]\n')
     with pytest.raises(ConfigError, match="BENCH_CLIP"):

@@ -98,24 +98,114 @@ class Attacker:
     how: str
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # `bench run --offline` sets them
+
+
+def hub_offline() -> bool:
+    """Whether the hub must not be reached: ``$HF_HUB_OFFLINE`` or ``$TRANSFORMERS_OFFLINE`` is true."""
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE") for v in OFFLINE_VARIABLES)
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache as huggingface_hub would find it from the environment now: ``$HF_HUB_CACHE``, else
+    ``$HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub`` (default ~/.cache/huggingface/hub)."""
+    home = os.environ.get("HF_HOME") or str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or str(Path(home) / "hub")
+    return Path(os.path.expandvars(hub)).expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+    """Where pretrained weights come from now (planned without touching the network): ``local`` ($env's path),
+    ``hub-cache`` (the hub's or torch's cache holds them), ``download`` (fetched from ``where`` at run time) or
+    ``missing``; ``where`` is the path, hub id or URL."""
+
+    weights: Pretrained
+    kind: str
+    where: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.kind != "missing"
+
+    def describe(self) -> str:
+        """E.g. "CLIP from hub openai/clip-vit-base-patch32 (download at run time)"."""
+        origin = f"hub {self.where}" if self.where == self.weights.hub_id else self.where
+        return {"local": f"{self.weights.name} from ${self.weights.env} = {self.where}",
+                "hub-cache": f"{self.weights.name} from {origin} (cached)",
+                "download": f"{self.weights.name} from {origin} (download at run time)"}.get(
+            self.kind, f"{self.weights.name}: missing")
+
+
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-    """Pretrained weights a component loads: found at ``$env`` (a local path) or, where the hub is reachable,
-    under ``hub_id``. ``files`` says what to place there; the planner refuses a cell whose weights are absent."""
+    """Pretrained weights a component loads: from ``$env`` (a local path) where it is set, else from the hub
+    (``hub_id``) or a direct ``url`` (torchvision's weights, into torch's hub cache): the local cache, or a
+    download at run time unless offline (``hub_offline``). ``files`` says what to place at ``$env``; ``source``
+    documents where weights without a hub id come from. ``probe``: a file whose presence in the hub cache marks
+    the repository as cached; ``allow``: the files bench loads (``bench weights --download`` fetches only those).
+    ``size_mb``: the approximate download. The planner refuses a cell only when ``resolve()`` finds nothing."""
 
     name: str
     env: str
     hub_id: str = ""
     files: str = ""
     alternative: str = ""  # the documented setting that runs without these weights
+    size_mb: float = 0.0
+    licence: str = ""
+    url: str = ""
+    source: str = ""
+    probe: str = "config.json"
+    allow: tuple[str, ...] = ()
 
     def locate(self) -> Path | None:
-        path = Path(os.environ.get(self.env, "")).expanduser()
-        return path if os.environ.get(self.env) and path.exists() else None
+        """``$env``'s path where it is set and exists."""
+        path = Path(os.environ.get(self.env, "")).expanduser() if self.env else None
+        return path if path is not None and os.environ.get(self.env) and path.exists() else None
+
+    def cached(self) -> str | None:
+        """The hub cache's copy (its probe file) or torch's cached download of ``url``, without the network."""
+        if self.url:
+            import torch.hub
+
+            path = Path(torch.hub.get_dir()) / "checkpoints" / Path(self.url).name
+            return str(path) if path.is_file() else None
+        if not self.hub_id:
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(self.hub_id, self.probe, cache_dir=hub_cache_dir())
+        except (ImportError, ValueError):  # no huggingface_hub; not a valid repo id
+            return None
+        return found if isinstance(found, str) else None
+
+    def resolve(self) -> WeightsSource:
+        """Where these weights come from now: ``$env`` when set (missing if its path is absent: never another
+        checkpoint silently), else the cache, else a download unless offline."""
+        if self.env and os.environ.get(self.env):
+            path = self.locate()
+            return WeightsSource(self, "local", str(path)) if path else WeightsSource(self, "missing")
+        if self.cached():
+            return WeightsSource(self, "hub-cache", self.hub_id or self.url)
+        if (self.hub_id or self.url) and not hub_offline():
+            return WeightsSource(self, "download", self.hub_id or self.url)
+        return WeightsSource(self, "missing")
+
+    def load_from(self) -> str:
+        """What to load: $env's path where it is set, else the hub id or URL (from_pretrained finds the cache)."""
+        return os.environ.get(self.env, "") if self.env and os.environ.get(self.env) else self.hub_id or self.url
 
     def missing(self) -> str:
-        return (f"{self.name} weights not found: place {self.files or 'them'} at a path and set ${self.env} to it"
-                + (f" (hub id {self.hub_id}, needs the hub)" if self.hub_id else "")
+        given = os.environ.get(self.env, "") if self.env else ""
+        where = (f"${self.env} = {given} does not exist: " if given else "") + (
+            f"place {self.files or 'them'} at a path and set ${self.env} to it" if self.env else
+            f"give {self.files or 'them'}")
+        remote = self.hub_id or self.url
+        return (f"{self.name} weights not found: {where}"
+                + (f" (or fetch {remote} into the cache: `bench weights --matrix M --download` on a connected machine"
+                   f"{'; offline now: HF_HUB_OFFLINE/--offline' if hub_offline() else ''})" if remote else "")
+                + (f"; source: {self.source}" if self.source else "")
                 + (f"; or ask for the documented alternative: {self.alternative}" if self.alternative else ""))
 
 

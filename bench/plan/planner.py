@@ -3,7 +3,8 @@
 A cell is refused here (``ConfigError``: ``bench run`` exits 2, naming the cell and the reason) when it asks a
 component for something it has not declared: an ``ood`` mix with a protection that cannot encrypt unseen
 images, a countermeasure that needs a model its protection does not fit, a surrogate that is not a victim,
-pretrained weights that are not on this machine. Components that are expensive on a CPU are warned about.
+pretrained weights that are neither on this machine nor (online) downloadable from the hub. Components that are
+expensive on a CPU are warned about.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def missing_capabilities(cell: Cell, built: Components) -> list[str]:
         if param is not None and getattr(component, param) not in VICTIMS:
             reasons.append(f"{component.name}'s {param} = {getattr(component, param)!r} is not a registered victim "
                            f"(victims: {', '.join(VICTIMS.names())})")
-        reasons += [weights.missing() for weights in component.pretrained_needed() if weights.locate() is None]
+        # refused only where nothing can supply them: no $env path, no cached copy, and offline (or no hub id)
+        reasons += [weights.missing() for weights in component.pretrained_needed() if not weights.resolve().available]
     return reasons
 
 

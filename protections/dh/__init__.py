@@ -25,7 +25,12 @@ from bench.protections.dh.losses import (EXTRACTORS, RESNET18, RESNETS, concentr
 
 COCO = Pretrained("COCO captions", env="BENCH_COCO", files="a COCO folder with annotations/captions_train2017.json "
                   "and train2017/ (the prompts of DH §III-B3 and their images' canny edges)",
-                  alternative="source = 'skimage' or 'folder' (recorded)")
+                  alternative="source = 'skimage' or 'folder' (recorded)", size_mb=19_300,
+                  licence="CC BY 4.0 (annotations); images under their Flickr terms (see "
+                          "https://cocodataset.org/#termsofuse)",
+                  source="no hub copy: unzip http://images.cocodataset.org/annotations/annotations_trainval2017.zip "
+                         "(241 MB) and http://images.cocodataset.org/zips/train2017.zip (18 GB) into one folder "
+                         "(https://cocodataset.org/#download)")
 
 
 @PROTECTIONS.register("dh")
@@ -134,7 +139,7 @@ class DH(Protection):
                  "coco_images": str(coco / "train2017")} if self.source == "diffusion" else {}
         images = SEM.semantic_images(self.source, classes=train.num_classes, per_class=per_class,
                                      channels=train.channels, size=train.size, seed=seed, folder=self.folder,
-                                     steps=self.diffusion_steps, **paths)
+                                     steps=self.diffusion_steps, device=device, **paths)
         features, extractor_ran = extractor(self.extractor, train, arch=self.extractor_arch,
                                             epochs=self.extractor_epochs, seed=seed, device=device)
         hider = Hider(train.channels, self.blocks, self.clamp, self.growth, train.num_classes, per_class,

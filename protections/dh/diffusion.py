@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -24,15 +23,19 @@ STABLE_DIFFUSION = Pretrained(
     "Stable Diffusion", env="BENCH_SD", hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
     files="a diffusers StableDiffusionPipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
           "scheduler/) of v1.5, ControlNet-canny's base (the paper names Stable Diffusion without a version; e.g. "
-          "from `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR` on a "
-          "connected machine)", alternative=ALTERNATIVE)
+          "from `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR --include "
+          "model_index.json '*/config.json' '*/*.fp16.safetensors' 'tokenizer/*' 'scheduler/*' "
+          "'feature_extractor/*'` on a connected machine)", alternative=ALTERNATIVE, size_mb=2150,
+    licence="CreativeML OpenRAIL-M", probe="model_index.json",
+    allow=("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", *(f"{part}/config.json" for part in
+           ("unet", "vae", "text_encoder")), *(f"{part}/*.fp16.safetensors" for part in ("unet", "vae", "text_encoder"))))
 CONTROLNET = Pretrained(
     "ControlNet canny", env="BENCH_CONTROLNET", hub_id="lllyasviel/sd-controlnet-canny",
     files="a diffusers ControlNetModel folder (config.json, diffusion_pytorch_model.safetensors)",
-    alternative=ALTERNATIVE)
+    alternative=ALTERNATIVE, size_mb=1445, licence="OpenRAIL (see https://huggingface.co/lllyasviel/sd-controlnet-canny)",
+    allow=("config.json", "diffusion_pytorch_model.safetensors"))
 TEXT_CLIP = dataclasses.replace(  # UGE's CLIP entry ($BENCH_CLIP, the same hub id and files), DH's alternative
     CLIP, alternative=f"{ALTERNATIVE}, or prompts = a JSON list of the chosen {{caption, file_name}} (no clustering)")
-PROBE = {STABLE_DIFFUSION.env: "model_index.json", CONTROLNET.env: "config.json", CLIP.env: "config.json"}
 SIDE, GUIDANCE, BATCH = 512, 7.5, 8  # SD v1.5's native size; diffusers' default guidance; samples per call
 
 
@@ -60,8 +63,11 @@ def select_prompts(features: np.ndarray | torch.Tensor, k: int, seed: int,
 
 
 def generate(*, prompts: str | None, coco_images: str | None, classes: int, per_class: int, size: int, seed: int,
-             steps: int, cache: str | None) -> tuple[list[list[torch.Tensor]], tuple[str, ...], str]:
-    """Per class, ``per_class`` SD+ControlNet samples (uint8 3×size×size), the class prompts and the record."""
+             steps: int, cache: str | None,
+             device: torch.device | str = "cpu") -> tuple[list[list[torch.Tensor]], tuple[str, ...], str]:
+    """Per class, ``per_class`` SD+ControlNet samples (uint8 3×size×size), the class prompts and the record; CLIP
+    and the pipeline run on ``device`` (the job's), SD and ControlNet in fp16 there on CUDA."""
+    device = torch.device(device)
     entries, weights, sources, root = settings(prompts, coco_images, classes, per_class, seed, steps, cache)
     given = isinstance(entries, list)
     what = (f"diffusion: {sources[STABLE_DIFFUSION.env]} + {sources[CONTROLNET.env]} (UniPC, {steps} steps, "
@@ -70,8 +76,8 @@ def generate(*, prompts: str | None, coco_images: str | None, classes: int, per_
                f"{sources[CLIP.env]} text features of {prompts}") + f"; cached at {root}")
     if not (root / "prompts.json").is_file():
         _preflight(weights)
-        picked = entries if given else _cluster(entries, classes, seed, sources[CLIP.env])
-        _sample(picked, Path(str(coco_images)), per_class, seed, steps, sources, root)
+        picked = entries if given else _cluster(entries, classes, seed, sources[CLIP.env], device)
+        _sample(picked, Path(str(coco_images)), per_class, seed, steps, sources, root, device)
     from PIL import Image
 
     from bench.protections.dh.semantic import square
@@ -107,7 +113,8 @@ def settings(prompts: str | None, coco_images: str | None, classes: int, per_cla
 
 
 def _preflight(weights: Sequence[Pretrained]) -> None:
-    """One ConfigError naming everything absent: packages, and weights neither at $env nor (offline) cached."""
+    """One ConfigError naming everything absent: packages, and weights neither at $env nor cached nor (online)
+    to be downloaded."""
     problems = []
     try:
         import diffusers  # noqa: F401
@@ -115,30 +122,17 @@ def _preflight(weights: Sequence[Pretrained]) -> None:
     except ImportError:
         problems.append(f"source = 'diffusion' needs diffusers and transformers: pip install -e '.[diffusion]' (or "
                         f"choose {ALTERNATIVE})")
-    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",
-                                                                                        "TRANSFORMERS_OFFLINE"))
-    for w in weights:
-        if w.locate() is None and (os.environ.get(w.env) or offline and not _cached(w.hub_id, PROBE[w.env])):
-            problems.append(w.missing())
+    problems += [w.missing() for w in weights if not w.resolve().available]
     if problems:
         raise ConfigError("; ".join(problems))
 
 
-def _cached(hub_id: str, filename: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    return isinstance(try_to_load_from_cache(hub_id, filename), str)
-
-
-def _cluster(data: dict, k: int, seed: int, clip: str) -> list[dict]:
+def _cluster(data: dict, k: int, seed: int, clip: str, device: torch.device) -> list[dict]:
     """The k chosen {caption, file_name} of a COCO captions file (annotations → image_id, caption; images → id,
     file_name): CLIP text features, then ``select_prompts`` with the images as groups."""
     from transformers import CLIPModel, CLIPTokenizer
     files = {im["id"]: im["file_name"] for im in data["images"]}
     notes = [a for a in data["annotations"] if a["image_id"] in files]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tokenizer = CLIPModel.from_pretrained(clip).to(device).eval(), CLIPTokenizer.from_pretrained(clip)
     except Exception as err:  # OSError offline, connection errors where the hub is unreachable
@@ -154,24 +148,28 @@ def _cluster(data: dict, k: int, seed: int, clip: str) -> list[dict]:
 
 
 def _sample(picked: list[dict], images: Path, per_class: int, seed: int, steps: int, sources: dict[str, str],
-            root: Path) -> None:
+            root: Path, device: torch.device) -> None:
     """SD+ControlNet samples of each chosen prompt, conditioned on the canny edges (white on black) of its COCO
-    image centre-cropped and resized to 512; PNGs under ``root``, prompts.json last (it marks a complete cache)."""
+    image centre-cropped and resized to 512; PNGs under ``root``, prompts.json last (it marks a complete cache).
+    On CUDA both load in fp16 (SD's fp16 variant files, where a local folder has them: half the download)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
     from PIL import Image
 
     from bench.protections.dh.semantic import canny_edges, square
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    sd = sources[STABLE_DIFFUSION.env]
+    variant = "fp16" if not Path(sd).exists() or any(Path(sd).glob("*/*.fp16.*")) else None
     try:
-        controlnet = ControlNetModel.from_pretrained(sources[CONTROLNET.env])
+        controlnet = ControlNetModel.from_pretrained(sources[CONTROLNET.env], torch_dtype=dtype)
         # the black images of the NSFW checker would not be semantic; COCO captions are the prompts
         pipe = StableDiffusionControlNetPipeline.from_pretrained(
-            sources[STABLE_DIFFUSION.env], controlnet=controlnet, safety_checker=None, requires_safety_checker=False)
+            sd, controlnet=controlnet, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype,
+            variant=variant)
     except Exception as err:  # OSError offline, connection errors where the hub is unreachable
         raise ConfigError(f"{STABLE_DIFFUSION.missing()}; {CONTROLNET.missing()}; loading failed: "
                           f"{type(err).__name__}: {err}") from err
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    cuda = torch.cuda.is_available()  # half precision on a GPU (dtype arguments differ across diffusers versions)
-    pipe = pipe.to("cuda", torch.float16) if cuda else pipe
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for k, p in enumerate(picked):
         photo = square(np.asarray(Image.open(images / p["file_name"]).convert("RGB")), SIDE)

@@ -1,7 +1,8 @@
 """DH's training losses (§III-B1 Eq. 7–8, §III-B2 Eq. 9–11) and the feature extractor of the concentration loss.
 
 The extractor 𝒢 is "a pre-trained ResNet-18", its latent features "the output [of the] final convolution layer"
-(§III-B2): ``imagenet`` loads torchvision's ImageNet ResNet-18 from $BENCH_RESNET18 and keeps it up to ``layer4``;
+(§III-B2): ``imagenet`` loads torchvision's ImageNet ResNet-18 (from $BENCH_RESNET18, else torchvision's
+``ResNet18_Weights.IMAGENET1K_V1`` through torch's hub cache) and keeps it up to ``layer4``;
 ``classifier`` is the documented alternative without those weights: one of bench's ResNets (ResNet-18 by default)
 trained on the protector's own clean set, up to its last stage. The paper does not say how the perturbation maps enter 𝒢; they enter as
 they are (no image normalisation: they are not images).
@@ -23,7 +24,11 @@ Features = Callable[[torch.Tensor], torch.Tensor]
 RESNET18 = Pretrained("ResNet-18 (ImageNet)", env="BENCH_RESNET18",
                       files="torchvision's ImageNet resnet18 state dict (resnet18-f37072fd.pth: "
                             "torchvision.models.ResNet18_Weights.IMAGENET1K_V1, fetched on a connected machine)",
-                      alternative="extractor = 'classifier' (a ResNet-18 trained on the clean set; recorded)")
+                      alternative="extractor = 'classifier' (a ResNet-18 trained on the clean set; recorded)",
+                      size_mb=45, licence="BSD-3-Clause (torchvision); trained on ImageNet (see "
+                                          "https://www.image-net.org/download)",
+                      url="https://download.pytorch.org/models/resnet18-f37072fd.pth",  # ResNet18_Weights.IMAGENET1K_V1
+                      source="torchvision ResNet18_Weights.IMAGENET1K_V1 (download.pytorch.org, torch's hub cache)")
 EXTRACTORS = ("imagenet", "classifier")
 RESNETS = ("resnet18", "resnet20", "resnet32", "resnet50")  # bench's ResNets: the head pools the last stage
 
@@ -53,8 +58,8 @@ def extractor(kind: str, train: ImageSet, *, arch: str = "resnet18", epochs: int
               device: torch.device) -> tuple[Features, str]:
     """𝒢 and what ran (for the record). ``classifier``: bench's ResNet ``arch`` trained ``epochs`` on ``train``."""
     if kind == "imagenet":
-        path = RESNET18.locate()
-        if path is None:
+        found = RESNET18.resolve()  # $BENCH_RESNET18, else torchvision's weights (torch's cache, or downloaded)
+        if not found.available:
             raise FileNotFoundError(RESNET18.missing())
         if train.channels not in (1, 3):
             raise ValueError(f"the ImageNet ResNet-18 takes 1 or 3 channels, not {train.channels}: use "
@@ -62,9 +67,16 @@ def extractor(kind: str, train: ImageSet, *, arch: str = "resnet18", epochs: int
         import torchvision
 
         net = torchvision.models.resnet18()
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if found.kind == "local":
+            net.load_state_dict(torch.load(found.where, map_location="cpu", weights_only=True))
+            ran = f"${RESNET18.env} = {found.where}"
+        else:  # check_hash: the file's sha256 starts with the name's f37072fd
+            net.load_state_dict(torch.hub.load_state_dict_from_url(RESNET18.url, map_location="cpu", progress=False,
+                                                                   check_hash=True, weights_only=True))
+            ran = (f"torchvision ResNet18_Weights.IMAGENET1K_V1, {'cached' if found.kind == 'hub-cache' else 'downloaded'}"
+                   f" from {RESNET18.url}")
         body = nn.Sequential(*list(net.children())[:-2]).to(device).eval().requires_grad_(False)
-        return (lambda x: body(x.expand(-1, 3, -1, -1))), f"imagenet resnet18 ({path})"
+        return (lambda x: body(x.expand(-1, 3, -1, -1))), f"imagenet resnet18 ({ran})"
     if kind != "classifier":
         raise ValueError(f"dh extractor {kind!r}: one of {EXTRACTORS}")
     if arch not in RESNETS:

@@ -52,8 +52,9 @@ class SemanticImages:
 
 def semantic_images(source: str, *, classes: int, per_class: int, channels: int, size: int, seed: int,
                     folder: str | None = None, prompts: str | None = None, coco_images: str | None = None,
-                    steps: int = 20, cache: str | None = None) -> SemanticImages:
-    """K×M semantic images from ``source`` (DH §III-B3), the same bytes for a seed; see the module docstring."""
+                    steps: int = 20, cache: str | None = None, device: torch.device | str = "cpu") -> SemanticImages:
+    """K×M semantic images from ``source`` (DH §III-B3), the same bytes for a seed; see the module docstring.
+    ``device``: where ``diffusion`` runs CLIP and the pipeline (the job's device)."""
     if source not in SOURCES:
         raise ConfigError(f"unknown semantic image source {source!r}: choose one of {', '.join(SOURCES)}")
     for name, value in (("classes", classes), ("per_class", per_class), ("size", size), ("steps", steps)):
@@ -63,7 +64,8 @@ def semantic_images(source: str, *, classes: int, per_class: int, channels: int,
         raise ConfigError(f"semantic images: channels = {channels}, only 1 (grey) or 3 (RGB) are made")
     if source == "diffusion":
         given, names, what = diffusion.generate(prompts=prompts, coco_images=coco_images, classes=classes,
-                                                per_class=per_class, size=size, seed=seed, steps=steps, cache=cache)
+                                                per_class=per_class, size=size, seed=seed, steps=steps, cache=cache,
+                                                device=device)
     else:
         given, names, what = _folder(folder, classes, size) if source == "folder" else _skimage(classes, seed, size)
     keys = {hash(g[0].numpy().tobytes()) for g in given}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -118,8 +117,7 @@ class UGE(Protection):
         return tuple(t.strip() for t in self.losses.split("+") if t.strip())
 
     def pretrained_needed(self) -> tuple[Pretrained, ...]:
-        given = self.clip_model is not None and Path(self.clip_model).expanduser().is_dir()
-        return self.pretrained if self.encoder == "clip" and "fd" in self.terms() and not given else ()
+        return E.clip_weights(self.clip_model) if self.encoder == "clip" and "fd" in self.terms() else ()
 
     @classmethod
     def build_model(cls, kind: str, arch: dict[str, Any]) -> nn.Module:

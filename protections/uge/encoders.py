@@ -11,7 +11,7 @@ feature of each class) standing in for the text features. A matrix must ask for 
 from __future__ import annotations
 
 import dataclasses
-import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +25,10 @@ from bench.protections import _surrogate as S
 CLIP = Pretrained("CLIP", env="BENCH_CLIP", hub_id="openai/clip-vit-base-patch32",
                   files="a transformers CLIPModel folder (config.json, model.safetensors, tokenizer files; e.g. from "
                         "`huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR` on a connected machine)",
-                  alternative="encoder = 'classifier' (a classifier trained on the clean set; recorded)")
+                  alternative="encoder = 'classifier' (a classifier trained on the clean set; recorded)",
+                  size_mb=605, licence="MIT (openai/CLIP; see https://huggingface.co/openai/clip-vit-base-patch32)",
+                  allow=("*.json", "merges.txt", "vocab.json", "model.safetensors", "pytorch_model.bin"))
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, as the hub spells repository ids
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 CLASS_NAMES = {
     "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
@@ -55,7 +58,20 @@ def class_names(spec: str, num_classes: int) -> tuple[str, ...]:
 
 def clip_source(source: str | None) -> str:
     """The folder or hub id to load CLIP from: ``source``, else $BENCH_CLIP, else the default hub id."""
-    return source or os.environ.get(CLIP.env) or CLIP.hub_id
+    return source or CLIP.load_from()
+
+
+def clip_weights(clip_model: str | None) -> tuple[Pretrained, ...]:
+    """What the planner checks for ``clip_model``: nothing for an existing folder, CLIP ($BENCH_CLIP, else the
+    default hub id) when it is None, else that hub id (a missing folder is refused, never looked up)."""
+    if clip_model is None:
+        return (CLIP,)
+    if Path(clip_model).expanduser().is_dir():
+        return ()
+    hub_id = clip_model if HUB_ID.fullmatch(clip_model) and not clip_model.startswith(("~", ".")) else ""
+    licence = f"see https://huggingface.co/{hub_id}" if hub_id else ""
+    files = f"clip_model = {clip_model!r}: an existing transformers CLIPModel folder or a hub id (org/name)"
+    return (dataclasses.replace(CLIP, env="", hub_id=hub_id, size_mb=0, licence=licence, files=files),)
 
 
 def clip_encoder(source: str, names: tuple[str, ...], device: torch.device) -> Encoder:
