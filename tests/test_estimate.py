@@ -66,9 +66,9 @@ def test_estimate_uses_recorded_timings(tmp_path):
     assert (work.cells, work.recorded, work.sets["protected"], work.from_records, work.from_table) == (4, 0, (0, 1), 5, 0)
     line = work.line("m")
     assert "4 cells, 0 recorded" in line and "protected sets 0 cached, 1 to build" in line
-    assert "on this CPU (2 jobs; timings: recorded for 5 of 5 stages" in line
+    assert "on this CPU (2 jobs; all 5 stages timed from records on this CPU)" in line
     bare = estimate(matrix, expand(matrix), Cache(tmp_path / "cache"), {}, [], [], "cpu", jobs=2)
-    assert bare.from_records == 0 and bare.from_table == 5 and "rough rate table" in bare.line("m")
+    assert bare.from_records == 0 and bare.from_table == 5 and "from bench's rate table, 4 uncalibrated" in bare.line("m")
 
 
 def test_refusal_decision():

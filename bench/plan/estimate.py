@@ -3,8 +3,10 @@
 Times come from records of similar work in ``<results>/runs/*/records.jsonl`` (and ``./results``): a cell's training
 from cells of the same victim and device kind (same recipe and countermeasure first), scaled by the images it trains
 on (train images × epochs, or iterations × batch); a protected or purified set from sets of the same component and
-parameters, scaled by its image count. Else ``TRAIN_RATE`` and ``WORK_PER_IMAGE`` give rough rates. Nothing is
-loaded or written (dataset keys come from the cache's manifests), and the estimate is divided by the jobs.
+parameters, scaled by its image count. Else ``TRAIN_RATE`` and ``WORK_PER_IMAGE`` (scaled by the component's budget
+parameters, ``BUDGETS``) give rough rates × the device kind's median recorded/table ratio (``calibrate``: of the
+same component there, else of every recorded set or training). Each stage gets a range too. Nothing is loaded or
+written (dataset keys come from the cache's manifests), and the estimate is divided by the jobs.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.core.components import COUNTERMEASURES, PROTECTIONS
 from bench.data import mixes
@@ -33,15 +36,59 @@ TRAIN_RATE = {"cpu": dict(cnn=400, lenet=8000, resnet20=350, resnet32=210, resne
               "cuda": dict(cnn=60000, lenet=100000, resnet20=30000, resnet32=20000, resnet18=25000, resnet50=8000,
                            vgg11=40000, vgg19=20000, densenet121=5000, mobilenetv2=15000, shufflenetv2=15000, vit=15000)}
 # Protect/purify work per train image, in training images of the component's surrogate (the plain CNN where it
-# has none), from the CPU matrices' fits on 500 images (README); unlisted components are ≈ free (filters, JPEG…).
-WORK_PER_IMAGE = dict(em=270, tap=480, rem=1200, confoundergan=1350, uge=1000, dh=800, ar=3, diffpure=100, dncnn=200,
-                      dncnn_reference=200, dvae=200, orthogonal_projection=10)
+# has none), at the budgets of ``BUDGETS``: the CPU matrices' fits on 500 images (README; EM 99 s, TAP 182 s, REM
+# 936 s, DH 578 s, AR 7 s in results/runs/dh-table1-cpu, ConfounderGAN 597 s, UGE 400 s) ÷ that CPU's training
+# factor (0.59, recorded/TRAIN_RATE), so both tables agree; unlisted components are ≈ free (filters, JPEG…).
+# distill: its teacher's 80 epochs of the `cpu` recipe.
+WORK_PER_IMAGE = dict(em=135, tap=250, rem=1270, confoundergan=810, uge=475, dh=785, ar=9, diffpure=100, dncnn=200,
+                      dncnn_reference=200, dvae=200, orthogonal_projection=10, distill=80)
 TRAIN_IMAGES = {"cifar10": 50_000, "cifar10-jpeg": 50_000, "cifar100": 50_000, "svhn": 73_257, "digits": 1_438}
+IMAGE_BYTES = {"digits": 8 * 8}  # uint8 bytes of one image; else 32 × 32 × 3
+REFERENCE_IMAGES = 500  # the train images WORK_PER_IMAGE was measured on
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """A share of a component's ``WORK_PER_IMAGE`` that scales with each of ``params`` (value / the reference value
+    the table was measured at, multiplied) and with the images, unless ``fixed`` (a set number of iterations)."""
+
+    share: float
+    params: tuple[tuple[str, float], ...]
+    fixed: bool = False
+
+
+# The budget parameters that dominate a component's work, at the CPU matrices' settings the table stands for (the
+# rest of its work scales with the images only). Shares: rough splits of the fits (surrogate epochs vs the rest).
+BUDGETS: dict[str, tuple[Term, ...]] = {
+    "tap": (Term(0.5, (("surrogate_epochs", 80),)), Term(0.5, (("steps", 250), ("restarts", 1)))),
+    "rem": (Term(0.5, (("train_steps", 500), ("adv_steps", 2))), Term(0.5, (("steps", 5), ("samples", 1)))),
+    "em": (Term(0.8, (("model_steps", 10),)),),
+    "confoundergan": (Term(0.9, (("epochs", 200),)), Term(0.1, (("surrogate_epochs", 80),))),
+    "uge": (Term(0.75, (("epochs", 20),)), Term(0.25, (("encoder_epochs", 80),))),
+    "dh": (Term(0.9, (("iterations", 1000), ("blocks", 4), ("batch_size", 24)), fixed=True),
+           Term(0.1, (("extractor_epochs", 40),))),
+    "dncnn": (Term(1.0, (("epochs", 60),)),), "dvae": (Term(1.0, (("epochs", 20),)),),
+    "diffpure": (Term(0.9, (("train_steps", 500), ("train_batch_size", 64)), fixed=True),),
+}
+STAGES = ("protect", "purify", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One job's seconds, range, and source: ``records``, ``calibrated`` (the table × ``factor``) or ``table``."""
+
+    seconds: float
+    low: float
+    high: float
+    source: str
+    factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """Counts, and the estimated wall time of the remaining work with ``jobs`` parallel jobs on ``device``."""
+    """Counts, and the estimated wall time of the remaining work with ``jobs`` parallel jobs on ``device``: central
+    ``seconds`` within ``low``–``high``; ``longest`` is the longest single job's seconds per stage (protect, purify,
+    train), ``untimed`` the stages whose longest job is timed from the table, ``data_gb`` the largest train set."""
 
     cells: int
     recorded: int
@@ -50,16 +97,37 @@ class Estimate:
     jobs: int
     device: str
     from_records: int  # stages timed from similar records
-    from_table: int  # stages timed from the rate tables
+    from_table: int  # stages timed from the rate tables (calibrated or not)
     again: int = 0  # recorded cells trained again (--rerun, --force, --retry-failed)
+    low: float | None = None  # None: as ``seconds``
+    high: float | None = None
+    uncalibrated: int = 0  # of from_table, stages (not free) with no device factor: no record on this device kind
+    factors: tuple[float, ...] = ()  # the device factors used (min, max)
+    longest: dict[str, float] = dataclasses.field(default_factory=dict)
+    untimed: frozenset[str] = frozenset()
+    data_gb: float = 0.0
 
     def line(self, name: str) -> str:
         sets = "; ".join(f"{kind} sets {cached:,} cached, {todo:,} to build" for kind, (cached, todo) in self.sets.items())
-        jobs = f"{self.jobs} job{'s' * (self.jobs != 1)}"
         return (f"matrix {name}: {self.cells:,} cells, {self.recorded:,} recorded, "
-                f"{self.cells - self.recorded + self.again:,} to train; {sets}; est. {duration(self.seconds)} on this "
-                f"{self.device.upper()} ({jobs}; timings: recorded for {self.from_records} of "
-                f"{self.from_records + self.from_table} stages, else bench's rough rate table)")
+                f"{self.cells - self.recorded + self.again:,} to train; {sets}; est. {self.span()} on this "
+                f"{self.device.upper()} ({self.jobs} job{'s' * (self.jobs != 1)}; {self.sources()})")
+
+    def span(self) -> str:
+        """``40 min (25–70 min)``: the central estimate and its range."""
+        low, high = (duration(self.seconds if x is None else x) for x in (self.low, self.high))
+        low = low.split()[0] if low.split()[1] == high.split()[1] else low
+        return duration(self.seconds) + ("" if low == high.split()[0] else f" ({low}–{high})")
+
+    def sources(self) -> str:
+        """Where the stages' timings come from: records, the table × a device factor, the bare table."""
+        stages, here = self.from_records + self.from_table, f"on this {self.device.upper()}"
+        if not self.from_table:
+            return f"all {stages} stages timed from records {here}" if stages else "nothing to run"
+        factor = "–".join(dict.fromkeys(f"{f:.2g}" for f in self.factors))
+        return (f"{self.from_records} of {stages} stages timed from records {here}, the rest from bench's rate table"
+                + (f" × {factor} device factor from records" if self.factors else "")
+                + (f", {self.uncalibrated} uncalibrated (no record on this device)" if self.uncalibrated else ""))
 
 
 def duration(seconds: float) -> str:
@@ -79,6 +147,49 @@ def timings(folders: list[Path]) -> list[Record]:
     return [r for p in files for r in RecordLog(p).read() if r.ok]
 
 
+def budget(name: str, params: dict[str, Any], images: int) -> float:
+    """A component's work relative to ``WORK_PER_IMAGE`` × ``images`` at the reference budget (``BUDGETS``); a
+    parameter left out or None counts at its reference."""
+    terms = BUDGETS.get(name, ())
+    scale = 1 - sum(t.share for t in terms)
+    for term in terms:
+        ratio = math.prod(float(params.get(p) or ref) / ref for p, ref in term.params)
+        scale += term.share * ratio * (REFERENCE_IMAGES / max(images, 1) if term.fixed else 1)
+    return scale
+
+
+def table_set_seconds(name: str, params: dict[str, Any], images: int, stage: str, kind: str) -> float:
+    """Seconds the rate tables give a protected (``protect``) or purified (``purify``) set of ``images``."""
+    component = (PROTECTIONS if stage == "protect" else COUNTERMEASURES).get(name)
+    defaults = {f.name: f.default for f in dataclasses.fields(component) if f.default is not dataclasses.MISSING}
+    params = {**defaults, **params}
+    surrogate = params.get(component.surrogate_param) if component.surrogate_param else None
+    work = WORK_PER_IMAGE.get(name, 0) * images * budget(name, params, images)
+    return work / _rate(kind, surrogate if isinstance(surrogate, str) else "cnn")
+
+
+def calibrate(records: list[Record], kind: str) -> dict[str, list[float]]:
+    """Ratios recorded / table seconds of the distinct stages recorded on device ``kind`` (those over 1 s both ways):
+    ``train``, ``build`` (protected and purified sets), ``build:<component>``, and ``all``."""
+    pairs: dict[tuple[str, str | None], tuple[tuple[str, ...], float, float]] = {}  # a stage → (groups, both)
+    for r in (r for r in records if r.device.split(":")[0] == kind):
+        if "train" in r.seconds and r.steps and r.recipe_params:
+            work = r.steps * r.recipe_params["batch_size"] * _factor(r.countermeasure_name, r.countermeasure_params)
+            table = work / _rate(kind, r.victim_name, r.victim_params)
+            pairs.setdefault(("train", r.cell), (("train", "all"), r.seconds["train"], table))
+        images = train_images(Choice(r.dataset_name, tuple(r.dataset_params.items()), ""))
+        for stage, axis, key in (("protect", "protection", r.protection_key), ("purify", "countermeasure", r.purify_key)):
+            if stage in r.seconds and (stage, key) not in pairs:
+                name, params = getattr(r, f"{axis}_name"), getattr(r, f"{axis}_params")
+                table = table_set_seconds(name, params, images, stage, kind)
+                pairs[stage, key] = (("build", f"build:{name}", "all"), r.seconds[stage], table)
+    ratios: dict[str, list[float]] = {}
+    for groups, seconds, table in (p for p in pairs.values() if p[1] >= 1 and p[2] >= 1):
+        for group in groups:
+            ratios.setdefault(group, []).append(seconds / table)
+    return ratios
+
+
 def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str, Record], known: list[Record],
              records: list[Record], device: str, jobs: int, redo: set[Cell] | None = None,
              retry_failed: bool = False) -> Estimate:
@@ -87,28 +198,36 @@ def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str
     again, and failed cells train again with ``retry_failed``."""
     kind = device.split(":")[0]
     records = [r for r in records if r.device.split(":")[0] == kind]  # timings of this device kind
+    ratios = calibrate(records, kind)
     keys = {choice: known_dataset_key(cache, choice, known).key for choice in {c.dataset for c in cells}}  # no loading
     plans = [plan_cell(cell, keys[cell.dataset], matrix.recipe) for cell in cells  # check_cells refuses the rest
              if not mixes.missing_capability(cell.mix, PROTECTIONS.get(cell.protection.name))]
     redo = redo or set()
     keys = to_train(plans, recorded, redo, retry_failed)
     todo = [p for p in plans if p.cell_key in keys]
-    times = [_train_seconds(p.cell, matrix.recipe, records, kind) for p in todo]
+    times = [("train", _train_seconds(p.cell, matrix.recipe, records, kind, ratios)) for p in todo]
     sets = {}
     for stage, axis in (("protected", "protection"), ("purified", "countermeasure")):
         key_of = (lambda p: p.protection_key) if stage == "protected" else (lambda p: p.purify_key)
         cached = {key_of(p) for p in plans if key_of(p) and cache.has(stage, key_of(p))}
         build = {key_of(p): p.cell for p in todo if key_of(p) and (key_of(p) not in cached or p.cell in redo)}
-        times += [_set_seconds(getattr(cell, axis), cell.dataset, stage, records, kind) for cell in build.values()]
+        step = "protect" if stage == "protected" else "purify"
+        times += [(step, _set_seconds(getattr(c, axis), c.dataset, step, records, kind, ratios)) for c in build.values()]
         sets[stage] = (len(cached), len(build))
-    found = sum(known for _, known in times)
-    listed = sum(p.cell_key in recorded for p in plans)
-    return Estimate(len(plans), listed, sets, sum(t for t, _ in times) / max(1, jobs), jobs, kind, found,
-                    len(times) - found, again=sum(p.cell_key in recorded for p in todo))
+    longest = {s: max((t for x, t in times if x == s), key=lambda t: t.seconds) for s in STAGES if s in dict(times)}
+    found, share = sum(t.source == "records" for _, t in times), 1 / max(1, jobs)
+    data = max((train_images(p.cell.dataset) * IMAGE_BYTES.get(p.cell.dataset.name, 3072) for p in todo), default=0)
+    factors = sorted({round(t.factor, 2) for _, t in times if t.source == "calibrated"})
+    return Estimate(len(plans), sum(p.cell_key in recorded for p in plans), sets, sum(t.seconds for _, t in times) * share,
+                    jobs, kind, found, len(times) - found, sum(p.cell_key in recorded for p in todo),
+                    sum(t.low for _, t in times) * share, sum(t.high for _, t in times) * share,
+                    sum(t.source == "table" and t.seconds > 0 for _, t in times), tuple(dict.fromkeys(factors[:1] + factors[-1:])),
+                    {s: t.seconds for s, t in longest.items()},
+                    frozenset(s for s, t in longest.items() if t.source != "records"), data / 1e9)
 
 
 def refusal(matrix: Matrix, work: Estimate, max_hours: float, estimate_of: Callable[[str], Estimate]) -> str | None:
-    """Why a CPU run estimated over ``max_hours`` is refused (naming the ``cpu_alternative``), or None."""
+    """Why a CPU run whose central estimate is over ``max_hours`` is refused (naming the ``cpu_alternative``), or None."""
     hours = work.seconds / 3600
     if work.device != "cpu" or hours <= max_hours:
         return None
@@ -118,25 +237,44 @@ def refusal(matrix: Matrix, work: Estimate, max_hours: float, estimate_of: Calla
             f"— a GPU job. {instead} pass --max-hours {math.ceil(hours) + 1} to run it anyway.")
 
 
+def _calibrated(table: float, ratios: dict[str, list[float]], groups: tuple[str, ...]) -> Timing:
+    """The table's seconds × the median ratio of the first group recorded (the same component's: within ×1.5;
+    a device-wide one: its 10th–90th percentile, at least ×2), else uncalibrated within ×4."""
+    for group in groups:
+        if ratios.get(group):
+            values = sorted(ratios[group])
+            factor, near = statistics.median(values), ":" in group
+            lo, hi = values[len(values) // 10] / factor, values[-1 - len(values) // 10] / factor
+            lo, hi = (min(lo, 1 / 1.5), max(hi, 1.5)) if near else (min(lo, 0.5), max(hi, 2.0))
+            return Timing(table * factor, table * factor * lo, table * factor * hi, "calibrated", factor)
+    return Timing(table, table / 4, table * 4, "table")
+
+
+def _recorded(work: float, rates: list[float]) -> Timing:
+    """``work`` at the median of recorded rates (work per second), within their spread (at least ×0.8–1.25)."""
+    central = work / statistics.median(rates)
+    return Timing(central, min(work / max(rates), central * 0.8), max(work / min(rates), central * 1.25), "records")
+
+
 def _same(record: Record, axis: str, choice: Choice) -> bool:
     return getattr(record, f"{axis}_name") == choice.name and \
         make_key(getattr(record, f"{axis}_params")) == make_key(choice.kwargs)
 
 
-def _rate(kind: str, victim: str) -> float:
-    rates = TRAIN_RATE[kind if kind in TRAIN_RATE else "cuda"]
-    return rates.get(victim, rates["resnet18"])
+def _rate(kind: str, victim: str, params: dict[str, Any] | None = None) -> float:
+    rates = TRAIN_RATE[kind if kind in TRAIN_RATE else "cuda"]  # `authorized` trains its `arch`
+    return rates.get((params or {}).get("arch") or victim, rates["resnet18"])
 
 
 def _factor(name: str, params: dict[str, Any]) -> float:
     """Forward/backward passes per trained image that a train-stage countermeasure costs."""
-    return params["steps"] + 1 if name == "adv_training" else params["repeats"] if name == "ueraser" else \
-        2 if name == "distill" else 1
+    return params["steps"] + 1 if name == "adv_training" else params["repeats"] if name == "ueraser" else 2 if name == "distill" else 1
 
 
-def _train_seconds(cell: Cell, recipe: dict[str, Any], records: list[Record], kind: str) -> tuple[float, bool]:
-    """(seconds, whether from records) to train the cell: its images × epochs (or iterations × batch) at the median
-    rate of records of the same victim (of the same recipe and countermeasure where there are)."""
+def _train_seconds(cell: Cell, recipe: dict[str, Any], records: list[Record], kind: str,
+                   ratios: dict[str, list[float]]) -> Timing:
+    """The cell's training: its images × epochs (or iterations × batch) at the median rate of records of the same
+    victim (of the same recipe and countermeasure where there are), else at the table's rate, calibrated."""
     own = make_recipe(**recipe).for_victim(cell.victim.name)
     samples = own.iterations * own.batch_size if own.iterations else own.epochs * train_images(cell.dataset)
     work = samples * _factor(cell.countermeasure.name, cell.countermeasure.kwargs)
@@ -145,17 +283,18 @@ def _train_seconds(cell: Cell, recipe: dict[str, Any], records: list[Record], ki
     same = [r for r in alike if r.recipe == recipe["name"] and _same(r, "countermeasure", cell.countermeasure)]
     rates = [r.steps * r.recipe_params["batch_size"] * _factor(r.countermeasure_name, r.countermeasure_params)
              / max(r.seconds["train"], 1e-9) for r in same or alike]
-    return (work / statistics.median(rates), True) if rates else (work / _rate(kind, cell.victim.name), False)
+    table = work / _rate(kind, cell.victim.name, cell.victim.kwargs)
+    return _recorded(work, rates) if rates else _calibrated(table, ratios, ("train", "all"))
 
 
-def _set_seconds(choice: Choice, dataset: Choice, stage: str, records: list[Record], kind: str) -> tuple[float, bool]:
-    """(seconds, whether from records) to build a protected/purified set: the median seconds per image of records
-    of the same component and parameters, else ``WORK_PER_IMAGE``, × its images."""
-    axis, step = ("protection", "protect") if stage == "protected" else ("countermeasure", "purify")
-    per_image = [r.seconds[step] / train_images(Choice(r.dataset_name, tuple(r.dataset_params.items()), ""))
-                 for r in records if _same(r, axis, choice) and step in r.seconds]
-    if per_image:
-        return statistics.median(per_image) * train_images(dataset), True
-    param = (PROTECTIONS if stage == "protected" else COUNTERMEASURES).get(choice.name).surrogate_param
-    surrogate = choice.kwargs[param] if param else "cnn"
-    return WORK_PER_IMAGE.get(choice.name, 0) * train_images(dataset) / _rate(kind, surrogate), False
+def _set_seconds(choice: Choice, dataset: Choice, stage: str, records: list[Record], kind: str,
+                 ratios: dict[str, list[float]]) -> Timing:
+    """A protected (``protect``) or purified (``purify``) set: the median seconds per image of records of the same
+    component and parameters × its images, else the table's (``WORK_PER_IMAGE`` × ``budget``), calibrated."""
+    axis, images = "protection" if stage == "protect" else "countermeasure", train_images(dataset)
+    per_second = [train_images(Choice(r.dataset_name, tuple(r.dataset_params.items()), ""))
+                  / max(r.seconds[stage], 1e-9) for r in records if _same(r, axis, choice) and stage in r.seconds]
+    if per_second:
+        return _recorded(images, per_second)
+    table = table_set_seconds(choice.name, choice.kwargs, images, stage, kind)
+    return _calibrated(table, ratios, (f"build:{choice.name}", "build", "all")) if table else Timing(0, 0, 0, "table")
