@@ -110,5 +110,6 @@ def test_estimate_gives_the_longest_job_and_the_data_size(tmp_path):
     work = estimate(matrix, expand(matrix), Cache(tmp_path / "cache"), {}, [], records, "cpu", jobs=2)
     assert work.longest["train"] == pytest.approx(1_438 * 10 / 350 * 0.5) and set(work.longest) == {"protect", "train"}
     assert work.data_gb == pytest.approx(1_438 * 64 / 1e9)
+    assert work.seconds == pytest.approx(sum(work.longest.values()))  # EM's set, then resnet20: over half the work
     requests = job_requests(work, "cpu", 1)
     assert requests["train"].time_min == 30 and requests["protect"].time_min >= 30

@@ -5,8 +5,8 @@ from cells of the same victim and device kind (same recipe and countermeasure fi
 on (train images × epochs, or iterations × batch); a protected or purified set from sets of the same component and
 parameters, scaled by its image count. Else ``TRAIN_RATE`` and ``WORK_PER_IMAGE`` (scaled by the component's budget
 parameters, ``BUDGETS``) give rough rates × the device kind's median recorded/table ratio (``calibrate``: of the
-same component there, else of every recorded set or training). Each stage gets a range too. Nothing is loaded or
-written (dataset keys come from the cache's manifests), and the estimate is divided by the jobs.
+same component there, else of every recorded set or training), with a range. Nothing is loaded or written; the
+work is divided by the jobs, the wall time at least each stage's longest job (stages run one after another).
 """
 
 from __future__ import annotations
@@ -216,11 +216,12 @@ def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str
         sets[stage] = (len(cached), len(build))
     longest = {s: max((t for x, t in times if x == s), key=lambda t: t.seconds) for s in STAGES if s in dict(times)}
     found, share = sum(t.source == "records" for _, t in times), 1 / max(1, jobs)
+    path = [sum(getattr(t, f) for t in longest.values()) for f in ("seconds", "low", "high")]
+    wall = [max(sum(getattr(t, f) for _, t in times) * share, least) for f, least in zip(("seconds", "low", "high"), path)]
     data = max((train_images(p.cell.dataset) * IMAGE_BYTES.get(p.cell.dataset.name, 3072) for p in todo), default=0)
     factors = sorted({round(t.factor, 2) for _, t in times if t.source == "calibrated"})
-    return Estimate(len(plans), sum(p.cell_key in recorded for p in plans), sets, sum(t.seconds for _, t in times) * share,
-                    jobs, kind, found, len(times) - found, sum(p.cell_key in recorded for p in todo),
-                    sum(t.low for _, t in times) * share, sum(t.high for _, t in times) * share,
+    return Estimate(len(plans), sum(p.cell_key in recorded for p in plans), sets, wall[0], jobs, kind, found,
+                    len(times) - found, sum(p.cell_key in recorded for p in todo), wall[1], wall[2],
                     sum(t.source == "table" and t.seconds > 0 for _, t in times), tuple(dict.fromkeys(factors[:1] + factors[-1:])),
                     {s: t.seconds for s, t in longest.items()},
                     frozenset(s for s, t in longest.items() if t.source != "records"), data / 1e9)
