@@ -202,8 +202,7 @@ def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str
     keys = {choice: known_dataset_key(cache, choice, known).key for choice in {c.dataset for c in cells}}  # no loading
     plans = [plan_cell(cell, keys[cell.dataset], matrix.recipe) for cell in cells  # check_cells refuses the rest
              if not mixes.missing_capability(cell.mix, PROTECTIONS.get(cell.protection.name))]
-    redo = redo or set()
-    keys = to_train(plans, recorded, redo, retry_failed)
+    keys = to_train(plans, recorded, redo := redo or set(), retry_failed)
     todo = [p for p in plans if p.cell_key in keys]
     times = [("train", _train_seconds(p.cell, matrix.recipe, records, kind, ratios)) for p in todo]
     sets = {}
