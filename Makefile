@@ -7,7 +7,7 @@ MATRIX ?= smoke
 # Test workers (pytest-xdist): the tests are single-threaded, so one per core; 2 cores here.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test test-slow docs clean
+.PHONY: setup run test test-slow gpu-check docs clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
+
+# On a machine with a GPU: every component, bench run, faults, host syncs and throughput on CUDA (under 8 min on
+# one H100), then the tests marked gpu (deselected by pyproject's addopts; -m on the command line overrides it).
+gpu-check: $(STAMP)
+	$(PY) -m bench selfcheck --device cuda
+	$(PY) -m pytest -q -m gpu
 
 # The README's component table is `bench list --markdown` of the built-ins: regenerate it after adding one.
 docs: $(STAMP)
