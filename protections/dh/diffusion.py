@@ -24,11 +24,13 @@ STABLE_DIFFUSION = Pretrained(
     files="a diffusers StableDiffusionPipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
           "scheduler/) of v1.5, ControlNet-canny's base (the paper names Stable Diffusion without a version; e.g. "
           "from `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR --include "
-          "model_index.json '*/config.json' '*/*.fp16.safetensors' 'tokenizer/*' 'scheduler/*' "
-          "'feature_extractor/*'` on a connected machine)", alternative=ALTERNATIVE, size_mb=2150,
+          "model_index.json '*/config.json' 'unet/*.fp16.safetensors' 'vae/*.fp16.safetensors' "
+          "'text_encoder/*.fp16.safetensors' 'tokenizer/*' 'scheduler/*' 'feature_extractor/*'` on a connected "
+          "machine)", alternative=ALTERNATIVE, size_mb=2150,
     licence="CreativeML OpenRAIL-M", probe="model_index.json",
-    allow=("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", *(f"{part}/config.json" for part in
-           ("unet", "vae", "text_encoder")), *(f"{part}/*.fp16.safetensors" for part in ("unet", "vae", "text_encoder"))))
+    allow=("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*",  # no safety checker: not loaded
+           *(f"{part}/{file}" for part in ("unet", "vae", "text_encoder") for file in ("config.json",
+                                                                                     "*.fp16.safetensors"))))
 CONTROLNET = Pretrained(
     "ControlNet canny", env="BENCH_CONTROLNET", hub_id="lllyasviel/sd-controlnet-canny",
     files="a diffusers ControlNetModel folder (config.json, diffusion_pytorch_model.safetensors)",
