@@ -2,7 +2,8 @@
 
 CIFAR: random crop with 4-pixel zero padding (size/8 at other sizes) + horizontal flip; SVHN: none;
 ImageNet subset: random resized crop (scale 0.08–1, ratio 3/4–4/3) + flip. Random draws come from a CPU
-generator, so a seed gives the same batches on any device.
+generator, so a seed gives the same batches on any device; they reach a GPU through pinned memory without
+blocking the host (``host_to_device``).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ def standard_augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.
     return x
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``: on CUDA pinned and copied asynchronously (a plain copy would make the host wait
+    for the GPU to catch up, every batch); the tensor itself on the CPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``pad`` and crop back to size at a random offset per image (torchvision RandomCrop)."""
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device) for _ in range(2))
+    dy, dx = (host_to_device(torch.randint(0, 2 * pad + 1, (n,), generator=gen), x.device) for _ in range(2))
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     return padded[torch.arange(n, device=x.device)[:, None, None, None],
@@ -41,7 +50,7 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mirror each image horizontally with probability 1/2."""
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    mask = host_to_device(torch.rand(x.shape[0], generator=gen) < 0.5, x.device)
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
@@ -59,5 +68,5 @@ def random_resized_crop(x: torch.Tensor, gen: torch.Generator, scale: tuple[floa
     cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - height)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = width, cx, height, cy
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(host_to_device(theta.to(x.dtype), x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -1,28 +1,38 @@
 """The one training loop: every victim trains here, whatever the countermeasure, and is evaluated on the
 clean test set after every epoch (curves in every record, so early stopping needs no retraining).
 
-The train set lives on the device as uint8; batches are normalised and augmented there, batch-wise, with
-bf16 autocast (CUDA, and CPUs with native bf16) and channels_last, and an optional ``torch.compile``.
-Train-stage countermeasures plug in through ``TrainHooks`` (batch transform, input attack, loss).
-Deterministic on CPU for a seed and thread count.
+The train set lives on the device as uint8 where it fits (else batches stream from pinned host memory); batches
+are normalised and augmented there, batch-wise, with bf16 autocast (GPUs and CPUs with native bf16) and
+channels_last, and an optional ``torch.compile``. Train-stage countermeasures plug in through ``TrainHooks``
+(batch transform, input attack, loss). On CUDA the loop waits for the GPU only every ``CHECK_EVERY`` steps and at
+epoch ends. Deterministic on CPU for a seed and thread count.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench.core.components import ImageSet, TrainHooks
-from bench.execute.augment import standard_augment
+from bench.execute.augment import host_to_device, standard_augment
+from bench.execute.precision import autocast, cpu_has_bf16, resolve_precision
 from bench.plan.recipes import Recipe
+
+__all__ = ["CHECK_EVERY", "RESIDENT_FRACTION", "Normalize", "TrainingDiverged", "autocast", "channel_stats",
+           "cpu_has_bf16", "data_placement", "evaluate", "keep_freed_memory", "resolve_precision", "to_input",
+           "train_and_evaluate"]
+
+CHECK_EVERY = 50  # CUDA: optimiser steps between checks that the loss is finite (each check waits for the GPU)
+RESIDENT_FRACTION = 0.25  # the train set stays on a GPU when its bytes are at most this share of free memory
+STATS_CHUNK_BYTES = 16 << 20  # images per ``channel_stats`` chunk: this many uint8 bytes
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,20 +52,35 @@ class Normalize(nn.Module):
 
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    x = images.double().div(255).transpose(0, 1).flatten(1)
-    return x.mean(1).float(), x.std(1).clamp_min(1e-3).float()
+    """Per-channel mean and (unbiased) std of uint8 images, in [0, 1] units, as float32.
+
+    From exact per-channel histograms over chunks of ``STATS_CHUNK_BYTES`` (no float copy of the set), then one
+    float64 division per channel: the float64 computation's result, to float32.
+    """
+    counts = torch.zeros(images.shape[1], 256, dtype=torch.int64, device=images.device)
+    step = max(1, STATS_CHUNK_BYTES // max(1, images[0].numel()))
+    for first in range(0, images.shape[0], step):
+        chunk = images[first:first + step]
+        for channel in range(images.shape[1]):
+            counts[channel] += torch.bincount(chunk[:, channel].reshape(-1), minlength=256)
+    values = torch.arange(256, dtype=torch.int64, device=images.device)
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    sums, squares = (counts * values).sum(1).tolist(), (counts * values * values).sum(1).tolist()
+    mean = [s / (255 * n) if n else math.nan for s in sums]
+    std = [math.sqrt((n * q - s * s) / (n * (n - 1))) / 255 if n > 1 else math.nan for s, q in zip(sums, squares)]
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32).clamp_min(1e-3)
 
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast is ~2.5× faster."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def data_placement(images: torch.Tensor, device: torch.device, fraction: float = RESIDENT_FRACTION) -> str:
+    """Where a train set stays while training on ``device``: ``host`` (training on the CPU), ``device`` (its bytes
+    at most ``fraction`` of the GPU's free memory), else ``host-pinned`` (batches gathered on the host into pinned
+    memory and copied without blocking)."""
+    if device.type == "cpu":
+        return "host"
+    if device.type != "cuda":
+        return "device"
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if images.numel() * images.element_size() <= fraction * free else "host-pinned"
 
 
 @functools.cache
@@ -75,13 +100,6 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``bf16`` or ``fp32`` for this recipe setting on this device."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
-
-
 def to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 N×C×H×W → float [0, 1], channels_last."""
     return images.float().div_(255).contiguous(memory_format=torch.channels_last)
@@ -90,12 +108,12 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 def evaluate(model: nn.Module, data: ImageSet, batch_size: int, precision: str = "fp32") -> float:
     """Top-1 accuracy of ``model`` on ``data`` (already on the model's device)."""
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=data.images.device)
     with torch.no_grad(), autocast(data.images.device, precision):
         for start in range(0, len(data), batch_size):
             logits = model(to_input(data.images[start:start + batch_size]))
-            correct += (logits.argmax(1) == data.labels[start:start + batch_size]).sum().item()
-    return correct / len(data)
+            correct += (logits.argmax(1) == data.labels[start:start + batch_size]).sum()
+    return correct.item() / len(data)
 
 
 def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe: Recipe, *, seed: int,
@@ -113,7 +131,10 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
 
     Returns:
         ``train_acc``/``test_acc`` curves, ``final``/``best`` test accuracy and its epoch, ``images_per_s``
-        (training only), ``precision``, ``steps`` and the trained ``model`` (normalisation included).
+        (training only; with ``recipe.compile``, without the first step of each batch size, which compiles: its
+        seconds are ``compile_seconds``, and the rate is None if every step compiled), the resolved ``precision``,
+        ``steps``, ``data_placement`` (see ``data_placement``), ``tf32_conv`` (cuDNN may use TF32 for fp32
+        convolutions: CUDA only) and the trained ``model`` (normalisation included).
     """
     hooks = hooks or TrainHooks()
     torch.manual_seed(seed)
@@ -121,28 +142,38 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
     precision = resolve_precision(recipe.precision, device)
     mean, std = channel_stats(train.images)
     net = nn.Sequential(Normalize(mean, std), model).to(device).to(memory_format=torch.channels_last)
-    forward = torch.compile(net) if recipe.compile else net
-    train, test = train.to(device), test.to(device)
+    forward = torch.compile(net, dynamic=False) if recipe.compile else net
+    placement = data_placement(train.images, device)
+    images = train.images if placement == "host-pinned" else train.images.to(device)
+    labels, test = train.labels.to(device), test.to(device)
     optimizer = _optimizer(recipe, net)
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total_steps = recipe.iterations if recipe.iterations is not None else recipe.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe, total_steps, steps_per_epoch))
     curves: dict[str, list[float]] = {"train_acc": [], "test_acc": []}
+    check_every = CHECK_EVERY if device.type == "cuda" else 1  # a check costs the CPU nothing
     step, seen, train_seconds = 0, 0, 0.0
+    compiled: dict[int, float] = {}  # batch size → seconds of the step that compiled its graph
     for epoch in range(epochs):
         start = time.perf_counter()
         net.train()
         if hooks.epoch_start:
             hooks.epoch_start(epoch, epochs)
-        order = torch.randperm(len(train), generator=gen).to(device)
-        correct = 0
+        order = torch.randperm(len(train), generator=gen)
+        on_device = host_to_device(order, device)
+        epoch_end = min(total_steps, (epoch + 1) * steps_per_epoch)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        losses, checked = torch.zeros((), device=device), step  # the sum of the losses since step ``checked``
         for first in range(0, len(train), recipe.batch_size):
             if step == total_steps:
                 break
-            index = order[first:first + recipe.batch_size]
-            x = standard_augment(to_input(train.images[index]), augment, gen)
-            y = train.labels[index]
+            index = on_device[first:first + recipe.batch_size]
+            compiling = recipe.compile and len(index) not in compiled
+            compile_start = _clock(device) if compiling else 0.0
+            batch = _host_batch(images, order[first:first + recipe.batch_size], device) \
+                if placement == "host-pinned" else images[index]
+            x, y = standard_augment(to_input(batch), augment, gen), labels[index]
             if hooks.batch_transform:
                 x, y = hooks.batch_transform(x, y, gen)
             if hooks.attack:
@@ -150,19 +181,24 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
                     x = hooks.attack(forward, x, y, gen)
             with autocast(device, precision):
                 loss, logits = hooks.loss(forward, x, y, gen) if hooks.loss else _cross_entropy(forward, x, y, recipe)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+            losses = losses + loss.detach().float()
+            if (step + 1) % check_every == 0 or step + 1 == epoch_end:
+                _check_finite(losses, epoch, checked + 1, step + 1)
+                losses, checked = torch.zeros((), device=device), step + 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             step, seen = step + 1, seen + len(index)
             hard = y.argmax(1) if y.dim() == 2 else y
-            correct += (logits.argmax(1) == hard).sum().item()
+            correct += (logits.argmax(1) == hard).sum()
+            if compiling:
+                compiled[len(index)] = _clock(device) - compile_start
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds += time.perf_counter() - start
-        curves["train_acc"].append(correct / min(len(train), (step - epoch * steps_per_epoch) * recipe.batch_size))
+        done = (step - epoch * steps_per_epoch) * recipe.batch_size
+        curves["train_acc"].append(correct.item() / min(len(train), done))
         last = epoch == epochs - 1
         due = evaluate_every_epoch and (epoch + 1) % recipe.eval_every == 0
         curves["test_acc"].append(evaluate(forward, test, recipe.eval_batch_size, precision)
@@ -170,8 +206,35 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
         if on_epoch:
             on_epoch(epoch + 1, curves["train_acc"][-1], curves["test_acc"][-1])
     tested = [a for a in curves["test_acc"] if not math.isnan(a)]
+    timed = seen - sum(compiled)  # images of the steps that compiled nothing
+    rate = timed / (train_seconds - sum(compiled.values())) if timed else None
     return {**curves, "final": tested[-1], "best": max(tested), "best_epoch": curves["test_acc"].index(max(tested)) + 1,
-            "images_per_s": seen / train_seconds, "precision": precision, "steps": step, "model": net}
+            "images_per_s": rate, "precision": precision, "steps": step, "model": net, "data_placement": placement,
+            "tf32_conv": device.type == "cuda" and torch.backends.cudnn.allow_tf32,
+            "compile_seconds": sum(compiled.values()) if recipe.compile else None}
+
+
+def _clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _host_batch(images: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-resident images ``index`` on ``device``: gathered straight into pinned memory on CUDA and copied
+    without blocking the host."""
+    if device.type != "cuda":
+        return host_to_device(images[index], device)
+    batch = torch.empty((len(index), *images.shape[1:]), dtype=images.dtype, pin_memory=True)
+    return torch.index_select(images, 0, index, out=batch).to(device, non_blocking=True)
+
+
+def _check_finite(losses: torch.Tensor, epoch: int, first: int, last: int) -> None:
+    """Raise ``TrainingDiverged`` if the sum of the losses of steps ``first``..``last`` is NaN or infinite."""
+    if not torch.isfinite(losses):
+        steps = f"step {last}" if first == last else f"one of steps {first}-{last}"
+        raise TrainingDiverged(f"loss became {losses.item()} at epoch {epoch + 1}, {steps}")
 
 
 def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,10 +259,3 @@ def _schedule(recipe: Recipe, total: int, steps_per_epoch: int) -> Callable[[int
         rise = max(1, round(recipe.warmup * total))
         return lambda step: step / rise if step < rise else max(0.0, (total - step) / max(1, total - rise))
     return lambda step: 1.0
-
-
-def autocast(device: torch.device, precision: str) -> Any:
-    """bf16 autocast on ``device`` when ``precision`` is bf16, else nothing."""
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
