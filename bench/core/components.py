@@ -121,7 +121,8 @@ def _overrides(cls: type, method: str) -> bool:
 
 
 class Protection(_Declared):
-    """Makes a training set unlearnable. Never mutates its input; randomness comes from ``seed``.
+    """Makes a training set unlearnable. Never mutates its input; randomness comes from ``seed``; returns CPU tensors
+    (``ImageSet.with_images`` brings images made on ``device`` back to the CPU).
 
     Override ``protect``, or, for a protection that fits models (``fits``), ``fit``, which returns them with the
     protected set; the harness saves them beside it. ``encrypts_unseen``: its fitted models protect new images
@@ -167,7 +168,8 @@ class Protection(_Declared):
 class Countermeasure(_Declared):
     """Tries to make a protected training set learnable again, in one or both ``stages``.
 
-    ``"data"``: ``purify`` (or ``fit``, with models) preprocesses the train set once (cached); ``"train"``:
+    ``"data"``: ``purify`` (or ``fit``, with models) preprocesses the train set once (cached) and returns CPU
+    tensors, as protections do (``ImageSet.with_images`` moves them); ``"train"``:
     ``train_hooks`` changes training itself (augmentations, adversarial training …). Both may be declared; none
     (``none``, ``early_stop``) leaves data and training alone. ``needs_models``: kinds of model of the cell's
     protection it requires (``uses_models``: takes where present); ``purify``/``fit``/``train_hooks`` then take a

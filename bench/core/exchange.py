@@ -45,7 +45,8 @@ class ImageSet:
         return self.images.shape[-1]
 
     def with_images(self, images: torch.Tensor, **info: Any) -> ImageSet:
-        """The same labels with other uint8 images (e.g. protected ones), reporting ``info`` about them.
+        """The same labels with other uint8 images (e.g. protected ones), reporting ``info`` about them, on the CPU
+        (where the harness keeps every set between stages): images made on a GPU are copied back here.
 
         Never casts: float images in [0, 1] would become zeros and int16 values would wrap around.
         """
@@ -55,7 +56,7 @@ class ImageSet:
                             "x.clamp(0, 255).to(torch.uint8) for integer pixel values")
         if images.shape != self.images.shape:
             raise ValueError(f"with_images got shape {tuple(images.shape)} for a set of {tuple(self.images.shape)}")
-        return ImageSet(images.contiguous(), self.labels, self.num_classes, info)
+        return ImageSet(images.cpu().contiguous(), self.labels.cpu(), self.num_classes, info)
 
     def subset(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.num_classes)

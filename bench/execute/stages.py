@@ -210,7 +210,8 @@ def _train(job: TrainJob, cache: Cache, built: Components, recipe: Recipe, train
                                     hooks=hooks, on_epoch=lambda e, tr, te: (bar.update(), bar.set_postfix(test=f"{te:.3f}")))
     return {"test_acc_final": result["final"], "test_acc_best": result["best"], "best_epoch": result["best_epoch"],
             "train_acc": result["train_acc"], "test_acc": result["test_acc"], "images_per_s": result["images_per_s"],
-            "augment": augment, "precision": result["precision"], "steps": result["steps"], "model": result["model"]}
+            "augment": augment, "precision": result["precision"], "steps": result["steps"], "model": result["model"],
+            **{k: result[k] for k in ("data_placement", "tf32_conv", "compile_seconds")}}
 
 
 def _models_for(component: Any, cache: Cache, plan: Plan, device: torch.device, own: bool = False) -> dict[str, Models]:
@@ -245,7 +246,10 @@ def _check_models(component: Any, fitted: Fitted) -> None:
 
 def _check_output(before: ImageSet, after: ImageSet, what: str, subset: bool = False) -> None:
     """The stage kept every image and its label (or, for a countermeasure that ``returns_subset``, the image
-    shape, the classes and at most as many images)."""
+    shape, the classes and at most as many images), on the CPU."""
+    if {after.images.device.type, after.labels.device.type} != {"cpu"}:
+        raise RuntimeError(f"{what} returned tensors on {after.images.device}: components return CPU tensors; call "
+                           ".cpu() (ImageSet.with_images does)")
     if subset:
         if after.images.shape[1:] != before.images.shape[1:] or len(after) > len(before) or \
                 after.num_classes != before.num_classes:
