@@ -5,6 +5,8 @@ as folders, hub and pipeline calls are monkeypatched."""
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from types import SimpleNamespace
 from typing import ClassVar
@@ -22,6 +24,7 @@ from bench.protections.dh import diffusion as D
 from bench.protections.dh import semantic as SEM
 from bench.protections.dh.losses import RESNET18, extractor
 from bench.protections.uge import encoders as E
+from tests.conftest import REPO
 
 ENVS = ("BENCH_SD", "BENCH_CONTROLNET", "BENCH_CLIP", "BENCH_COCO", "BENCH_RESNET18", "BENCH_DDPM")
 HUB_IDS = ("openai/clip-vit-base-patch32", "google/ddpm-cifar10-32", "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -38,11 +41,12 @@ def bare(tmp_path, monkeypatch):
     return tmp_path
 
 
-def fake_hub_repo(cache, hub_id, *files, revision="0123abcd"):
+def fake_hub_repo(cache, hub_id, *files, revision="0123abcd0123abcd0123abcd0123abcd0123abcd"):
     """The hub cache's layout for one repository: models--org--name/{refs/main, snapshots/<rev>/<files>}."""
     repo = cache / f"models--{hub_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
     for name in files:
         (repo / "snapshots" / revision / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / "snapshots" / revision / name).write_text("{}")
@@ -262,3 +266,24 @@ def test_dh_fit_hands_its_device_to_the_semantic_images(monkeypatch):
                                                                                device=torch.device("cpu"))
     assert seen.value.args == (torch.device("cpu"),)
     assert COUNTERMEASURES.create("diffpure").pretrained_needed() == (DDPM,)
+
+
+def test_diffpure_loads_the_default_ddpm_from_the_hub_cache_offline(bare):
+    """The run-time side of a hub-cache plan: no $BENCH_DDPM, offline, the repository's snapshot in the cache (a
+    fresh interpreter: huggingface_hub reads $HF_HUB_CACHE once, at import)."""
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMScheduler
+
+    from bench.countermeasures import _ddpm
+
+    fake_hub_repo(bare / "hub", DDPM.hub_id)
+    snapshot = next((bare / "hub" / "models--google--ddpm-cifar10-32" / "snapshots").iterdir())
+    _ddpm.small_unet(3, 32, 8).save_pretrained(snapshot)
+    DDPMScheduler(num_train_timesteps=1000).save_config(snapshot)
+    code = ("from bench.countermeasures import _ddpm\nfrom bench.countermeasures.diffpure import DDPM\n"
+            "unet, config, source = _ddpm.load(DDPM.hub_id, DDPM)\nprint(DDPM.resolve().kind, source, "
+            "unet.config.block_out_channels)")
+    env = {k: v for k, v in os.environ.items() if k not in ENVS} | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.stdout.split("\n")[-2] == "hub-cache google/ddpm-cifar10-32 [8, 16, 16]", done.stderr[-2000:]
