@@ -239,6 +239,35 @@ def test_cpu_results_say_where_the_data_was_and_that_no_tf32_ran(digits):
     assert (result["data_placement"], result["tf32_conv"], result["compile_seconds"]) == ("host", False, None)
 
 
+ONE_CELL = """
+description = "one cell"
+seeds = [0]
+[recipe]
+name = "quick"
+epochs = 1
+[datasets.digits]
+per_class = 10
+test_per_class = 5
+[protections]
+clean = {}
+[countermeasures]
+none = {}
+[victims.cnn]
+width = 8
+"""
+
+
+def test_records_say_where_the_data_was(tmp_path):
+    from bench.cli import main
+    from bench.store.records import RecordLog
+
+    (tmp_path / "one.toml").write_text(ONE_CELL)
+    assert main(["run", "--matrix", str(tmp_path / "one.toml"), "--results", str(tmp_path / "r"), "--jobs", "1",
+                 "--device", "cpu"]) == 0
+    (record,) = RecordLog(tmp_path / "r" / "runs" / "one" / "records.jsonl").read()
+    assert record.ok and (record.data_placement, record.tf32_conv, record.compile_seconds) == ("host", False, None)
+
+
 def test_device_tensors_from_a_component_come_back_to_the_cpu(monkeypatch):
     """'meta' stands in for a GPU: ``with_images`` copies to the CPU; a set built around them is refused by name."""
     clean = ImageSet(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.arange(4), 4)
