@@ -1,4 +1,5 @@
-"""Command line: ``bench run``, ``bench list``, ``bench show``, ``bench leaderboard``, ``bench protect``, ``bench report``.
+"""Command line: ``bench run``, ``weights``, ``selfcheck``, ``list``, ``show``, ``leaderboard``, ``perf``, ``protect``,
+``report``.
 
 Configuration errors (unknown component, parameter or value; missing data) exit with code 2 and a message
 naming the file, the key and close matches, before anything runs.
@@ -8,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 from bench.core.registry import ConfigError
-from bench.execute.claims import DEFAULT_STALE
+from bench.execute import runs, selfcheck
+from bench.plan import weights
 # the listing's helpers live in bench.report.catalog; the README test and older scripts import them from here
 from bench.report.catalog import KINDS, component_table
 
@@ -22,40 +22,10 @@ from bench.report.catalog import KINDS, component_table
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a matrix (cached, resumable) and print its leaderboards")
-    run.add_argument("--matrix", default="smoke", help="a name in bench/matrices/ or a .toml path (default: smoke)")
-    run.add_argument("--jobs", type=int, default=0, help="parallel cells (default: one per GPU, else one per CPU core)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    run.add_argument("--threads", type=int, default=1,
-                     help="CPU threads per job; fixed so that results do not depend on --jobs (default: 1)")
-    run.add_argument("--only", action="append", default=[], metavar="KEY=GLOB",
-                     help="keep cells whose KEY (dataset, protection, countermeasure, victim, seed, poison_ratio) "
-                          "label matches GLOB; repeatable")
-    run.add_argument("--dry-run", action="store_true", help="print every cell and whether it is cached, run nothing")
-    run.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as failed")
-    run.add_argument("--rerun", action="append", default=[], metavar="KEY=GLOB",
-                     help="retrain the cells matching KEY=GLOB (as --only) and rebuild their protected and purified "
-                          "sets, even where recorded and cached (after editing a component's code); repeatable")
-    run.add_argument("--force", action="store_true", help="as --rerun of every (selected) cell")
-    run.add_argument("--rebuild-sets", action="store_true",
-                     help="also build the protected sets of recorded cells missing from the cache (records kept from "
-                          "another machine), so that `bench report` shows their images; no cell is retrained")
-    run.add_argument("--max-hours", type=float, metavar="H",
-                     help="on a CPU, refuse (exit 2, before any work) a run whose estimated remaining wall time exceeds "
-                          "H hours (default: 12); --dry-run only prints the estimate")
-    run.add_argument("--stale-after", type=float, metavar="S",
-                     default=float(os.environ.get("BENCH_CLAIM_STALE", DEFAULT_STALE)),
-                     help="take over another worker's claim on a key after S seconds without its heartbeat (a killed "
-                          f"run); default $BENCH_CLAIM_STALE or {DEFAULT_STALE:g}")
-    run.add_argument("--data-root", help="folder holding dataset files (sets $BENCH_DATA_ROOT)")
-    run.add_argument("--backend", default="local",
-                     help="local (joblib processes, the default), submitit (Slurm job arrays; submitit's local executor "
-                          "without sbatch) or ray (a Ray cluster); submitit and ray: pip install -e '.[cluster]'")
-    run.add_argument("--slurm-partition", help="submitit: the Slurm partition")
-    run.add_argument("--slurm-time-min", type=int, metavar="MIN", help="submitit: each job's time limit in minutes")
-    run.add_argument("--gpus-per-task", type=float, metavar="G",
-                     help="submitit, ray: GPUs per job (ray allows fractions; default 1 on a CUDA device, else 0)")
-    run.add_argument("--ray-address", help="ray: the cluster's address (default: a Ray instance started here)")
+    run = runs.add_parser(commands)
+    weights.offline_flag(run)
+    weights.add_parser(commands)
+    selfcheck.add_parser(commands)
     listing = commands.add_parser("list", help="list components (parameters, papers, capabilities), named matrices "
                                   "and recipes")
     listing.add_argument("kind", nargs="?", choices=KINDS, help="one kind (default: all)")
@@ -80,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     perf.add_argument("what", choices=("train",))
     perf.add_argument("--victims", default="resnet18,cnn", help="comma-separated victims (default: resnet18,cnn)")
     perf.add_argument("--dataset", default="cifar10-jpeg")
-    perf.add_argument("--per-class", type=int, default=100, help="train images per class, ≥ 1 (default: 100)")
-    perf.add_argument("--epochs", type=int, default=2)
+    perf.add_argument("--per-class", type=int, help="train images per class, ≥ 1 (default: 100 on a CPU, 1,000 on CUDA)")
+    perf.add_argument("--epochs", type=int, help="default: 2 on a CPU, 3 on CUDA")
     perf.add_argument("--batch-size", type=int, default=128)
     perf.add_argument("--repeats", type=int, default=3, help="alternating runs of each loop (median reported)")
-    perf.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    perf.add_argument("--workers", type=int, help="DataLoader workers of the reference loop (default: 2 on a CPU, 4 on CUDA)")
     perf.add_argument("--device", default="auto")
     protect = commands.add_parser("protect", help="encrypt a folder of images with a protection's fitted models "
                                   "(fast encryption, ConfounderGAN §4.3): one forward pass per batch")
@@ -115,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.core import plugins
 
         plugins.use(*args.plugins)
-    if args.command in ("perf", "protect"):  # `run` does it in each job's process
+    weights.apply_offline(args)
+    if args.command in ("perf", "protect", "selfcheck"):  # `run` does it in each job's process
         from bench.execute.train import keep_freed_memory
 
         keep_freed_memory()
     try:
-        return {"run": cmd_run, "list": cmd_list, "show": cmd_show, "leaderboard": cmd_leaderboard, "perf": cmd_perf,
+        return {"run": runs.cmd_run, "weights": weights.cmd_weights, "selfcheck": selfcheck.cmd_selfcheck,
+                "list": cmd_list, "show": cmd_show, "leaderboard": cmd_leaderboard, "perf": cmd_perf,
                 "protect": cmd_protect, "report": cmd_report}[args.command](args)
     except ConfigError as err:
         print(f"bench: error: {err}", file=sys.stderr)
@@ -128,53 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `bench list | head`: the reader left; exit quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    import torch
-
-    from bench.execute.backends import BackendOptions
-    from bench.execute.scheduler import RunOptions, run_matrix
-    from bench.plan.matrix import load_matrix
-
-    if args.data_root:
-        os.environ["BENCH_DATA_ROOT"] = str(Path(args.data_root).resolve())
-    # SIGTERM (kill, a cluster's time limit) unwinds like Ctrl-C, so the worker processes are stopped with the run
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    if args.jobs < 0:
-        raise ConfigError("--jobs must be ≥ 0 (0 = automatic)")
-    backend = BackendOptions(args.backend, args.slurm_partition, args.slurm_time_min, args.gpus_per_task,
-                             args.ray_address)
-    backend.check(args.device)
-    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
-    jobs = args.jobs or gpus or max(1, (os.cpu_count() or 1) // max(1, args.threads))
-    start = time.perf_counter()
-    options = RunOptions(args.results, jobs, args.device, args.threads, tuple(args.only), args.dry_run,
-                         args.retry_failed, tuple(args.rerun), args.force, args.rebuild_sets, stale=args.stale_after,
-                         backend=backend, **({"max_hours": args.max_hours} if args.max_hours is not None else {}))
-    matrix = load_matrix(args.matrix)
-    counts = run_matrix(matrix, options)
-    if args.dry_run:
-        return 0
-    print(f"matrix {matrix.name}: {counts.cells} cells — {counts.trained} trained, {counts.skipped} already recorded, "
-          f"{counts.failed} failed — {time.perf_counter() - start:.1f} s (jobs={jobs}, backend={args.backend}); built "
-          f"{counts.protected} protected and {counts.purified} purified sets")
-    _print_leaderboard(args.results, matrix.name, "final")
-    return _report_failures(args.results / "runs" / matrix.name / "records.jsonl", counts.failed)
-
-
-def _report_failures(log: Path, failed: int) -> int:
-    """Exit status of a run: 1 (with each distinct error's last line on stderr) if any cell failed."""
-    if not failed:
-        return 0
-    from bench.store.records import RecordLog
-
-    errors = {(r.error or "").strip().splitlines()[-1] for r in RecordLog(log).latest().values() if not r.ok}
-    print(f"bench: {failed} cell(s) failed; full tracebacks in {log}; fix the cause and rerun with --retry-failed:",
-          file=sys.stderr)
-    for line in sorted(errors):
-        print(f"  {line}", file=sys.stderr)
-    return 1
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
@@ -213,11 +138,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if args.compare and args.mix_recipes:
         raise ConfigError("--compare paper compares one recipe per table, as the paper's: drop --mix-recipes")
-    _print_leaderboard(args.results, run_name(args.results, args.matrix), args.metric, args.mix_recipes, args.compare)
+    print_leaderboard(args.results, run_name(args.results, args.matrix), args.metric, args.mix_recipes, args.compare)
     return 0
 
 
-def _print_leaderboard(results: Path, name: str, metric: str, mix_recipes: bool = False,
+def print_leaderboard(results: Path, name: str, metric: str, mix_recipes: bool = False,
                        compare: str | None = None) -> None:
     from bench.report.leaderboard import leaderboard, markdown
 

@@ -85,12 +85,14 @@ def test_ray_gives_the_records_of_local(matrix, local, ray_session, capsys):
 @needs("submitit")
 def test_submitit_local_executor_gives_the_records_of_local(matrix, local, capsys, monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no sbatch: submitit's local executor
+    monkeypatch.setenv("XDG_CACHE_HOME", str(matrix.parent / "home-cache"))
     results = matrix.parent / "submitit"
     assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "2", "--device", "cpu",
                  "--backend", "submitit"]) == 0
     assert "no sbatch on PATH, so its local executor" in capsys.readouterr().out
     assert outcome(results) == local
-    assert any((results / "submitit").iterdir()), "submitit's logs and pickles are beside the results"
+    assert not (results / "submitit").exists(), "submitit's pickles are never in the (shared) results folder"
+    assert any((matrix.parent / "home-cache" / "bench" / "submitit").iterdir()), "they are in the user's own folder"
 
 
 @pytest.mark.slow
@@ -152,3 +154,94 @@ def test_jobs_given_gpus_on_a_cluster_plan_for_cuda():
     """From a login node without GPUs, `--gpus-per-task` makes the estimate and the checks plan for CUDA."""
     assert BackendOptions("ray", gpus_per_task=0.5).target("cpu") == "cuda"
     assert BackendOptions("submitit").target("cpu") == "cpu" and BackendOptions("local").target("cuda:1") == "cuda:1"
+
+
+class _FakeTask:
+    def __init__(self, index: int, fail: bool) -> None:
+        self.job_id, self.fail = f"77_{index}", fail
+
+    def result(self):
+        if self.fail:
+            raise RuntimeError("job 77 was killed: TIMEOUT")
+        return f"result {self.job_id}"
+
+    def cancel(self, check: bool = False) -> None:
+        pass
+
+
+def test_submitit_asks_for_the_estimated_limits_and_a_failed_task_is_a_lost_job(monkeypatch, tmp_path):
+    """submitit's 5-minute default killed every Slurm job, and one failed job cancelled the whole array."""
+    import types as pytypes
+
+    from bench.execute.backends import Submitit
+    from bench.plan.requests import JobRequest
+
+    seen: dict = {}
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            seen["folder"] = folder
+
+        def update_parameters(self, **parameters):
+            seen.update(parameters)
+
+        def map_array(self, fn, fns, jobs, devices):
+            return [_FakeTask(i, fail=(i == 1)) for i in range(len(jobs))]
+
+    fake = pytypes.SimpleNamespace(AutoExecutor=Executor, helpers=pytypes.SimpleNamespace(
+        as_completed=lambda tasks, poll_frequency: iter(tasks)))
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    results, lost = [], []
+    backend = Submitit("cuda", 4, 1, 1, tmp_path, "slurm", BackendOptions("submitit", mem_gb=64))
+    backend.map(lambda fn, job, device: job, None, ["a", "b", "c"], results.append,
+                lambda job, why: lost.append((job, why.reason)), JobRequest(90, 64, 4))
+    assert seen["timeout_min"] == 90 and seen["mem_gb"] == 64 and seen["cpus_per_task"] == 4
+    assert results == ["result 77_0", "result 77_2"]
+    assert lost == [("b", "Slurm task 77_1 failed (limits: 90 min, 64 GB): RuntimeError: job 77 was killed: TIMEOUT")]
+
+
+def test_ray_workers_get_the_drivers_weights_data_and_hub_settings(monkeypatch):
+    """Ray workers got only PYTHONPATH: $BENCH_* weights and data root, and HF_HUB_OFFLINE, never reached them."""
+    from bench.execute.backends import worker_env
+
+    for name, value in (("BENCH_DATA_ROOT", "/data"), ("BENCH_CLIP", "/w/clip"), ("HF_HUB_OFFLINE", "1"),
+                        ("HF_HOME", "/hf"), ("CUBLAS_WORKSPACE_CONFIG", ":4096:8"), ("UNRELATED", "x")):
+        monkeypatch.setenv(name, value)
+    env = worker_env()
+    assert {k: env[k] for k in ("BENCH_DATA_ROOT", "BENCH_CLIP", "HF_HUB_OFFLINE", "HF_HOME",
+                                "CUBLAS_WORKSPACE_CONFIG")} == {"BENCH_DATA_ROOT": "/data", "BENCH_CLIP": "/w/clip",
+                                                                 "HF_HUB_OFFLINE": "1", "HF_HOME": "/hf",
+                                                                 "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert "UNRELATED" not in env and str(REPO) in env["PYTHONPATH"]
+
+
+def test_ray_asks_for_memory_and_a_lost_task_is_a_lost_job(monkeypatch):
+    import types as pytypes
+
+    from bench.execute.backends import Ray
+    from bench.plan.requests import JobRequest
+
+    class RayError(Exception):
+        pass
+
+    seen: dict = {}
+
+    def remote(**options):
+        seen.update(options)
+        return lambda fn: pytypes.SimpleNamespace(remote=lambda runner, f, job, device: job)
+
+    def get(ref):
+        if ref == "b":
+            raise RayError("worker crashed: OOM")
+        return f"result {ref}"
+
+    fake = pytypes.SimpleNamespace(is_initialized=lambda: True, remote=remote, get=get, cancel=lambda *a, **k: None,
+                                   wait=lambda refs, num_returns: (refs[:1], refs[1:]),
+                                   exceptions=pytypes.SimpleNamespace(RayError=RayError))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    results, lost = [], []
+    Ray("cpu", 2, 1, 0.0, BackendOptions("ray")).map(lambda fn, job, device: job, None, ["a", "b"], results.append,
+                                                     lambda job, why: lost.append((job, why.reason)),
+                                                     JobRequest(30, 8, 2))
+    assert seen["memory"] == 8 * 2**30 and seen["num_cpus"] == 2 and seen["max_retries"] == 1
+    assert results == ["result a"] and lost == [("b", "Ray task failed: RayError: worker crashed: OOM")]

@@ -261,7 +261,7 @@ def _children(pid: int) -> set[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_sigterm_stops_the_worker_processes_with_the_run(tmp_path):
-    """kill (SIGTERM) mid-run with --jobs 2: the run exits and its joblib workers do not go on computing cells."""
+    """kill (SIGTERM) mid-run with --jobs 2: the run exits and its worker processes do not go on computing cells."""
     text = TINY.format(extra_countermeasures="bdr = {}\ngrayscale = {}\nmedian_filter = {}\njpeg = {}")
     matrix = tiny_matrix(tmp_path, text=text.replace("epochs = 2", "epochs = 30"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -270,7 +270,7 @@ def test_sigterm_stops_the_worker_processes_with_the_run(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, workers = time.time() + 120, set()
     while time.time() < deadline and len(workers) < 2:
-        workers = {p for p in _children(proc.pid) if "loky" in (Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+        workers = {p for p in _children(proc.pid) if "bench.execute.pool" in (Path(f"/proc/{p}/cmdline").read_text(errors="replace")
                                                                  if Path(f"/proc/{p}/cmdline").exists() else "")}
         time.sleep(0.2)
     assert workers, "the run never started its worker processes"
@@ -315,21 +315,24 @@ def test_cuda_requested_without_gpu_exits_2(tmp_path, capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_device_queue_gives_each_parallel_job_its_own_device():
-    """With several GPUs, each running job holds one device (checked with stand-in names on CPU)."""
-    from bench.execute.backends import Local, device_queue
+def test_each_worker_keeps_one_device_for_its_lifetime():
+    """Several workers on several devices: each job runs on its worker's device, each worker always on the same one
+    (checked with CPU workers; ``devices.slots`` assigns GPUs round robin, tested in test_workers)."""
+    from bench.execute.backends import Local
     from bench.execute.scheduler import _call
     from conftest import hold_device
 
-    results = []
-    jobs = [types.SimpleNamespace(i=i, threads=1) for i in range(4)]
-    Local(2, device_queue(["cuda:0", "cuda:1"])).map(_call, hold_device, jobs, results.append)
-    assert len(results) == 4 and {r["device"] for r in results} == {"cuda:0", "cuda:1"}
-    assert len({r["pid"] for r in results}) == 2, "two worker processes ran the jobs"
-    for a in results:
-        for b in results:
-            overlap = a is not b and a["start"] < b["end"] and b["start"] < a["end"]
-            assert not (overlap and a["device"] == b["device"]), "two running jobs shared a device"
+    results, lost = [], []
+    backend = Local(2, ["cpu"], 1)
+    try:
+        jobs = [types.SimpleNamespace(i=i, threads=1, key=str(i)) for i in range(6)]
+        backend.map(_call, hold_device, jobs, results.append, lambda job, why: lost.append(why))
+        backend.map(_call, hold_device, jobs[:2], results.append, lambda job, why: lost.append(why))
+    finally:
+        backend.close()
+    assert not lost and len(results) == 8 and {r["device"] for r in results} == {"cpu"}
+    assert len({r["pid"] for r in results}) == 2, "two worker processes ran every job, across both stages"
+    assert os.getpid() not in {r["pid"] for r in results}
 
 
 def test_component_progress_logs_reach_stderr_of_a_run_process():

@@ -264,7 +264,7 @@ def active() -> PluginSet:
                 modules.setdefault(cls.__module__, file)
     ordered = tuple(sorted(modules.items(), key=lambda item: item[0].count(".")))  # packages before submodules
     path = tuple(entry or os.getcwd() for entry in sys.path)  # "" (python -c, -m): the driver's folder
-    return PluginSet(path, ordered, _cloudpickle().dumps(by_value) if by_value else b"")
+    return PluginSet(path, ordered, cloudpickle().dumps(by_value) if by_value else b"")
 
 
 _ENSURED: set[int] = set()
@@ -284,13 +284,13 @@ def ensure(plugins: PluginSet) -> None:
             _import_module(name, f"plugin module {name} (loaded by the driver)")
         else:
             _exec(name, Path(file), package=Path(file).name == "__init__.py")
-    for kind, cls in _cloudpickle().loads(plugins.by_value) if plugins.by_value else ():
+    for kind, cls in cloudpickle().loads(plugins.by_value) if plugins.by_value else ():
         registry = next(r for r in registries() if r.kind == kind and issubclass(cls, r.base))
         registry.register(cls.name)(cls)
     _ENSURED.add(hash(plugins))
 
 
-def _cloudpickle() -> types.ModuleType:
+def cloudpickle() -> types.ModuleType:
     """cloudpickle (pickles ``__main__``'s classes by value): a dependency of joblib ≥ 1.5, vendored by older ones."""
     try:
         import cloudpickle

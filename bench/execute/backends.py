@@ -1,138 +1,180 @@
-"""Where a stage's jobs run: joblib processes here (``local``), Slurm job arrays (``submitit``) or a Ray cluster
-(``ray``). Each runs the same runner over the same frozen jobs (``bench.execute.stages``), so records and cache keys do not
-depend on the backend, and each job runs under its key's claim in its worker, so runs on one results folder (any
-backends) never compute a key twice. Every worker first loads the driver's plugin set (``bench.core.plugins``:
-discovered plugins, modules of components a script registered by import, ``__main__``'s components by value), so that
-a component the driver knows is known to every job. submitit and ray are optional (``pip install -e '.[cluster]'``)."""
+"""Where a stage's jobs run: worker processes here (``local``, ``bench.execute.pool``), Slurm job arrays
+(``submitit``) or a Ray cluster (``ray``). Each runs the same runner over the same frozen jobs (``bench.execute.stages``),
+so records and cache keys do not depend on the backend, and each job runs under its key's claim in its worker, so runs
+on one results folder (any backends) never compute a key twice. Every worker first loads the driver's plugin set
+(``bench.core.plugins``), so that a component the driver knows is known to every job.
+
+A job whose worker dies (OOM killer, segfault, a Slurm time limit, Ray's memory monitor) or whose CUDA context breaks
+is reported to ``on_lost`` and becomes a failed cell; the run goes on. Cluster tasks ask for the time, memory and
+CPUs of the stage's ``JobRequest`` (from the estimate, overridable). submitit's pickles never live in a folder another
+user can write (``private_folder``). submitit and ray are optional (``pip install -e '.[cluster]'``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib.util
-import multiprocessing
 import os
 import shlex
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Callable, Protocol
-
-import torch
-from joblib import Parallel, delayed
-from joblib.externals.loky import get_reusable_executor
 
 import bench
 from bench.core import plugins
 from bench.core.registry import ConfigError
+from bench.execute import devices as device_list
+from bench.execute.pool import Lost, Pool
+from bench.plan.requests import JobRequest
 
 NAMES = ("local", "submitit", "ray")
-Runner = Callable[[Callable, Any, Any], dict]  # runner(fn, job, devices) -> result
+Runner = Callable[[Callable, Any, str], Any]  # runner(fn, job, device) -> result
+OnLost = Callable[[Any, Lost], None]  # on_lost(job, why)
+WORKER_ENV = ("BENCH_", "HF_", "TRANSFORMERS_", "TORCH_", "CUBLAS_", "CUDA_LAUNCH_BLOCKING")  # what workers inherit
 
 
 class Backend(Protocol):
-    """Runs ``runner(fn, job, devices)`` for each job, calling ``on_result`` in the caller as each one finishes."""
-    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[dict], None]) -> None: ...
+    """Runs ``runner(fn, job, device)`` for each job, calling ``on_result`` (or ``on_lost``) in the caller as each one
+    ends; ``request`` sizes cluster tasks."""
+    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[Any], None], on_lost: OnLost,
+            request: JobRequest | None = None) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendOptions:
-    """The ``bench run`` options that choose and configure a backend (``None``: not given)."""
+    """The ``bench run`` options that choose and configure a backend (``None``: not given, i.e. sized from the
+    estimate or the backend's default)."""
 
     name: str = "local"
     slurm_partition: str | None = None
     slurm_time_min: int | None = None
     gpus_per_task: float | None = None
     ray_address: str | None = None
+    mem_gb: int | None = None
+    cpus_per_task: int | None = None
+    submitit_folder: Path | None = None
 
     def check(self, device: str = "auto") -> None:
         """Raise ConfigError on an unknown backend, an option another backend owns, a bad value (GPUs for a ``device``
         of ``cpu``), a missing package."""
         if self.name not in NAMES:
             raise ConfigError(f"--backend {self.name!r}: expected one of {', '.join(NAMES)}")
-        for flag, value, owner in (("--slurm-partition", self.slurm_partition, "submitit"), ("--ray-address",
-                                   self.ray_address, "ray"), ("--slurm-time-min", self.slurm_time_min, "submitit")):
-            if value is not None and self.name != owner:
-                raise ConfigError(f"{flag} is an option of --backend {owner}, not of --backend {self.name}")
+        for flag, value, owners in (("--slurm-partition", self.slurm_partition, ("submitit",)),
+                                    ("--ray-address", self.ray_address, ("ray",)),
+                                    ("--slurm-time-min", self.slurm_time_min, ("submitit",)),
+                                    ("--submitit-folder", self.submitit_folder, ("submitit",)),
+                                    ("--mem-gb", self.mem_gb, ("submitit", "ray")),
+                                    ("--cpus-per-task", self.cpus_per_task, ("submitit", "ray"))):
+            if value is not None and self.name not in owners:
+                raise ConfigError(f"{flag} is an option of --backend {' or '.join(owners)}, not of --backend {self.name}")
         if self.gpus_per_task is not None:
             if self.name == "local":
                 raise ConfigError("--gpus-per-task is for --backend submitit or ray (local jobs take one GPU each)")
-            if self.gpus_per_task <= 0 or device == "cpu":
-                raise ConfigError(f"--gpus-per-task must be > 0 and not with --device cpu, got {self.gpus_per_task:g}")
-            if self.name == "submitit" and self.gpus_per_task != int(self.gpus_per_task):
+            if not 0 < self.gpus_per_task <= 1 or device == "cpu":
+                raise ConfigError(f"--gpus-per-task must be > 0 and ≤ 1 (a bench job uses one GPU; ray shares one "
+                                  f"among several with fractions) and not with --device cpu, got {self.gpus_per_task:g}")
+            if self.name == "submitit" and self.gpus_per_task != 1:
                 raise ConfigError(f"--gpus-per-task {self.gpus_per_task:g}: Slurm allocates whole GPUs (fractional "
                                   "GPUs are for --backend ray)")
-        if self.slurm_time_min is not None and self.slurm_time_min <= 0:
-            raise ConfigError(f"--slurm-time-min must be > 0, got {self.slurm_time_min}")
+        for flag, value in (("--slurm-time-min", self.slurm_time_min), ("--mem-gb", self.mem_gb),
+                            ("--cpus-per-task", self.cpus_per_task)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{flag} must be > 0, got {value}")
         if self.name != "local" and importlib.util.find_spec(self.name) is None:
             raise ConfigError(f"--backend {self.name} needs the package {self.name!r}: pip install -e '.[cluster]'")
 
-
     def target(self, device: str) -> str:
-        """The device jobs run on: CUDA where a cluster backend is given GPUs, else ``device`` (resolved here)."""
+        """The device jobs run on: CUDA where a cluster backend is given GPUs, else ``device``."""
         return "cuda" if self.name != "local" and self.gpus_per_task else device
 
 
-def create(options: BackendOptions, results: Path, jobs: int, threads: int, device: str,
+
+def create(options: BackendOptions, jobs: int, threads: int, devices: list[str], deterministic: bool = False,
            out: Callable[[str], None] = print) -> Backend:
-    """The backend ``options`` name, running ``jobs`` at once of ``threads`` CPU threads on ``device`` (resolved:
-    ``cpu``, ``cuda`` or ``cuda:N``); a remote job gets ``--gpus-per-task`` GPUs (default one where ``device`` is CUDA)."""
-    options.check(device)
+    """The backend ``options`` name, running ``jobs`` at once of ``threads`` CPU threads on ``devices`` (``cpu`` or
+    ``cuda:N`` names); a remote job gets ``--gpus-per-task`` GPUs (default one where the devices are GPUs)."""
+    options.check(devices[0])
     if options.name == "local":
-        return Local(jobs, device_pool(device, jobs))
-    gpus = options.gpus_per_task if options.gpus_per_task is not None else float(device.startswith("cuda"))
+        return Local(jobs, devices, threads, deterministic)
+    gpus = options.gpus_per_task if options.gpus_per_task is not None else float(device_list.kind(devices) == "cuda")
     remote_device = "cuda" if gpus else "cpu"  # the task sees only the GPUs it was given
     if options.name == "ray":
         out(f"ray: {'cluster at ' + options.ray_address if options.ray_address else 'a local Ray instance'}, "
-            f"{threads} CPU(s) and {gpus:g} GPU(s) per task")
-        return Ray(remote_device, jobs, threads, gpus, options.ray_address)
+            f"{gpus:g} GPU(s) per task")
+        return Ray(remote_device, jobs, threads, gpus, options)
+    folder = private_folder(options.submitit_folder or default_submitit_folder())
     cluster = "slurm" if shutil.which("sbatch") else "local"
     out(f"submitit: {'Slurm job arrays' if cluster == 'slurm' else 'no sbatch on PATH, so its local executor'} "
-        f"(logs in {results / 'submitit'})")
-    return Submitit(remote_device, jobs, threads, int(gpus), results / "submitit", cluster, options.slurm_partition,
-                    options.slurm_time_min)
+        f"(job files and logs in {folder})")
+    return Submitit(remote_device, jobs, threads, int(gpus), folder, cluster, options)
 
 
-def device_pool(device: str, jobs: int) -> Any:
-    """A device name, or a queue of GPU names when several GPUs serve several local jobs (one job per GPU)."""
-    if device == "cuda" and torch.cuda.device_count() > 1 and jobs > 1:
-        return device_queue([f"cuda:{i}" for i in range(torch.cuda.device_count())])
-    return device
+def default_submitit_folder() -> Path:
+    """``$XDG_CACHE_HOME/bench/submitit`` (``~/.cache``): the user's own, and on a cluster's shared home."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bench" / "submitit"
 
 
-def device_queue(names: list[str]) -> Any:
-    """A queue shared with joblib workers: a job takes a device from it and puts it back when done."""
-    queue = multiprocessing.Manager().Queue()
-    for name in names:
-        queue.put(name)
-    return queue
+def private_folder(folder: Path) -> Path:
+    """``folder`` (created 0700), after checking that no other user can write it or swap it: it and every folder
+    above it must belong to this user or root and be writable by nobody else (sticky folders such as /tmp excepted
+    above it). submitit keeps pickles there that the driver and the jobs unpickle: another user's write is code
+    execution as this user."""
+    folder = Path(folder).expanduser().absolute()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in (folder, *folder.parents):
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            path = path.resolve()
+            info = path.stat()
+        others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        sticky = path != folder and info.st_mode & stat.S_ISVTX
+        if info.st_uid not in (os.getuid(), 0) or (others_write and not sticky):
+            raise ConfigError(f"submitit folder {folder}: {path} is {'owned by uid ' + str(info.st_uid) if info.st_uid not in (os.getuid(), 0) else 'writable by other users'} "
+                              "(mode " + oct(info.st_mode & 0o7777) + "), so another user could replace the job "
+                              "pickles bench loads; pass --submitit-folder a folder only you can write (the default is "
+                              "~/.cache/bench/submitit)")
+    return folder
 
 
-@dataclasses.dataclass(frozen=True)
 class Local:
-    """joblib worker processes on this machine (in-process for one job)."""
+    """Worker processes on this machine (``bench.execute.pool``), one per job slot, each pinned to one of
+    ``devices``; in this process only for one job at a time on a CPU."""
 
-    jobs: int
-    devices: Any
+    def __init__(self, jobs: int, devices: list[str], threads: int, deterministic: bool = False) -> None:
+        self.jobs, self.devices, self.threads, self.deterministic = jobs, devices, threads, deterministic
+        self.pool: Pool | None = None
 
-    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[dict], None]) -> None:
-        if self.jobs <= 1 or len(jobs) <= 1:
+    @property
+    def in_process(self) -> bool:
+        return self.jobs == 1 and self.devices == ["cpu"]
+
+    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[Any], None], on_lost: OnLost,
+            request: JobRequest | None = None) -> None:
+        if self.in_process:
             for job in jobs:
-                on_result(runner(fn, job, self.devices))
+                on_result(runner(fn, job, "cpu"))
             return
+        if self.pool is None:
+            env = {**os.environ, "PYTHONPATH": _pythonpath()}
+            self.pool = Pool(device_list.slots(self.devices, self.jobs), self.threads, self.deterministic, env)
         runner = with_plugins(runner)
-        tasks = (delayed(runner)(fn, job, self.devices) for job in jobs)
-        try:
-            for result in Parallel(n_jobs=min(self.jobs, len(jobs)), return_as="generator_unordered")(tasks):
-                on_result(result)
-        except BaseException:  # Ctrl-C, SIGTERM: no worker outlives the run to keep computing (and writing the cache)
-            get_reusable_executor().shutdown(wait=False, kill_workers=True)
-            raise
+        self.pool.map([functools.partial(_apply, runner, fn, job) for job in jobs],
+                      lambda i, result: on_result(result), lambda i, lost: on_lost(jobs[i], lost))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Submitit:
     """One submitit job array per stage: Slurm where ``sbatch`` is on PATH, else submitit's local executor (which
-    starts every job of an array at once, so it is given ``jobs`` jobs at a time)."""
+    starts every job of an array at once, so it is given ``jobs`` jobs at a time). A task that fails (time limit,
+    preemption, OOM kill, node failure) is a lost job; the others go on."""
 
     devices: str
     jobs: int
@@ -140,64 +182,99 @@ class Submitit:
     gpus: int
     folder: Path
     cluster: str
-    partition: str | None
-    time_min: int | None
+    options: BackendOptions
 
-    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[dict], None]) -> None:
+    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[Any], None], on_lost: OnLost,
+            request: JobRequest | None = None) -> None:
         import submitit
 
+        sized = request or JobRequest(self.options.slurm_time_min or 24 * 60, self.options.mem_gb or 16,
+                                      self.options.cpus_per_task or self.threads)
         executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
         setup = [f"export PYTHONPATH={shlex.quote(_pythonpath())}"]
         parameters: dict[str, Any] = {"slurm_array_parallelism": self.jobs, "gpus_per_node": self.gpus,
-                                      "cpus_per_task": self.threads, "local_setup": setup, "slurm_setup": setup}
-        if self.time_min is not None or self.cluster == "local":  # the local executor's default is 2 minutes
-            parameters["timeout_min"] = self.time_min or 7 * 24 * 60
-        executor.update_parameters(**parameters, **({"slurm_partition": self.partition} if self.partition else {}))
+                                      "cpus_per_task": sized.cpus, "mem_gb": sized.mem_gb,
+                                      "timeout_min": sized.time_min, "local_setup": setup, "slurm_setup": setup}
+        if self.options.slurm_partition:
+            parameters["slurm_partition"] = self.options.slurm_partition
+        executor.update_parameters(**parameters)
         chunk, runner = len(jobs) if self.cluster == "slurm" else max(1, self.jobs), with_plugins(runner)
         for part in (jobs[start:start + chunk] for start in range(0, len(jobs), chunk)):
             submitted = executor.map_array(runner, [fn] * len(part), part, [self.devices] * len(part))
+            ours = {id(task): job for task, job in zip(submitted, part)}
             try:
-                for job in submitit.helpers.as_completed(submitted, poll_frequency=1.0):
-                    on_result(job.result())
+                for task in submitit.helpers.as_completed(submitted, poll_frequency=1.0):
+                    try:
+                        result = task.result()
+                    except Exception as err:  # noqa: BLE001 - the task's failure, whatever submitit calls it
+                        on_lost(ours[id(task)], Lost(f"Slurm task {task.job_id} failed (limits: {sized.time_min} min, "
+                                                     f"{sized.mem_gb} GB): {type(err).__name__}: {err}".strip()[:4000],
+                                                     None, self.devices))
+                    else:
+                        on_result(result)
             except BaseException:
-                for job in submitted:
-                    job.cancel(check=False)
+                for task in submitted:
+                    task.cancel(check=False)
                 raise
+
+    def close(self) -> None:
+        pass
 
 
 @dataclasses.dataclass(frozen=True)
 class Ray:
-    """Ray tasks of ``threads`` CPUs and ``gpus`` (possibly fractional) GPUs each, on the cluster at ``address`` or on
-    a Ray instance started here with ``jobs × threads`` CPUs; results are taken as they arrive."""
+    """Ray tasks of the request's CPUs and memory and ``gpus`` (possibly fractional) GPUs each, on the cluster at
+    the options' address or on a Ray instance started here; results are taken as they arrive, and a task Ray loses
+    (worker crash, its OOM killer) is a lost job. System failures are retried once, exceptions never."""
 
     devices: str
     jobs: int
     threads: int
     gpus: float
-    address: str | None
+    options: BackendOptions
 
-    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[dict], None]) -> None:
+    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[Any], None], on_lost: OnLost,
+            request: JobRequest | None = None) -> None:
         import ray
 
+        sized = request or JobRequest(self.options.slurm_time_min or 24 * 60, self.options.mem_gb or 16,
+                                      self.options.cpus_per_task or self.threads)
         env = {"env_vars": worker_env()}  # a cluster's workers do not inherit the driver's environment
         if not ray.is_initialized():
-            here = {} if self.address else {"num_cpus": self.jobs * self.threads, "num_gpus": torch.cuda.device_count()}
-            ray.init(self.address, include_dashboard=False, runtime_env=env, **here)
-        task = ray.remote(num_cpus=self.threads, num_gpus=self.gpus, max_retries=0, runtime_env=env)(_apply)
+            here = {} if self.options.ray_address else {
+                "num_cpus": max(self.jobs * sized.cpus, os.cpu_count() or 1), "num_gpus": _gpu_count()}
+            ray.init(self.options.ray_address, include_dashboard=False, runtime_env=env, **here)
+        task = ray.remote(num_cpus=sized.cpus, num_gpus=self.gpus, memory=sized.mem_gb * 2**30, max_retries=1,
+                          runtime_env=env)(_apply)
         runner = with_plugins(runner)
-        pending = [task.remote(runner, fn, job, self.devices) for job in jobs]
+        pending = {task.remote(runner, fn, job, self.devices): job for job in jobs}
         try:
             while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                on_result(ray.get(done[0]))
+                (done,), _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(done)
+                try:
+                    result = ray.get(done)
+                except ray.exceptions.RayError as err:
+                    on_lost(job, Lost(f"Ray task failed: {type(err).__name__}: {err}"[:4000], None, self.devices))
+                else:
+                    on_result(result)
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
 
+    def close(self) -> None:
+        pass
 
-def _apply(runner: Runner, fn: Callable, job: Any, devices: Any) -> dict:  # ray.remote takes a function
-    return runner(fn, job, devices)
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _apply(runner: Runner, fn: Callable, job: Any, device: str) -> Any:  # ray.remote and the pool take a function
+    return runner(fn, job, device)
 
 
 def with_plugins(runner: Runner) -> Runner:
@@ -205,14 +282,15 @@ def with_plugins(runner: Runner) -> Runner:
     return functools.partial(_in_plugin_set, plugins.active(), runner)
 
 
-def _in_plugin_set(plugin_set: plugins.PluginSet, runner: Runner, fn: Callable, job: Any, devices: Any) -> dict:
+def _in_plugin_set(plugin_set: plugins.PluginSet, runner: Runner, fn: Callable, job: Any, device: str) -> Any:
     plugins.ensure(plugin_set)
-    return runner(fn, job, devices)
+    return runner(fn, job, device)
 
 
 def worker_env() -> dict[str, str]:
-    """Environment a remote worker needs: this checkout on PYTHONPATH and the driver's ``$BENCH_*`` variables."""
-    return {"PYTHONPATH": _pythonpath(), **{k: v for k, v in os.environ.items() if k.startswith("BENCH_")}}
+    """Environment a remote worker needs: this checkout on PYTHONPATH and the driver's ``$BENCH_*`` (weights, data
+    root, plugins), hub (``HF_*``, offline mode), torch and cuBLAS variables."""
+    return {"PYTHONPATH": _pythonpath(), **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV)}}
 
 
 def _pythonpath() -> str:

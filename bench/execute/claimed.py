@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.execute.claims import Claims
-from bench.execute.stages import ProtectJob, PurifyJob, SetBuilt, TrainJob
+from bench.execute.pool import Lost
+from bench.execute.stages import ProtectJob, PurifyJob, SetBuilt, TrainJob, failed_record
 from bench.store.cache import Cache
 from bench.store.records import Record, RecordLog, RecordStore
 
@@ -75,3 +76,19 @@ def claimed(fn: Callable, job: Any, devices: Any, *, runner: Callable, stage: St
             assert stage.log is not None
             RecordLog(stage.log).append(result)
         return Outcome(job.key, "ran", result)
+
+
+def lost(job: Any, why: Lost, stage: Stage) -> Outcome:
+    """A job that ended without a result (its worker died, or it raised outside its own handling): release the claim
+    the dead worker held, and fail the job: a failed set (its cells are recorded with this reason), or the cell's
+    failed record, appended here. A record the worker appended before dying stands."""
+    if why.pid is not None:
+        stage.claims.release_held_by(stage.folder, job.key, why.pid)
+    if not isinstance(job, TrainJob):
+        return Outcome(job.key, "ran", SetBuilt(job.key, error=why.reason))
+    if stage.done(job):
+        return Outcome(job.key, "elsewhere")
+    record = failed_record(job, why.device, why.reason)
+    assert stage.log is not None
+    RecordLog(stage.log).append(record)
+    return Outcome(job.key, "ran", record)

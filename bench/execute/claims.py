@@ -81,6 +81,16 @@ class Claims:
         except (OSError, json.JSONDecodeError):
             return None
 
+    def release_held_by(self, stage: str, key: str, pid: int) -> bool:
+        """Delete the claim on ``key`` if a process ``pid`` of this host holds it (a worker that died); True if so."""
+        path = self.path(stage, key)
+        with _lock(path.parent):
+            holder = self.holder(stage, key) or {}
+            if holder.get("pid") != pid or holder.get("host") != socket.gethostname():
+                return False
+            path.unlink(missing_ok=True)
+            return True
+
     def wait(self, stage: str, pending: list[T], key: Callable[[T], str], done: Callable[[list[T]], list[T]],
              on_done: Callable[[T], None]) -> list[T]:
         """Poll until some of ``pending`` (keys others claimed) are free to claim again (released or stale) or all are
@@ -147,4 +157,4 @@ def _create(path: Path, info: dict[str, Any]) -> bool:
 
 
 def _lock(folder: Path) -> FileLock:  # filelock rather than fcntl by hand: it also serves filesystems without flock
-    return FileLock(str(folder / ".lock"))
+    return FileLock(str(folder / ".lock"), mode=0o666)  # the umask applies: group-shared folders stay shared

@@ -10,7 +10,6 @@ live worker holds is left to it, and its result is waited for at the end of the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -20,16 +19,16 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from bench.core.registry import ConfigError
 from bench.data import mixes
-from bench.execute import backends
+from bench.execute import backends, devices
 from bench.execute.backends import Backend, BackendOptions
-from bench.execute.claimed import Outcome, Stage, claimed
+from bench.execute.claimed import Outcome, Stage, claimed, lost
 from bench.execute.claims import DEFAULT_STALE, Claims
 from bench.execute.stages import ProtectJob, PurifyJob, SetBuilt, TrainJob, protect_job, purify_job, train_job
 from bench.execute.train import keep_freed_memory
@@ -37,6 +36,7 @@ from bench.plan import estimate
 from bench.plan.matrix import Cell, Matrix, expand, load_matrix, resolved, select
 from bench.plan.planner import check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal, to_train
 from bench.plan.preview import preview
+from bench.plan.requests import JobRequest, job_requests
 from bench.store.cache import Cache
 from bench.store.records import Record, RecordLog, RecordStore
 
@@ -51,7 +51,7 @@ class RunOptions:
 
     results: Path = Path("results")
     jobs: int = 1
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda (every GPU), cuda:N or cuda:N,M (bench.execute.devices)
     threads: int = 1
     only: tuple[str, ...] = ()
     dry_run: bool = False
@@ -62,15 +62,13 @@ class RunOptions:
     max_hours: float = estimate.DEFAULT_MAX_HOURS  # on a CPU, refuse a run estimated longer
     stale: float = DEFAULT_STALE  # seconds without a heartbeat after which another worker's claim is taken over
     backend: BackendOptions = BackendOptions()  # where jobs run (bench.execute.backends)
+    deterministic: bool = False  # deterministic algorithms on CUDA, no cuDNN autotuning (recorded per cell)
 
     def __post_init__(self) -> None:
         if self.jobs < 1 or self.threads < 1:
             raise ConfigError(f"jobs (--jobs) must be ≥ 1 and threads (--threads) ≥ 1, got {self.jobs} and "
                               f"{self.threads}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ConfigError(f"device (--device) {self.device!r}: expected auto, cpu, cuda or cuda:N")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device (--device) {self.device}: no CUDA device is available here; use cpu or auto")
+        devices.parse(self.device)  # raises on an unknown form or a GPU this machine lacks
         if self.max_hours <= 0:
             raise ConfigError(f"max_hours (--max-hours) must be > 0, got {self.max_hours:g}")
         if self.force and self.rerun:
@@ -102,10 +100,10 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     log = RecordLog(options.results / "runs" / matrix.name / "records.jsonl")
     records = store.read()
     recorded = store.latest()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
-    device = options.backend.target(device)  # a cluster's GPUs, where it is given them
-    check_budget(matrix, cells, cache, recorded, records, redo, device, options, out)
-    built, reasons = check_cells(cells, device.split(":")[0], lambda line: print(line, file=sys.stderr),
+    targets = devices.parse(options.device)
+    device = options.backend.target(devices.kind(targets))  # a cluster's GPUs, where it is given them
+    work = check_budget(matrix, cells, cache, recorded, records, redo, device, options, out)
+    built, reasons = check_cells(cells, device, lambda line: print(line, file=sys.stderr),
                                  refuse=not options.dry_run)
     if options.dry_run:  # loads and writes nothing; dataset keys from the cache or the records
         keys = {choice: known_dataset_key(cache, choice, records) for choice in {c.dataset for c in cells}}
@@ -120,9 +118,21 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     save_resolved(matrix, [p.cell_key for p in plans], options.results / "runs" / matrix.name / "matrix.json")
     train_keys = to_train(plans, recorded, redo, options.retry_failed)
     todo = [p for p in plans if p.cell_key in train_keys]
+    backend = backends.create(options.backend, options.jobs, options.threads, targets, options.deterministic, out)
+    try:
+        limits = options.backend
+        requests = job_requests(work, device, options.threads, time_min=limits.slurm_time_min, mem_gb=limits.mem_gb,
+                                cpus=limits.cpus_per_task)
+        return _run_stages(matrix, options, plans, todo, redo, cache, log, claims, backend, requests)
+    finally:
+        backend.close()
+
+
+def _run_stages(matrix: Matrix, options: RunOptions, plans: list, todo: list, redo: set[Cell], cache: Cache,
+                log: RecordLog, claims: Claims, backend: Backend, requests: dict[str, JobRequest]) -> RunCounts:
+    """Protect, purify and train what ``todo`` needs, on ``backend`` (cluster tasks sized by ``requests``)."""
     again = [p for p in plans if p.cell in redo]  # their sets are rebuilt too, for every cell that shares them
     rebuild = {p.protection_key for p in again} | {p.purify_key for p in again}
-    backend = backends.create(options.backend, options.results, options.jobs, options.threads, device, out)
     failures: dict[str, str] = {}
     since = time.time()
     skipped = len(plans) - len(todo)
@@ -135,12 +145,12 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
                     if p.protection_key and (p.protection_key in rebuild
                                              or not cache.valid("protected", p.protection_key, p.protection_fits))}
     protected = _run_stage(Stage("protect", claims, "protect", since=since), protect_job, list(protect_jobs.values()),
-                           backend, failures)
+                           backend, failures, requests["protect"])
     purify_jobs = {p.purify_key: PurifyJob(cache.root, options.threads, p, redo=p.purify_key in rebuild)
                    for p in todo if p.purify_key and p.protection_key not in failures
                    and (p.purify_key in rebuild or not cache.valid("purified", p.purify_key, p.purify_fits))}
     purified = _run_stage(Stage("purify", claims, "purify", since=since), purify_job, list(purify_jobs.values()),
-                          backend, failures)
+                          backend, failures, requests["purify"])
 
     bar = tqdm(total=len(plans), initial=skipped, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True)
     train_jobs = [TrainJob(cache.root, options.threads, p, matrix.name, matrix.recipe,
@@ -160,13 +170,13 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
         bar.update()
 
     train = Stage("train", claims, "train", log.path, options.results, options.retry_failed, since)
-    _run_claimed(train, _call, train_job, train_jobs, backend, record, elsewhere)
+    _run_claimed(train, _call, train_job, train_jobs, backend, record, elsewhere, requests["train"])
     bar.close()
     return RunCounts(len(plans), trained["ok"], skipped + trained["elsewhere"], trained["error"], protected, purified)
 
 
 def check_budget(matrix: Matrix, cells: list, cache: Cache, recorded: dict[str, Record], records: list[Record],
-                 redo: set[Cell], device: str, options: RunOptions, out: Callable[[str], None]) -> None:
+                 redo: set[Cell], device: str, options: RunOptions, out: Callable[[str], None]) -> estimate.Estimate:
     """Print the cost estimate; unless a dry run, refuse (exit 2, naming the matrix's ``cpu_alternative``) a CPU
     run estimated over ``options.max_hours``, before anything is loaded or written."""
     timings = estimate.timings([options.results, Path(os.environ.get("BENCH_RESULTS", "results"))])
@@ -181,6 +191,7 @@ def check_budget(matrix: Matrix, cells: list, cache: Cache, recorded: dict[str, 
     reason = None if options.dry_run else estimate.refusal(matrix, work, options.max_hours, of)
     if reason:
         raise ConfigError(reason)
+    return work
 
 
 def save_resolved(matrix: Matrix, cells: list[str], path: Path) -> None:
@@ -195,19 +206,6 @@ def save_resolved(matrix: Matrix, cells: list[str], path: Path) -> None:
 
 # ---------------------------------------------------------------- parallel execution
 
-@contextlib.contextmanager
-def _acquire(devices: Any, threads: int) -> Iterator[torch.device]:
-    torch.set_num_threads(threads)
-    if isinstance(devices, str):
-        yield torch.device(devices)
-        return
-    name = devices.get()
-    try:
-        yield torch.device(name)
-    finally:
-        devices.put(name)
-
-
 def show_progress() -> None:
     """Print bench's own INFO logs (e.g. EM's rounds, which take minutes each) on stderr; other libraries stay
     at WARNING. A no-op where logging is already configured (pytest, an embedding program)."""
@@ -215,21 +213,22 @@ def show_progress() -> None:
     logging.getLogger("bench").setLevel(logging.INFO)  # the built-in components too (bench.protections …)
 
 
-def _call(fn: Callable[[Any, torch.device], Any], job: Job, devices: Any) -> Any:
-    show_progress()  # in this process, which may be a joblib worker
+def _call(fn: Callable[[Any, torch.device], Any], job: Job, device: str) -> Any:
+    show_progress()  # in this process, which may be a worker
     keep_freed_memory()
-    with _acquire(devices, job.threads) as device:
-        return fn(job, device)
+    torch.set_num_threads(job.threads)
+    return fn(job, torch.device(device))
 
 
-def _guarded(fn: Callable, job: ProtectJob | PurifyJob, devices: Any) -> SetBuilt:
+def _guarded(fn: Callable, job: ProtectJob | PurifyJob, device: str) -> SetBuilt:
     try:
-        return _call(fn, job, devices)
+        return _call(fn, job, device)
     except Exception:
         return SetBuilt(job.key, error=traceback.format_exc())
 
 
-def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, failures: dict[str, str]) -> int:
+def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, failures: dict[str, str],
+               request: JobRequest | None = None) -> int:
     """Run a cache-building stage; failures are remembered so that dependent cells are recorded as errors.
     Returns how many sets this run built (others may come from another run sharing the folder)."""
     built = [0]
@@ -244,12 +243,13 @@ def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, fa
                 bar.write(f"{stage.name} failed: {result.error.strip().splitlines()[-1]}")
             else:
                 built[0] += 1
-        _run_claimed(stage, _guarded, fn, jobs, backend, done, lambda job: bar.update())
+        _run_claimed(stage, _guarded, fn, jobs, backend, done, lambda job: bar.update(), request)
     return built[0]
 
 
 def _run_claimed(stage: Stage, runner: Callable, fn: Callable, jobs: list[Any], backend: Backend,
-                 on_result: Callable[[Any], None], elsewhere: Callable[[Any], None]) -> None:
+                 on_result: Callable[[Any], None], elsewhere: Callable[[Any], None],
+                 request: JobRequest | None = None) -> None:
     """``backend.map`` with each job under its claim; the jobs that another worker holds are waited for (``elsewhere``
     sees those it finished), and run here if their claim is released without a result or goes stale."""
     by_key, pending = {job.key: job for job in jobs}, list(jobs)
@@ -264,7 +264,8 @@ def _run_claimed(stage: Stage, runner: Callable, fn: Callable, jobs: list[Any], 
             else:
                 on_result(outcome.result)
 
-        backend.map(functools.partial(claimed, runner=runner, stage=stage), fn, pending, collect)
+        backend.map(functools.partial(claimed, runner=runner, stage=stage), fn, pending, collect,
+                    lambda job, why: collect(lost(job, why, stage)), request)
         if deferred:
             who = stage.claims.holder(stage.folder, deferred[0].key) or {}
             tqdm.write(f"{stage.name}: {len(deferred)} claimed by another worker (e.g. {who.get('host', '?')} pid "

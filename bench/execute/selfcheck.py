@@ -25,12 +25,15 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import bench
-from bench.execute import selfcheck_checks as checks
+from bench.execute import devices
+
+if TYPE_CHECKING:
+    from bench.execute import selfcheck_checks as checks
 
 DIED = re.compile(r"worker (process )?died")  # how bench run names a cell whose worker was killed
 SECTIONS = ("env", "protect", "purify", "hooks", "victims", "loop", "perf", "pipeline", "faults")
@@ -75,6 +78,8 @@ class Runner:
         self.device, self.echo, self.results, self.poisoned = device, echo, [], ""
 
     def run(self, section: str, check: str, fn: Callable[..., str], *args: Any, isolated: bool = False) -> None:
+        from bench.execute import selfcheck_checks as checks
+
         start, status = time.perf_counter(), "ok"
         try:
             if self.poisoned and not isolated:
@@ -94,11 +99,7 @@ class Runner:
         self.echo(f"[{status:>7}] {section:9} {check:24} {result.seconds:7.1f} s  {result.info[:150]}")
 
     def _cuda_usable(self) -> bool:
-        try:
-            torch.ones(1, device=self.device).sum().item()
-            return True
-        except Exception:  # noqa: BLE001
-            return False
+        return devices.context_usable(str(self.device))
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -140,6 +141,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 def run_selfcheck(device: torch.device, sizes: Sizes, skip: set[str], tmp: Path) -> list[Result]:
     """Every section not in ``skip``, in order; the results."""
     from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
+    from bench.execute import selfcheck_checks as checks
 
     runner = Runner(device, lambda line: print(line, file=sys.stderr, flush=True))
     train, test, dataset = checks.load_data(sizes.per_class, sizes.test_per_class)
@@ -197,6 +199,7 @@ def bench_run(tmp: Path, matrix: Path, device: torch.device, jobs: int, plugins:
               timeout: float = 420) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
     """``python -m bench run`` of ``matrix`` in a subprocess; its outcome and its records by victim/protection/
     countermeasure label."""
+    from bench.execute import selfcheck_checks as checks
     from bench.store.records import RecordLog
 
     if plugins:
@@ -247,6 +250,8 @@ def worker_death(tmp: Path, dataset: str, device: torch.device, sizes: Sizes) ->
 
 def device_assert(tmp: Path, dataset: str, device: torch.device, sizes: Sizes) -> str:
     """``--jobs 1`` where one cell triggers a device-side assert: that cell fails, the cells after it are ok."""
+    from bench.execute import selfcheck_checks as checks
+
     if device.type != "cuda":
         raise checks.Skipped("needs CUDA")
     matrix = _matrix(tmp, "device-assert", dataset, sizes, ["clean"], ["none"], ["selfcheck_assert", "cnn", "lenet"])

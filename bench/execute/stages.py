@@ -162,6 +162,12 @@ def train_job(job: TrainJob, device: torch.device) -> Record:
                   versions=library_versions(), finished_at=time.time())
 
 
+def failed_record(job: TrainJob, device: str, error: str) -> Record:
+    """The record of a cell that failed without reporting (its worker died): its identity and the reason."""
+    return Record(**identity(job), seconds={}, status="error", error=error, device=device, threads=job.threads,
+                  versions=library_versions(), finished_at=time.time())
+
+
 def identity(job: TrainJob) -> dict[str, Any]:
     """A record's identity: its key, matrix, labels, components (name, params, what made them: version and a
     plugin's code; declared stages and reports)."""

@@ -71,6 +71,7 @@ class Cache:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
         try:
+            tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would lock other users of a shared results folder out
             np.save(tmp / "images.npy", data.images.cpu().numpy())
             np.save(tmp / "labels.npy", data.labels.cpu().numpy())
             saved = {name: save_model(tmp, name, model) for name, model in (models or {}).items()}
@@ -142,6 +143,17 @@ def verify(folder: Path) -> dict[str, Any]:
         return manifest
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{type(err).__name__}: {err}") from err
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets while it reads, racing other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
 
 
 def save_model(folder: Path, kind: str, model: torch.nn.Module) -> dict[str, Any]:

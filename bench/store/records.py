@@ -227,7 +227,7 @@ class RecordLog:
         """Append one record as one line, under the log's lock."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record.to_json(), sort_keys=True, default=str) + "\n"
-        with FileLock(str(self.path) + ".lock"), open(self.path, "a+b") as handle:
+        with FileLock(str(self.path) + ".lock", mode=0o666), open(self.path, "a+b") as handle:
             handle.seek(0, os.SEEK_END)
             if handle.tell() > 0:
                 handle.seek(-1, os.SEEK_END)
