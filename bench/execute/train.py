@@ -58,7 +58,7 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     float64 division per channel: the float64 computation's result, to float32.
     """
     counts = torch.zeros(images.shape[1], 256, dtype=torch.int64, device=images.device)
-    step = max(1, STATS_CHUNK_BYTES // max(1, images[0].numel()))
+    step = max(1, STATS_CHUNK_BYTES // max(1, math.prod(images.shape[1:])))
     for first in range(0, images.shape[0], step):
         chunk = images[first:first + step]
         for channel in range(images.shape[1]):
@@ -68,7 +68,8 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sums, squares = (counts * values).sum(1).tolist(), (counts * values * values).sum(1).tolist()
     mean = [s / (255 * n) if n else math.nan for s in sums]
     std = [math.sqrt((n * q - s * s) / (n * (n - 1))) / 255 if n > 1 else math.nan for s, q in zip(sums, squares)]
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32).clamp_min(1e-3)
+    as_tensor = functools.partial(torch.tensor, dtype=torch.float32, device=images.device)
+    return as_tensor(mean), as_tensor(std).clamp_min(1e-3)
 
 
 def data_placement(images: torch.Tensor, device: torch.device, fraction: float = RESIDENT_FRACTION) -> str:
