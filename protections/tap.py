@@ -63,6 +63,7 @@ class TargetedAdversarialPoisoning(Protection):
     surrogate_param: ClassVar[str | None] = "surrogate"
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate", "restarts")
     expensive_on_cpu: ClassVar[bool] = True
+    cuda_nondeterministic: ClassVar[str] = "grid_sample's backward (the translation augmentation) has no deterministic CUDA kernel"
     epsilon: float = pixel_steps(8.0)
     steps: int = 250
     tau: float = 0.05

@@ -119,6 +119,9 @@ def test_a_ray_run_and_a_local_run_on_one_folder_compute_each_cell_once(matrix, 
     (BackendOptions("ray", gpus_per_task=0), "--gpus-per-task must be > 0"),
     (BackendOptions("ray", gpus_per_task=-0.5), "--gpus-per-task must be > 0"),
     (BackendOptions("submitit", gpus_per_task=0.5), "Slurm allocates whole GPUs"),
+    (BackendOptions("submitit", gpus_per_task=2), "a bench job uses one GPU"),
+    (BackendOptions("local", mem_gb=8), "--mem-gb is an option of --backend submitit or ray"),
+    (BackendOptions("ray", submitit_folder=Path("x")), "--submitit-folder is an option of --backend submitit"),
     (BackendOptions("submitit", slurm_time_min=0), "--slurm-time-min must be > 0"),
 ])
 def test_bad_backend_options_are_config_errors(options, message):
@@ -173,7 +176,7 @@ def test_submitit_asks_for_the_estimated_limits_and_a_failed_task_is_a_lost_job(
     """submitit's 5-minute default killed every Slurm job, and one failed job cancelled the whole array."""
     import types as pytypes
 
-    from bench.execute.backends import Submitit
+    from bench.execute.cluster import Submitit
     from bench.plan.requests import JobRequest
 
     seen: dict = {}
@@ -218,7 +221,7 @@ def test_ray_workers_get_the_drivers_weights_data_and_hub_settings(monkeypatch):
 def test_ray_asks_for_memory_and_a_lost_task_is_a_lost_job(monkeypatch):
     import types as pytypes
 
-    from bench.execute.backends import Ray
+    from bench.execute.cluster import Ray
     from bench.plan.requests import JobRequest
 
     class RayError(Exception):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.core.registry import ConfigError
-from bench.execute.backends import default_submitit_folder, private_folder
+from bench.execute.cluster import default_submitit_folder, private_folder
 from bench.store.cache import Cache, umask
 from conftest import REPO, TINY
 

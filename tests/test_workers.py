@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,41 @@ def test_a_worker_pins_its_gpu_and_the_cudnn_flags(monkeypatch):
 
 def test_context_probe_is_true_on_cpu():
     assert devices.context_usable("cpu")
+
+
+def test_deterministic_names_the_components_that_cannot_honour_it_and_is_recorded(tmp_path, capsys):
+    """--deterministic on CUDA: the planner names cnn (AdaptiveAvgPool2d backward) and TAP (grid_sample backward),
+    surrogates included; every record says whether the run asked for it."""
+    from bench.cli import main
+    from bench.plan.matrix import expand, parse_matrix
+    from bench.plan.planner import check_cells
+
+    text = TINY.format(extra_countermeasures="").replace("cwp = { size_fraction = 0.375 }",
+                                                         'tap = { surrogate = "resnet20" }')
+    notes: list[str] = []
+    check_cells(expand(parse_matrix(tomllib.loads(text), "t")), "cuda", notes.append, deterministic=True)
+    assert any("cnn cannot honour it (AdaptiveAvgPool2d(2)" in n for n in notes)
+    assert any("tap cannot honour it (grid_sample" in n for n in notes) and not any("resnet20" in n for n in notes)
+    notes.clear()
+    check_cells(expand(parse_matrix(tomllib.loads(text.replace('"resnet20"', '"lenet"')), "t")), "cuda", notes.append,
+                deterministic=True)
+    assert any("lenet cannot honour it" in n for n in notes), "a surrogate's own nondeterminism is named"
+    notes.clear()
+    check_cells(expand(parse_matrix(tomllib.loads(text), "t")), "cuda", notes.append)
+    assert not any("deterministic" in n for n in notes)
+    path = tmp_path / "d.toml"
+    path.write_text(TINY.format(extra_countermeasures=""))
+    assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "r"), "--device", "cpu", "--jobs", "1",
+                 "--deterministic", "--only", "protection=clean"]) == 0
+    recs = RecordLog(tmp_path / "r" / "runs" / "d" / "records.jsonl").read()
+    assert recs and all(r.deterministic is True for r in recs)
+
+
+
+def test_auto_says_so_when_a_gpu_is_present_that_torch_cannot_use(monkeypatch, capsys):
+    """--device auto fell back to the CPU silently when the driver was too old for torch's CUDA build."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "Path", lambda path: type("P", (), {"exists": lambda self: path == "/dev/nvidia0"})())
+    with pytest.warns(UserWarning, match="NVIDIA GPU is present"):
+        assert devices.parse("auto") == ["cpu"]
+    assert "CUDA unusable" in capsys.readouterr().err

@@ -23,6 +23,7 @@ class PlainCNN(Victim):
     """
 
     paper: ClassVar[str] = "UGE §4, supplementary Table 6 (plain CNN)"
+    cuda_nondeterministic: ClassVar[str] = "AdaptiveAvgPool2d(2)'s backward has no deterministic CUDA kernel"
     # Its own count at width 32 (no external reference): convs 93,024 + BN 448 + linear 133,898.
     reference_params: ClassVar[int] = 227_370
     width: int = 32
@@ -49,6 +50,7 @@ class LeNet5(Victim):
     """
 
     paper: ClassVar[str] = "LeCun et al. 1998 (LeNet-5); victim of UGE §4 (LeNet)"
+    cuda_nondeterministic: ClassVar[str] = "AdaptiveAvgPool2d(5)'s backward has no deterministic CUDA kernel"
     # pytorch-cifar's LeNet at 3×32×32, 10 classes: convs 456 + 2,416, FCs 48,120 + 10,164 + 850.
     reference_params: ClassVar[int] = 62_006
 

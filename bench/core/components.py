@@ -39,6 +39,9 @@ class _Declared(Component):
     needs_models: ClassVar[tuple[str, ...]] = ()  # kinds of model of the cell's protection it requires (``models=``)
     uses_models: ClassVar[tuple[str, ...]] = ()  # kinds it takes where the cell's protection fits them, else goes without
     expensive_on_cpu: ClassVar[bool] = False  # the planner warns when such a cell will run on a CPU
+    # why its CUDA work is not bitwise repeatable even under ``bench run --deterministic`` (an op with no deterministic
+    # CUDA kernel: torch then only warns); the planner names it, "" when it can honour the flag
+    cuda_nondeterministic: ClassVar[str] = ""
     model_methods: ClassVar[tuple[str, ...]] = ()  # the methods that take ``models`` when ``needs_models`` is set
     # parameters whose defaults are the paper's setting (weights, sources, surrogates, budgets): a cell at another
     # value is marked off the paper's setting beside the published table (``bench leaderboard --compare paper``)

@@ -15,9 +15,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
-import shlex
 import shutil
-import stat
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -104,39 +102,16 @@ def create(options: BackendOptions, jobs: int, threads: int, devices: list[str],
     if options.name == "ray":
         out(f"ray: {'cluster at ' + options.ray_address if options.ray_address else 'a local Ray instance'}, "
             f"{gpus:g} GPU(s) per task")
+        from bench.execute.cluster import Ray
+
         return Ray(remote_device, jobs, threads, gpus, options)
+    from bench.execute.cluster import Submitit, default_submitit_folder, private_folder
+
     folder = private_folder(options.submitit_folder or default_submitit_folder())
     cluster = "slurm" if shutil.which("sbatch") else "local"
     out(f"submitit: {'Slurm job arrays' if cluster == 'slurm' else 'no sbatch on PATH, so its local executor'} "
         f"(job files and logs in {folder})")
     return Submitit(remote_device, jobs, threads, int(gpus), folder, cluster, options)
-
-
-def default_submitit_folder() -> Path:
-    """``$XDG_CACHE_HOME/bench/submitit`` (``~/.cache``): the user's own, and on a cluster's shared home."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bench" / "submitit"
-
-
-def private_folder(folder: Path) -> Path:
-    """``folder`` (created 0700), after checking that no other user can write it or swap it: it and every folder
-    above it must belong to this user or root and be writable by nobody else (sticky folders such as /tmp excepted
-    above it). submitit keeps pickles there that the driver and the jobs unpickle: another user's write is code
-    execution as this user."""
-    folder = Path(folder).expanduser().absolute()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for path in (folder, *folder.parents):
-        info = path.lstat()
-        if stat.S_ISLNK(info.st_mode):
-            path = path.resolve()
-            info = path.stat()
-        others_write = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        sticky = path != folder and info.st_mode & stat.S_ISVTX
-        if info.st_uid not in (os.getuid(), 0) or (others_write and not sticky):
-            raise ConfigError(f"submitit folder {folder}: {path} is {'owned by uid ' + str(info.st_uid) if info.st_uid not in (os.getuid(), 0) else 'writable by other users'} "
-                              "(mode " + oct(info.st_mode & 0o7777) + "), so another user could replace the job "
-                              "pickles bench loads; pass --submitit-folder a folder only you can write (the default is "
-                              "~/.cache/bench/submitit)")
-    return folder
 
 
 class Local:
@@ -154,14 +129,16 @@ class Local:
     def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[Any], None], on_lost: OnLost,
             request: JobRequest | None = None) -> None:
         if self.in_process:
+            if self.deterministic:
+                device_list.pin("cpu", self.threads, deterministic=True)
             for job in jobs:
                 on_result(runner(fn, job, "cpu"))
             return
         if self.pool is None:
-            env = {**os.environ, "PYTHONPATH": _pythonpath()}
+            env = {**os.environ, "PYTHONPATH": checkout_pythonpath()}
             self.pool = Pool(device_list.slots(self.devices, self.jobs), self.threads, self.deterministic, env)
         runner = with_plugins(runner)
-        self.pool.map([functools.partial(_apply, runner, fn, job) for job in jobs],
+        self.pool.map([functools.partial(call_runner, runner, fn, job) for job in jobs],
                       lambda i, result: on_result(result), lambda i, lost: on_lost(jobs[i], lost))
 
     def close(self) -> None:
@@ -170,110 +147,7 @@ class Local:
             self.pool = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Submitit:
-    """One submitit job array per stage: Slurm where ``sbatch`` is on PATH, else submitit's local executor (which
-    starts every job of an array at once, so it is given ``jobs`` jobs at a time). A task that fails (time limit,
-    preemption, OOM kill, node failure) is a lost job; the others go on."""
-
-    devices: str
-    jobs: int
-    threads: int
-    gpus: int
-    folder: Path
-    cluster: str
-    options: BackendOptions
-
-    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[Any], None], on_lost: OnLost,
-            request: JobRequest | None = None) -> None:
-        import submitit
-
-        sized = request or JobRequest(self.options.slurm_time_min or 24 * 60, self.options.mem_gb or 16,
-                                      self.options.cpus_per_task or self.threads)
-        executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
-        setup = [f"export PYTHONPATH={shlex.quote(_pythonpath())}"]
-        parameters: dict[str, Any] = {"slurm_array_parallelism": self.jobs, "gpus_per_node": self.gpus,
-                                      "cpus_per_task": sized.cpus, "mem_gb": sized.mem_gb,
-                                      "timeout_min": sized.time_min, "local_setup": setup, "slurm_setup": setup}
-        if self.options.slurm_partition:
-            parameters["slurm_partition"] = self.options.slurm_partition
-        executor.update_parameters(**parameters)
-        chunk, runner = len(jobs) if self.cluster == "slurm" else max(1, self.jobs), with_plugins(runner)
-        for part in (jobs[start:start + chunk] for start in range(0, len(jobs), chunk)):
-            submitted = executor.map_array(runner, [fn] * len(part), part, [self.devices] * len(part))
-            ours = {id(task): job for task, job in zip(submitted, part)}
-            try:
-                for task in submitit.helpers.as_completed(submitted, poll_frequency=1.0):
-                    try:
-                        result = task.result()
-                    except Exception as err:  # noqa: BLE001 - the task's failure, whatever submitit calls it
-                        on_lost(ours[id(task)], Lost(f"Slurm task {task.job_id} failed (limits: {sized.time_min} min, "
-                                                     f"{sized.mem_gb} GB): {type(err).__name__}: {err}".strip()[:4000],
-                                                     None, self.devices))
-                    else:
-                        on_result(result)
-            except BaseException:
-                for task in submitted:
-                    task.cancel(check=False)
-                raise
-
-    def close(self) -> None:
-        pass
-
-
-@dataclasses.dataclass(frozen=True)
-class Ray:
-    """Ray tasks of the request's CPUs and memory and ``gpus`` (possibly fractional) GPUs each, on the cluster at
-    the options' address or on a Ray instance started here; results are taken as they arrive, and a task Ray loses
-    (worker crash, its OOM killer) is a lost job. System failures are retried once, exceptions never."""
-
-    devices: str
-    jobs: int
-    threads: int
-    gpus: float
-    options: BackendOptions
-
-    def map(self, runner: Runner, fn: Callable, jobs: list[Any], on_result: Callable[[Any], None], on_lost: OnLost,
-            request: JobRequest | None = None) -> None:
-        import ray
-
-        sized = request or JobRequest(self.options.slurm_time_min or 24 * 60, self.options.mem_gb or 16,
-                                      self.options.cpus_per_task or self.threads)
-        env = {"env_vars": worker_env()}  # a cluster's workers do not inherit the driver's environment
-        if not ray.is_initialized():
-            here = {} if self.options.ray_address else {
-                "num_cpus": max(self.jobs * sized.cpus, os.cpu_count() or 1), "num_gpus": _gpu_count()}
-            ray.init(self.options.ray_address, include_dashboard=False, runtime_env=env, **here)
-        task = ray.remote(num_cpus=sized.cpus, num_gpus=self.gpus, memory=sized.mem_gb * 2**30, max_retries=1,
-                          runtime_env=env)(_apply)
-        runner = with_plugins(runner)
-        pending = {task.remote(runner, fn, job, self.devices): job for job in jobs}
-        try:
-            while pending:
-                (done,), _ = ray.wait(list(pending), num_returns=1)
-                job = pending.pop(done)
-                try:
-                    result = ray.get(done)
-                except ray.exceptions.RayError as err:
-                    on_lost(job, Lost(f"Ray task failed: {type(err).__name__}: {err}"[:4000], None, self.devices))
-                else:
-                    on_result(result)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
-
-    def close(self) -> None:
-        pass
-
-
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def _apply(runner: Runner, fn: Callable, job: Any, device: str) -> Any:  # ray.remote and the pool take a function
+def call_runner(runner: Runner, fn: Callable, job: Any, device: str) -> Any:  # ray.remote and the pool take a function
     return runner(fn, job, device)
 
 
@@ -290,10 +164,10 @@ def _in_plugin_set(plugin_set: plugins.PluginSet, runner: Runner, fn: Callable, 
 def worker_env() -> dict[str, str]:
     """Environment a remote worker needs: this checkout on PYTHONPATH and the driver's ``$BENCH_*`` (weights, data
     root, plugins), hub (``HF_*``, offline mode), torch and cuBLAS variables."""
-    return {"PYTHONPATH": _pythonpath(), **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV)}}
+    return {"PYTHONPATH": checkout_pythonpath(), **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV)}}
 
 
-def _pythonpath() -> str:
+def checkout_pythonpath() -> str:
     """PYTHONPATH for a worker: this checkout first (the same code must be at the same path on every node)."""
     return os.pathsep.join(p for p in (str(Path(bench.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH"))
                            if p)

@@ -104,7 +104,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     device = options.backend.target(devices.kind(targets))  # a cluster's GPUs, where it is given them
     work = check_budget(matrix, cells, cache, recorded, records, redo, device, options, out)
     built, reasons = check_cells(cells, device, lambda line: print(line, file=sys.stderr),
-                                 refuse=not options.dry_run)
+                                 refuse=not options.dry_run, deterministic=options.deterministic)
     if options.dry_run:  # loads and writes nothing; dataset keys from the cache or the records
         keys = {choice: known_dataset_key(cache, choice, records) for choice in {c.dataset for c in cells}}
         plans = [plan_cell(cell, keys[cell.dataset].key, matrix.recipe, b) for cell, b in zip(cells, built)]
@@ -155,7 +155,8 @@ def _run_stages(matrix: Matrix, options: RunOptions, plans: list, todo: list, re
     bar = tqdm(total=len(plans), initial=skipped, desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True)
     train_jobs = [TrainJob(cache.root, options.threads, p, matrix.name, matrix.recipe,
                            failures.get(p.protection_key or "") or failures.get(p.purify_key or ""),
-                           options.jobs == 1 or len(todo) == 1, redo=p.cell in redo) for p in todo]
+                           options.jobs == 1 or len(todo) == 1, redo=p.cell in redo,
+                           deterministic=options.deterministic) for p in todo]
     trained = {"ok": 0, "error": 0, "elsewhere": 0}
 
     def record(result: Record) -> None:  # appended by the worker, before it released the cell's claim

@@ -73,6 +73,7 @@ class TrainJob:
     upstream_error: str | None
     show_epochs: bool
     redo: bool = False  # retrain even where recorded (--rerun, --force)
+    deterministic: bool = False  # the run asked for deterministic algorithms (recorded; set in the worker)
 
     @property
     def key(self) -> str:
@@ -174,7 +175,8 @@ def identity(job: TrainJob) -> dict[str, Any]:
     cell, plan = job.plan.cell, job.plan
     info: dict[str, Any] = {"cell": plan.cell_key, "matrix": job.matrix, "seed": cell.seed,
                             "poison_ratio": cell.poison_ratio, "mix": cell.mix, "dataset_key": plan.dataset_key,
-                            "protection_key": plan.protection_key, "purify_key": plan.purify_key, "components": {}}
+                            "protection_key": plan.protection_key, "purify_key": plan.purify_key, "components": {},
+                            "deterministic": job.deterministic}
     built = Components.of(cell)
     dataset = DATASETS.create(cell.dataset.name, **cell.dataset.kwargs)
     for axis, component in (("dataset", dataset), ("protection", built.protection),

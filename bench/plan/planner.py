@@ -106,24 +106,37 @@ def _dataset_spec(record: Record) -> dict[str, Any] | None:
         return None
 
 
-def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None],
-                refuse: bool = True) -> tuple[list[Components], list[list[str]]]:
+def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None], refuse: bool = True,
+                deterministic: bool = False) -> tuple[list[Components], list[list[str]]]:
     """Every cell's components and the reasons each cannot run (before any data is loaded). With ``refuse``
     one ConfigError lists the refused cells (up to ``MAX_LISTED``); a dry run lists them itself first and then
-    calls ``refusal``. Notes components expensive on a CPU through ``warn``."""
+    calls ``refusal``. Notes through ``warn`` components expensive on a CPU and, for a ``deterministic`` CUDA run,
+    those that cannot honour it (``cuda_nondeterministic``, surrogates included)."""
     warned, built, reasons = set(), [], []
     for cell in cells:
         components = Components.of(cell)
         reasons.append(missing_capabilities(cell, components))
-        for component in (components.protection, components.countermeasure, components.victim):
+        for component in (components.protection, components.countermeasure, components.victim,
+                          *_surrogates(cell, components)):
             if device == "cpu" and component.expensive_on_cpu and component.name not in warned:
                 warned.add(component.name)
                 warn(f"bench: note: {component.name} is expensive on a CPU (declared expensive_on_cpu); its cells "
                      "may take hours at full size")
+            if deterministic and device == "cuda" and component.cuda_nondeterministic and \
+                    f"det {component.name}" not in warned:
+                warned.add(f"det {component.name}")
+                warn(f"bench: note: --deterministic: {component.name} cannot honour it ("
+                     f"{component.cuda_nondeterministic}); its cells may differ between reruns")
         built.append(components)
     if refuse and (error := refusal(cells, reasons)):
         raise error
     return built, reasons
+
+
+def _surrogates(cell: Cell, built: Components) -> list[Any]:
+    """The victims a cell's protection and countermeasure train as surrogates (named by their ``surrogate_param``)."""
+    names = [getattr(c, c.surrogate_param) for c in (built.protection, built.countermeasure) if c.surrogate_param]
+    return [VICTIMS.get(name) for name in names if isinstance(name, str) and name in VICTIMS.names()]
 
 
 def refusal(cells: list[Cell], reasons: list[list[str]]) -> ConfigError | None:

@@ -84,6 +84,7 @@ class Record:
     data_placement: str | None = None  # where the train set stayed: device, host-pinned (batches streamed), host (CPU)
     tf32_conv: bool | None = None  # cuDNN could run fp32 convolutions in TF32 (CUDA only)
     compile_seconds: float | None = None  # steps that compiled a graph (recipe.compile), left out of images_per_s
+    deterministic: bool | None = None  # run with --deterministic (CUDA's deterministic algorithms, no autotuning)
     linf: float | None = None  # protected vs clean train images (bench.execute.metrics.perturbation_metrics)
     l2: float | None = None
     psnr: float | None = None

@@ -71,6 +71,7 @@ class UGE(Protection):
                                                 "encoder_arch": "cnn", "encoder_epochs": 1, "epochs": 1, "width": 4,
                                                 "trajectory_epochs": 2}
     fits: ClassVar[tuple[str, ...]] = ("generator", "authorized")
+    cuda_nondeterministic: ClassVar[str] = "with encoder='clip', bicubic interpolate's backward has no deterministic CUDA kernel"
     encrypts_unseen: ClassVar[bool] = True
     surrogate_param: ClassVar[str | None] = "authorized"
     paper_setting: ClassVar[tuple[str, ...]] = ("encoder", "authorized", "epochs", "width")
