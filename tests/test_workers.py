@@ -228,3 +228,15 @@ def test_auto_says_so_when_a_gpu_is_present_that_torch_cannot_use(monkeypatch, c
     with pytest.warns(UserWarning, match="NVIDIA GPU is present"):
         assert devices.parse("auto") == ["cpu"]
     assert "CUDA unusable" in capsys.readouterr().err
+
+
+def test_a_table_mixing_cpu_and_gpu_cells_says_so():
+    """A shared results folder could put CPU-fp32 and GPU-bf16 cells in one table without a word."""
+    import pandas as pd
+
+    from bench.report.leaderboard import mixed_settings
+
+    group = pd.DataFrame({"status": ["ok", "ok", "ok", "error"], "device": ["cpu", "cuda:0", "cuda:1", "cpu"],
+                          "precision": ["fp32", "bf16", "bf16", None]})
+    assert mixed_settings(group) == ("mixed devices/precisions: cpu fp32 (1 cells), cuda bf16 (2 cells)",)
+    assert mixed_settings(group.iloc[1:3]) == ()

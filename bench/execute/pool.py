@@ -28,6 +28,7 @@ from bench.core import plugins
 from bench.execute import devices
 
 POISONED = 70  # a worker's exit status after its CUDA context stopped working
+SYS_PATH = "BENCH_WORKER_SYS_PATH"
 Task = Callable[[str], Any]  # task(device) -> result, run in a worker
 
 
@@ -50,16 +51,18 @@ class _Worker:
         ours, theirs = socket.socketpair()
         args = [sys.executable, "-m", "bench.execute.pool", str(theirs.fileno()), str(os.getpid()), device,
                 str(threads), str(int(deterministic))]
+        # the driver's import path (a test's conftest, a script's folder), appended: jobs are unpickled with it
+        env = {**env, SYS_PATH: os.pathsep.join(sys.path)}
         self.process = subprocess.Popen(args, pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
         self.conn = Connection(ours.detach())
-        self.device, self.task, self.ready = device, None, False
+        self.device, self.task, self.ready, self.retiring = device, None, False, False
 
     def reason(self) -> str:
         """Why it died, from its exit status."""
         code = self.process.wait()
         if code == POISONED:
-            return f"the worker's CUDA context on {self.device} stopped working (a device-side error)"
+            return f"the worker's CUDA context on {self.device} stopped working after its job (a device-side error)"
         if code < 0:
             name = signal.Signals(-code).name
             hint = ": out of host memory (the OOM killer), or killed" if -code == signal.SIGKILL else ""
@@ -109,7 +112,7 @@ class Pool:
         except (EOFError, OSError):  # it died: its task (if any) is lost, a fresh worker takes the slot
             task, pid, reason = worker.task, worker.process.pid, worker.reason()
             worker.kill()
-            self.deaths[slot] += 0 if worker.ready else 1
+            self.deaths[slot] += 0 if worker.ready or worker.retiring else 1
             if self.deaths[slot] >= 3:
                 raise WorkerLost(f"no worker could start on {worker.device}: {reason}") from None
             self.workers[slot] = _Worker(worker.device, self.threads, self.deterministic, self.env)
@@ -122,7 +125,9 @@ class Pool:
             worker.ready = True
             return 0
         task, worker.task = worker.task, None
-        ok, value = plugins.cloudpickle().loads(message)
+        ok, value, usable = plugins.cloudpickle().loads(message)
+        if not usable:  # it exits after this reply: no new task for it, a fresh worker replaces it
+            worker.ready, worker.retiring = False, True
         if ok:
             on_result(task, value)
         else:
@@ -163,6 +168,7 @@ def _die_with_parent(parent: int) -> None:
 def serve(fd: int, parent: int, device: str, threads: int, deterministic: bool) -> None:
     """A worker: pin the device, then run the tasks that arrive until the driver closes the connection."""
     _die_with_parent(parent)
+    sys.path.extend(p for p in os.environ.pop(SYS_PATH, "").split(os.pathsep) if p and p not in sys.path)
     conn = Connection(fd)
     devices.pin(device, threads, deterministic)
     conn.send_bytes(b"ready")
@@ -173,11 +179,12 @@ def serve(fd: int, parent: int, device: str, threads: int, deterministic: bool) 
         except (EOFError, OSError):
             return
         try:
-            reply = (True, pickler.loads(message)(device))
+            ok, value = True, pickler.loads(message)(device)
         except Exception:  # noqa: BLE001 - runners record their own failures; this is a harness error
-            reply = (False, traceback.format_exc())
-        conn.send_bytes(pickler.dumps(reply))
-        if not devices.context_usable(device):
+            ok, value = False, traceback.format_exc()
+        usable = devices.context_usable(device)  # told with the reply, so the driver sends this worker nothing more
+        conn.send_bytes(pickler.dumps((ok, value, usable)))
+        if not usable:
             os._exit(POISONED)
 
 

@@ -85,7 +85,19 @@ def what_ran(group: pd.DataFrame) -> tuple[str, ...]:
             for label, info in zip(group[axis], group[stage]):
                 if isinstance(info, dict) and info.get("ran"):
                     lines.append(f"{label}: {info['ran']}")
-    return tuple(dict.fromkeys(lines))
+    return tuple(dict.fromkeys(lines)) + mixed_settings(group)
+
+
+def mixed_settings(group: pd.DataFrame) -> tuple[str, ...]:
+    """A line when a table's cells ran on different device kinds or precisions (a results folder shared between a
+    CPU and a GPU machine): keys do not hold them, since both compute the same cell, but the numbers may differ."""
+    ok = group[group["status"] == "ok"]
+    kinds = ok.get("device", pd.Series("", index=ok.index)).fillna("").astype(str).str.split(":").str[0]
+    settings = (kinds + " " + ok.get("precision", pd.Series("", index=ok.index)).fillna("?").astype(str)).str.strip()
+    counts = settings.value_counts()
+    if len(counts) < 2:
+        return ()
+    return ("mixed devices/precisions: " + ", ".join(f"{name} ({n} cells)" for name, n in sorted(counts.items())),)
 
 
 def grouping(layout: Layout) -> list[str]:
