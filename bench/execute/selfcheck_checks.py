@@ -119,7 +119,7 @@ def create(registry: Registry, name: str, tmp: str) -> Any:
         raise Skipped(cls.test_skip)
     cache = {"cache": f"{tmp}/{name}"} if "cache" in {f.name for f in dataclasses.fields(cls)} else {}
     component = registry.create(name, **{**cls.test_params, **cache})
-    if missing := [w.name for w in component.pretrained_needed() if w.locate() is None]:
+    if missing := [w.name for w in component.pretrained_needed() if not w.resolve().available]:
         raise Skipped(f"needs {', '.join(missing)} weights")
     return component
 
