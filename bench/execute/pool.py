@@ -24,6 +24,8 @@ import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
+import torch
+
 from bench.core import plugins
 from bench.execute import devices
 
@@ -91,7 +93,7 @@ class Pool:
         queue, running = list(range(len(tasks)))[::-1], 0
         try:
             while queue or running:
-                for slot, worker in enumerate(self.workers):
+                for worker in self.workers:
                     if worker.task is None and worker.ready and queue:
                         worker.task = queue.pop()
                         worker.conn.send_bytes(plugins.cloudpickle().dumps(tasks[worker.task]))
@@ -168,6 +170,7 @@ def _die_with_parent(parent: int) -> None:
 def serve(fd: int, parent: int, device: str, threads: int, deterministic: bool) -> None:
     """A worker: pin the device, then run the tasks that arrive until the driver closes the connection."""
     _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the driver stops the workers
     sys.path.extend(p for p in os.environ.pop(SYS_PATH, "").split(os.pathsep) if p and p not in sys.path)
     conn = Connection(fd)
     devices.pin(device, threads, deterministic)
@@ -183,6 +186,8 @@ def serve(fd: int, parent: int, device: str, threads: int, deterministic: bool) 
         except Exception:  # noqa: BLE001 - runners record their own failures; this is a harness error
             ok, value = False, traceback.format_exc()
         usable = devices.context_usable(device)  # told with the reply, so the driver sends this worker nothing more
+        if usable and device.startswith("cuda"):  # hand the job's cached blocks back: workers may share this GPU
+            torch.cuda.empty_cache()
         conn.send_bytes(pickler.dumps((ok, value, usable)))
         if not usable:
             os._exit(POISONED)
