@@ -82,14 +82,16 @@ class RunResult:
 def run(matrix: str | Path | dict[str, Any] | Matrix, *, results: str | Path = "results", jobs: int = 1,
         device: str = "auto", threads: int = 1, only: tuple[str, ...] = (), rerun: tuple[str, ...] = (),
         force: bool = False, retry_failed: bool = False, dry_run: bool = False, max_hours: float | None = None,
-        backend: str = "local", plugins: tuple[str, ...] = (), out: Callable[[str], None] = print) -> RunResult:
+        backend: str = "local", plugins: tuple[str, ...] = (), deterministic: bool = False,
+        out: Callable[[str], None] = print) -> RunResult:
     """Run a matrix as ``bench run`` does: every cell not yet recorded under ``results`` (cached, resumable).
 
     Args:
         matrix: a named matrix (``"smoke"``), a TOML path, a dict in the TOML's shape (``name`` defaults to
             ``"api"``), or a ``Matrix``.
-        jobs, device, threads, only, rerun, force, retry_failed, dry_run, max_hours, backend: as the
-            ``bench run`` options of the same names (``only``/``rerun``: ``KEY=GLOB`` strings).
+        jobs, device, threads, only, rerun, force, retry_failed, dry_run, max_hours, backend, deterministic: as
+            the ``bench run`` options of the same names (``only``/``rerun``: ``KEY=GLOB`` strings; ``device``
+            also ``cuda:N,M``; with ``jobs`` ≥ 2 or a GPU, jobs run in worker processes).
         plugins: plugin specs to load first (``use``).
         out: where the estimate and progress lines go.
 
@@ -106,7 +108,7 @@ def run(matrix: str | Path | dict[str, Any] | Matrix, *, results: str | Path = "
         use(*plugins)
     resolved = _matrix(matrix)
     options = RunOptions(Path(results), jobs, device, threads, tuple(only), dry_run, retry_failed, tuple(rerun), force,
-                         backend=BackendOptions(backend),
+                         backend=BackendOptions(backend), deterministic=deterministic,
                          **({"max_hours": max_hours} if max_hours is not None else {}))
     return RunResult(resolved.name, Path(results), run_matrix(resolved, options, out))
 

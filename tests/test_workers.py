@@ -218,6 +218,11 @@ def test_deterministic_names_the_components_that_cannot_honour_it_and_is_recorde
                  "--deterministic", "--only", "protection=clean"]) == 0
     recs = RecordLog(tmp_path / "r" / "runs" / "d" / "records.jsonl").read()
     assert recs and all(r.deterministic is True for r in recs)
+    import bench
+
+    result = bench.run(tomllib.loads(TINY.format(extra_countermeasures="")), results=tmp_path / "api", device="cpu",
+                       only=("protection=clean", "countermeasure=none"), deterministic=True, out=lambda line: None)
+    assert result.counts.trained == 1 and bench.records(results=tmp_path / "api")["deterministic"].tolist() == [True]
 
 
 
