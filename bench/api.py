@@ -35,7 +35,7 @@ from bench.core.units import pixel_steps
 from bench.data.datasets import DATASETS, Dataset, fingerprint, train_images_like
 from bench.data.mixes import ATTACKER_SEED, class_mask
 from bench.execute.augment import KINDS as AUGMENTATIONS
-from bench.execute.augment import random_crop, random_flip, standard_augment
+from bench.execute.augment import host_to_device, random_crop, random_flip, standard_augment
 from bench.execute.train import Normalize, autocast, channel_stats, resolve_precision, train_and_evaluate
 from bench.plan.matrix import Matrix, load_matrix, parse_matrix
 from bench.plan.recipes import RECIPES, Recipe, make_recipe
@@ -59,7 +59,7 @@ __all__ = [
     "Victim", "ConfigError", "code_fingerprint", "component_identity",
     # helpers components use: training, augmentation, recipes, data, keys, units
     "AUGMENTATIONS", "ATTACKER_SEED", "Normalize", "RECIPES", "Recipe", "autocast", "channel_stats", "class_mask",
-    "fingerprint", "make_key", "make_recipe", "pixel_steps", "random_crop", "random_flip", "resolve_precision",
+    "fingerprint", "host_to_device", "make_key", "make_recipe", "pixel_steps", "random_crop", "random_flip", "resolve_precision",
     "standard_augment", "train_and_evaluate", "train_images_like",
 ]
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.api import host_to_device
+
 
 def require(ok: bool, component: object, rule: str) -> None:
     """Raise ValueError naming the component and the rule its parameters break."""
@@ -42,13 +44,13 @@ def paste_box(x: torch.Tensor, perm: torch.Tensor, lam: float, cy: int, cx: int)
 
 def draw(n: int, gen: torch.Generator, device: torch.device, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
     """``n`` uniform values in [low, high) from ``gen``, moved to ``device``."""
-    return (torch.rand(n, generator=gen) * (high - low) + low).to(device)
+    return host_to_device(torch.rand(n, generator=gen) * (high - low) + low, torch.device(device))
 
 
 def signed(n: int, gen: torch.Generator, device: torch.device, low: float, high: float) -> torch.Tensor:
     """Uniform magnitudes in [low, high) with a random sign (TrivialAugment's random mirror of a magnitude)."""
     sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
-    return (sign * (torch.rand(n, generator=gen) * (high - low) + low)).to(device)
+    return host_to_device(sign * (torch.rand(n, generator=gen) * (high - low) + low), torch.device(device))
 
 
 def beta(alpha: float, gen: torch.Generator) -> float:
@@ -118,7 +120,7 @@ def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 def cutout(x: torch.Tensor, length: int, gen: torch.Generator) -> torch.Tensor:
     """DeVries & Taylor 2017: zero a ``length``-sided square centred uniformly in each image, clipped at borders."""
     n, _, h, w = x.shape
-    cy, cx = (torch.randint(0, s, (n,), generator=gen).to(x.device) for s in (h, w))
+    cy, cx = (host_to_device(torch.randint(0, s, (n,), generator=gen), x.device) for s in (h, w))
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     inside_y = (rows >= cy[:, None] - length // 2) & (rows < cy[:, None] + length - length // 2)
     inside_x = (cols >= cx[:, None] - length // 2) & (cols < cx[:, None] + length - length // 2)

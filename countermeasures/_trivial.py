@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.api import host_to_device
 from bench.countermeasures._ops import (affine, brightness, contrast, device_generator, draw, identity_matrix,
                                         per_image, rotate, sharpness, signed)
 
@@ -67,7 +68,7 @@ def _policy(n: int, gen: torch.Generator, device: torch.device) -> list[tuple[Ca
         (lambda x, m: autocontrast(x), torch.zeros(n, device=device)),
         (lambda x, m: equalize(x), torch.zeros(n, device=device)),
         (rotate, signed(n, gen, device, 0, 30)),
-        (posterize, torch.randint(4, 9, (n,), generator=gen).to(device)),
+        (posterize, host_to_device(torch.randint(4, 9, (n,), generator=gen), torch.device(device))),
         (solarize, draw(n, gen, device)),
         (contrast, factor()), (brightness, factor()), (sharpness, factor()),
         (lambda x, m: shear(x, m, 0), signed(n, gen, device, 0, 0.3)),
@@ -84,7 +85,7 @@ def trivial_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     choice = torch.randint(0, len(ops), (n,), generator=gen)
     out = x.clone()
     for index, (op, magnitude) in enumerate(ops):
-        rows = torch.nonzero(choice == index).flatten().to(x.device)
+        rows = host_to_device(torch.nonzero(choice == index).flatten(), x.device)
         if len(rows):
             out[rows] = op(x[rows], magnitude[rows]).to(x.dtype)
     return out
@@ -119,6 +120,6 @@ def ueraser_augment(x: torch.Tensor, gen: torch.Generator, intensity: tuple[floa
     x = _sometimes(x, (x + per_image(draw(n, gen, device, *intensity)) * bright).clamp(0, 1), p_plasma, gen)
     rough = draw(n, gen, device, *roughness)
     x = _sometimes(x, ((x - 0.5) * 4 * plasma(x.shape, rough, gen, device) + 0.5).clamp(0, 1), p_plasma, gen)
-    perm = torch.rand(n, x.shape[1], generator=gen).argsort(1).to(device)
+    perm = host_to_device(torch.rand(n, x.shape[1], generator=gen).argsort(1), torch.device(device))
     x = _sometimes(x, x.gather(1, perm[:, :, None, None].expand_as(x)), 0.5, gen)
     return trivial_augment(x, gen)

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.api import COUNTERMEASURES, Countermeasure, TrainHooks, random_crop, random_flip
+from bench.api import COUNTERMEASURES, Countermeasure, TrainHooks, host_to_device, random_crop, random_flip
 from bench.countermeasures import _ops
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -90,7 +90,7 @@ class CutMix(Countermeasure):
     def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
         def transform(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Batch:
             n, _, h, w = x.shape
-            perm, lam = torch.randperm(n, generator=gen).to(x.device), _ops.beta(self.beta, gen)
+            perm, lam = host_to_device(torch.randperm(n, generator=gen), x.device), _ops.beta(self.beta, gen)
             cy, cx, coin = (torch.randint(0, s, (1,), generator=gen).item() for s in (h, w, 2 ** 24))
             if coin / 2 ** 24 >= self.prob:
                 return x, F.one_hot(y, num_classes).float()
@@ -116,7 +116,7 @@ class MixUp(Countermeasure):
 
     def train_hooks(self, num_classes: int, image_size: int) -> TrainHooks:
         def transform(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> Batch:
-            perm, lam = torch.randperm(x.shape[0], generator=gen).to(x.device), _ops.beta(self.alpha, gen)
+            perm, lam = host_to_device(torch.randperm(x.shape[0], generator=gen), x.device), _ops.beta(self.alpha, gen)
             return lam * x + (1 - lam) * x[perm], (y if self.keep_label else _mix(y, perm, lam, num_classes))
 
         return TrainHooks(batch_transform=transform)
