@@ -39,6 +39,7 @@ from bench.execute.augment import host_to_device, random_crop, random_flip, stan
 from bench.execute.train import Normalize, autocast, channel_stats, resolve_precision, train_and_evaluate
 from bench.plan.matrix import Matrix, load_matrix, parse_matrix
 from bench.plan.recipes import RECIPES, Recipe, make_recipe
+from bench.store.cache import umask
 from bench.store.keys import make_key
 from bench.store.records import Record
 
@@ -59,8 +60,8 @@ __all__ = [
     "Victim", "ConfigError", "code_fingerprint", "component_identity",
     # helpers components use: training, augmentation, recipes, data, keys, units
     "AUGMENTATIONS", "ATTACKER_SEED", "Normalize", "RECIPES", "Recipe", "autocast", "channel_stats", "class_mask",
-    "fingerprint", "host_to_device", "make_key", "make_recipe", "pixel_steps", "random_crop", "random_flip", "resolve_precision",
-    "standard_augment", "train_and_evaluate", "train_images_like",
+    "fingerprint", "host_to_device", "make_key", "make_recipe", "pixel_steps", "random_crop", "random_flip",
+    "resolve_precision", "standard_augment", "train_and_evaluate", "train_images_like", "umask",
 ]
 
 

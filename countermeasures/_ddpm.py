@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.api import ConfigError, Pretrained
+from bench.api import ConfigError, Pretrained, umask
 
 TRAINED_ARCH = {"layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}
 
@@ -159,7 +159,7 @@ def trained(data: torch.Tensor, *, key: str, root: Path, width: int, steps: int,
     unet = unet.eval().requires_grad_(False)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would hide a shared cache from other users; the umask decides
     unet.save_pretrained(tmp)
     scheduler.save_config(tmp)
     (tmp / "done.json").write_text(json.dumps({"steps": steps, "final_loss": loss.item()}))  # marks it complete
