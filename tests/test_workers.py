@@ -245,3 +245,12 @@ def test_a_table_mixing_cpu_and_gpu_cells_says_so():
                           "precision": ["fp32", "bf16", "bf16", None]})
     assert mixed_settings(group) == ("mixed devices/precisions: cpu fp32 (1 cells), cuda bf16 (2 cells)",)
     assert mixed_settings(group.iloc[1:3]) == ()
+
+
+def test_one_device_commands_resolve_and_check_their_device(four_gpus):
+    """bench protect, perf and selfcheck each resolved --device their own way; perf took any string as given."""
+    assert devices.single("auto") == torch.device("cuda:0") and devices.single("cuda:2") == torch.device("cuda:2")
+    assert devices.single("cpu") == torch.device("cpu")
+    for wrong, message in (("cuda:0,1", "uses one device"), ("cuda:9", "has 4 GPU"), ("tpu", "expected auto")):
+        with pytest.raises(ConfigError, match=message):
+            devices.single(wrong)

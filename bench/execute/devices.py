@@ -48,6 +48,15 @@ def parse(device: str) -> list[str]:
     return [f"cuda:{int(i)}" for i in indices]
 
 
+def single(device: str) -> torch.device:
+    """The one device of a command that uses one (``bench protect``, ``perf``, ``selfcheck``): ``auto`` is the first
+    GPU, else the CPU. Raises ConfigError as ``parse`` does, and on a list of GPUs."""
+    found = parse(device)
+    if len(found) > 1 and device not in ("auto", "cuda"):
+        raise ConfigError(f"--device {device}: this command uses one device; give cuda:N")
+    return torch.device(found[0])
+
+
 def kind(devices: list[str]) -> str:
     """``cpu`` or ``cuda``: what the planner and the estimate need to know."""
     return devices[0].split(":")[0]

@@ -20,20 +20,11 @@ import torch
 
 from bench.core.components import PROTECTIONS
 from bench.core.registry import ConfigError
+from bench.execute import devices
 from bench.store.artifacts import load_models, owner_class, resolve_entry
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    return torch.device(name)
 
 
 def protect_folder(ref: str, source: Path, target: Path, *, results: Path, protection: str | None = None,
@@ -59,7 +50,7 @@ def protect_folder(ref: str, source: Path, target: Path, *, results: Path, prote
             raise ConfigError(f"{names[path.stem + '.png'].name} and {path.name} would both be written as "
                               f"{path.stem}.png; rename one of them")
         names[path.stem + ".png"] = path
-    dev = resolve_device(device)
+    dev = devices.single(device)
     folder = resolve_entry(ref, results)
     manifest = json.loads((folder / "manifest.json").read_text())
     if manifest.get("kind") != "protected":

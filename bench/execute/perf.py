@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.core.components import VICTIMS, ImageSet
+from bench.execute import devices
 from bench.execute.train import Normalize, autocast, channel_stats, resolve_precision, train_and_evaluate
 from bench.plan.recipes import make_recipe
 
@@ -54,13 +55,6 @@ class PerfSettings:
         """These settings with every None replaced by ``device``'s size."""
         sizes = CUDA_SIZES if device.type == "cuda" else CPU_SIZES
         return dataclasses.replace(self, **{k: v for k, v in sizes.items() if getattr(self, k) is None})
-
-
-def perf_device(name: str) -> torch.device:
-    """``auto`` → CUDA where available, else the CPU; any other name as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -193,7 +187,7 @@ def run_perf(settings: PerfSettings, results: Path) -> list[dict[str, Any]]:
     (the same precision), ``ratio_plain`` bench / the plain loop (the same precision)."""
     from bench.data.datasets import DATASETS
 
-    device = perf_device(settings.device)
+    device = devices.single(settings.device)
     settings = settings.resolved(device)
     train, test = DATASETS.create(settings.dataset, per_class=settings.per_class, test_per_class=10).load()
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"

@@ -120,14 +120,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 def cmd_selfcheck(args: argparse.Namespace) -> int:
     """Run the self-check as ``args`` say; print the table; 0 when nothing failed, else 1."""
     from bench.core.registry import ConfigError
-    from bench.execute.perf import perf_device
 
     skip = {s for s in args.skip.split(",") if s}
     if unknown := skip - set(SECTIONS):
         raise ConfigError(f"--skip {','.join(sorted(unknown))}: sections are {', '.join(SECTIONS)}")
-    device = perf_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: CUDA is not available here (torch {torch.__version__})")
+    device = devices.single(args.device)
     with tempfile.TemporaryDirectory(prefix="bench-selfcheck-") as tmp:
         results = run_selfcheck(device, QUICK if args.quick else FULL, skip, Path(tmp))
     out = args.out or args.results / "selfcheck"
