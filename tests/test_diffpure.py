@@ -134,12 +134,18 @@ def test_absent_weights_name_the_variable_and_the_alternative(monkeypatch, rgb):
 
 
 def test_trained_model_is_cached_and_loads_as_a_folder(tmp_path, rgb, monkeypatch):
-    """The first run trains and saves a diffusers folder; the next loads it without training (the optimiser is
-    never built) and gives the same bytes, as does ``model = <that folder>``; another budget is another model."""
-    first = make(tmp_path).purify(rgb, seed=0, device=CPU)
+    """The first run trains and saves a diffusers folder (its mode from the umask, so a group shares it); the next
+    loads it without training (the optimiser is never built) and gives the same bytes, as does ``model = <that
+    folder>``; another budget is another model."""
+    old_umask = os.umask(0o002)
+    try:
+        first = make(tmp_path).purify(rgb, seed=0, device=CPU)
+    finally:
+        os.umask(old_umask)
     assert "trained now" in first.info["model"]
     folders = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     assert len(folders) == 1 and (folders[0] / "config.json").is_file() and (folders[0] / "done.json").is_file()
+    assert folders[0].stat().st_mode & 0o777 == 0o775
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained again instead of loading the cached model")

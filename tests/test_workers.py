@@ -5,6 +5,7 @@ broke is replaced, and devices are explicit (``bench.execute.devices``, CUDA fak
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -254,3 +255,28 @@ def test_one_device_commands_resolve_and_check_their_device(four_gpus):
     for wrong, message in (("cuda:0,1", "uses one device"), ("cuda:9", "has 4 GPU"), ("tpu", "expected auto")):
         with pytest.raises(ConfigError, match=message):
             devices.single(wrong)
+
+
+def _workers_of(pid: int) -> list[int]:
+    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/cmdline")
+            if "bench.execute.pool" in (text := p.read_text(errors="replace")) and f"\0{pid}\0" in text]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_stops_the_run_without_a_traceback_from_each_worker(tmp_path):
+    """Ctrl-C reaches the whole process group: the workers leave stopping to the driver."""
+    path, env = matrix(tmp_path, "[victims.sleeper]\n"), plugin_env(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--matrix", str(path), "--results",
+                             str(tmp_path / "r"), "--jobs", "2"], cwd=tmp_path, env={**os.environ, **env,
+                            "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_workers_of(proc.pid)) < 2:
+        time.sleep(0.3)
+    workers = _workers_of(proc.pid)
+    assert len(workers) == 2, "the run never started its workers"
+    time.sleep(3)  # into the sleeping build
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "in serve" not in err, err[-2000:]
+    assert not any(_alive(p) for p in workers)
