@@ -116,8 +116,8 @@ def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None], ref
     for cell in cells:
         components = Components.of(cell)
         reasons.append(missing_capabilities(cell, components))
-        for component in (components.protection, components.countermeasure, components.victim,
-                          *_surrogates(cell, components)):
+        surrogates = _surrogates(cell, components) if device == "cpu" or deterministic else []
+        for component in (components.protection, components.countermeasure, components.victim, *surrogates):
             if device == "cpu" and component.expensive_on_cpu and component.name not in warned:
                 warned.add(component.name)
                 warn(f"bench: note: {component.name} is expensive on a CPU (declared expensive_on_cpu); its cells "
