@@ -270,7 +270,8 @@ def test_ctrl_c_stops_the_run_without_a_traceback_from_each_worker(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--matrix", str(path), "--results",
                              str(tmp_path / "r"), "--jobs", "2"], cwd=tmp_path, env={**os.environ, **env,
                             "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,  # Python keeps SIGINT ignored where its parent ignored it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (pytest-xdist's)
     deadline = time.time() + 120
     while time.time() < deadline and len(_workers_of(proc.pid)) < 2:
         time.sleep(0.3)

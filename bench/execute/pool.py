@@ -55,7 +55,8 @@ class _Worker:
                 str(threads), str(int(deterministic))]
         # the driver's import path (a test's conftest, a script's folder), appended: jobs are unpickled with it
         env = {**env, SYS_PATH: os.pathsep.join(sys.path)}
-        self.process = subprocess.Popen(args, pass_fds=(theirs.fileno(),), env=env)
+        # its own process group: a terminal's Ctrl-C reaches the driver only, which stops the workers
+        self.process = subprocess.Popen(args, pass_fds=(theirs.fileno(),), env=env, process_group=0)
         theirs.close()
         self.conn = Connection(ours.detach())
         self.device, self.task, self.ready, self.retiring = device, None, False, False
@@ -170,7 +171,6 @@ def _die_with_parent(parent: int) -> None:
 def serve(fd: int, parent: int, device: str, threads: int, deterministic: bool) -> None:
     """A worker: pin the device, then run the tasks that arrive until the driver closes the connection."""
     _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the driver stops the workers
     sys.path.extend(p for p in os.environ.pop(SYS_PATH, "").split(os.pathsep) if p and p not in sys.path)
     conn = Connection(fd)
     devices.pin(device, threads, deterministic)
