@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     protect.add_argument("--output", type=Path, required=True, help="folder for the protected PNGs (same names)")
     protect.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     protect.add_argument("--batch-size", type=int, default=256)
+    protect.add_argument("--overwrite", action="store_true",
+                         help="replace files already in --output (by default bench protect refuses to overwrite any)")
     protect.add_argument("--label", type=int, help="the folder's class, for a protection that encrypts an image "
                                                    "for its class (encrypt_needs_labels, e.g. dh); else left out")
     report = commands.add_parser("report", help="one self-contained HTML page (and Markdown + PNG) of a matrix's "
@@ -121,7 +123,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
     from bench.execute.encrypt import protect_folder
 
     print(protect_folder(args.model, args.input, args.output, results=args.results, protection=args.protection,
-                         device=args.device, batch_size=args.batch_size, label=args.label))
+                         device=args.device, batch_size=args.batch_size, label=args.label,
+                         overwrite=args.overwrite))
     return 0
 
 
