@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
 
         plugins.use(*args.plugins)
     weights.apply_offline(args)
+    for flag in ("results", "out"):  # a file there would end in NotADirectoryError/FileExistsError mid-run
+        folder = getattr(args, flag, None)
+        if folder is not None and folder.exists() and not folder.is_dir():
+            print(f"bench: error: --{flag} {folder} is a file, not a folder: name a folder (it is created if "
+                  "missing)", file=sys.stderr)
+            return 2
     if args.command in ("perf", "protect", "selfcheck"):  # `run` does it in each job's process
         from bench.execute.train import keep_freed_memory
 
@@ -102,6 +109,25 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `bench list | head`: the reader left; exit quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
+    except OSError as err:  # disk full, permission denied, a lock held too long: one line, not a traceback
+        print(f"bench: error: {os_error_line(err, getattr(args, 'results', None))}", file=sys.stderr)
+        return 1
+
+
+def os_error_line(err: OSError, results: Path | None) -> str:
+    """One line for an OS error: what failed, on which path (the error's, else the results folder) and the free
+    space of that path's file system, so that a full disk or a read-only mount is told apart from a bug."""
+    path = Path(err.filename) if err.filename else results
+    what = err.strerror or str(err) or type(err).__name__
+    if path is None:
+        return what
+    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), Path("/"))
+    try:
+        free = f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    where = "on" if err.filename else "under"
+    return f"{what} {where} {path} ({free}); free space or fix permissions, then rerun: finished work is kept"
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
