@@ -121,8 +121,8 @@ def os_error_line(err: OSError, results: Path | None) -> str:
     what = err.strerror or str(err) or type(err).__name__
     if path is None:
         return what
-    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), Path("/"))
-    try:
+    try:  # the path itself may be what failed (a name too long): measure its nearest existing folder
+        existing = next((p for p in path.absolute().parents if p.is_dir()), Path("/"))
         free = f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free there"
     except OSError:
         free = "free space unknown"
