@@ -91,7 +91,7 @@ def test_wait_returns_keys_released_without_result_and_reports_done_ones(tmp_pat
     threading.Timer(0.6, held[1].release).start()
     seen: list[str] = []
     start = time.time()
-    done = lambda keys: [key for key in keys if key in finished]  # noqa: E731
+    done = lambda keys: [key for key in keys if key in finished]
     assert claims.wait("protect", ["a", "b"], str, done, seen.append) == ["b"]
     assert seen == ["a"] and 0.5 < time.time() - start < 5
 
@@ -173,7 +173,7 @@ def test_killed_worker_claim_is_taken_over(tmp_path):
     first.wait()
     orphans = list(results.glob("claims/**/*.claim"))
     second = _start(str(matrix), results, "--stale-after", "2")
-    out, err = second.communicate(timeout=600)
+    _, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-2000:]
     records = RecordLog(results / "runs" / "tiny" / "records.jsonl").read()
     assert len(records) == 4 and len({r.cell for r in records}) == 4 and all(r.status == "ok" for r in records)

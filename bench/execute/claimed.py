@@ -1,13 +1,16 @@
 """A job under its key's claim (``bench.execute.claims``): whether its result exists (a valid cache entry, or a record
 in any log of the results folder), and running it unless another live worker holds the key or has made the result,
-so that runs sharing a results folder compute each key once. A record is appended before the claim is released.
+so that runs sharing a results folder compute each key once. A record is appended before the claim is released; a
+worker whose claim was taken over (suspended past the stale timeout), or that took one over, appends it only if the
+cell is not recorded yet (no duplicate record).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.execute.claims import Claims
 from bench.execute.pool import Lost
@@ -64,7 +67,8 @@ class Stage:
 
 def claimed(fn: Callable, job: Any, devices: Any, *, runner: Callable, stage: Stage) -> Outcome:
     """``runner(fn, job, devices)`` under the job's claim (``ran``), unless another worker holds it (``deferred``)
-    or its result exists (``elsewhere``); a record is appended before the claim is released."""
+    or its result exists (``elsewhere``, also when a worker it took the claim from, or that took it over, recorded the
+    cell meanwhile); a record is appended before the claim is released."""
     claim = stage.claims.claim(stage.folder, job.key)
     if claim is None:
         return Outcome(job.key, "deferred")
@@ -74,7 +78,15 @@ def claimed(fn: Callable, job: Any, devices: Any, *, runner: Callable, stage: St
         result = runner(fn, job, devices)
         if isinstance(result, Record):
             assert stage.log is not None
-            RecordLog(stage.log).append(result)
+            if not claim.contested():
+                RecordLog(stage.log).append(result)
+                return Outcome(job.key, "ran", result)
+            # another worker ran it too (one of us was thought dead): the first to record it wins, checked under
+            # the claims' lock, where the other checks too
+            with stage.claims.lock(stage.folder):
+                if stage.done(job):
+                    return Outcome(job.key, "elsewhere")
+                RecordLog(stage.log).append(result)
         return Outcome(job.key, "ran", result)
 
 

@@ -1,28 +1,35 @@
 """Claims on the keys of a results folder that several runs share: a worker claims a key before computing it,
 beats while it works and releases the claim once the result is written; a claim whose heartbeat stopped (a killed
 worker) is taken over. A claim is ``<results>/claims/<stage>/<key>.claim`` (JSON: host, pid, start time, token),
-created with ``O_CREAT | O_EXCL`` (one creator wins); a daemon thread touches its mtime every ``heartbeat`` s. One
-untouched for ``stale`` s is renamed to a tombstone (``<key>.claim.stale-<token>``) and created anew; takeover and
-release happen under the stage folder's ``filelock`` lock, so that one of several takers succeeds and nobody
+created with ``O_CREAT | O_EXCL`` (one creator wins); a daemon thread touches its mtime every ``heartbeat`` s.
+
+A claim may be taken over (``Claims.stale_reason``, which ``claim``, ``live`` and ``wait`` all follow) when it is
+untouched for ``stale`` s, dated more than ``stale`` s in the future (clock skew, a restored copy), unreadable for
+longer than a heartbeat (a claim is written just after its creation), or held by a process of this host that no
+longer runs; each takeover is reported on stderr. It is renamed to a tombstone (``<key>.claim.stale-<token>``,
+kept a day for inspection) and created anew. Takeover and release happen under the stage folder's lock
+(``bench.store.locks``, which times out naming its holder), so that one of several takers succeeds and nobody
 removes a claim another just made.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import socket
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
-
-from filelock import FileLock
+from typing import Any, Self, TypeVar
 
 from bench.core.registry import ConfigError
+from bench.store.locks import alive, describe, identity, locked, read_holder
 
 DEFAULT_STALE = 60.0  # seconds without a heartbeat after which a claim is taken over
+TOMBSTONE_DAYS = 1.0  # a taken-over claim is kept this long (the takeover's warning named it already)
 T = TypeVar("T")
 
 
@@ -48,45 +55,71 @@ class Claims:
     def path(self, stage: str, key: str) -> Path:
         return Path(self.root) / stage / f"{key}.claim"
 
+    def lock(self, stage: str) -> contextlib.AbstractContextManager[None]:
+        """The stage folder's lock: claims are replaced only under it (taken over, or released)."""
+        return _lock(Path(self.root) / stage)
+
     def claim(self, stage: str, key: str) -> Claim | None:
         """Claim ``key`` (taking over a stale claim), or None while another live worker holds it."""
         path = self.path(stage, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "token": token,
-                "stage": stage, "key": key}
-        if not _create(path, info):
-            with _lock(path.parent):  # a claim is replaced only under it (taken over here, or released)
-                try:
-                    if time.time() - os.stat(path).st_mtime <= self.stale:
-                        return None
-                    os.rename(path, path.with_name(f"{path.name}.stale-{token}"))
-                except FileNotFoundError:  # released meanwhile
-                    pass
-                if not _create(path, info):  # a creator (who needs no lock) came first
+        info = {**identity(), "started": time.time(), "token": token, "stage": stage, "key": key}
+        if _create(path, info):
+            return Claim(path, token, self.interval)
+        with self.lock(stage):
+            try:
+                why, holder = self.stale_reason(stage, key), read_holder(path)
+                if why is None:
                     return None
-        return Claim(path, token, self.interval)
+                tombstone = path.with_name(f"{path.name}.stale-{token}")
+                os.rename(path, tombstone)
+                with contextlib.suppress(OSError):
+                    os.utime(tombstone)  # its age is the takeover's: see _prune
+            except FileNotFoundError:  # released meanwhile
+                why = None
+            if not _create(path, info):  # a creator (who needs no lock) came first
+                return None
+            _prune(path.parent)
+        if why is not None:
+            who = describe(holder) if holder else "an unknown holder"
+            print(f"bench: warning: took over the claim {path} of {who}: {why} (kept as {tombstone.name})",
+                  file=sys.stderr)
+        return Claim(path, token, self.interval, took_over=why is not None)
+
+    def stale_reason(self, stage: str, key: str) -> str | None:
+        """Why the claim on ``key`` may be taken over, or None while it is live; FileNotFoundError without one."""
+        path = self.path(stage, key)
+        age = time.time() - os.stat(path).st_mtime
+        holder = read_holder(path)
+        if -age > self.stale:
+            return f"its heartbeat is dated {-age:.0f} s in the future (clock skew, or a restored copy)"
+        if holder is None or not isinstance(holder.get("token"), str):
+            # a claim is written just after its O_EXCL creation: one seen empty may be being written
+            return f"its contents are unreadable, {age:.0f} s after its last change" if age > self.interval else None
+        if alive(holder) is False:
+            return "its process ended without releasing it"
+        if age > self.stale:
+            return f"no heartbeat for {age:.0f} s (the limit is {self.stale:g} s: --stale-after)"
+        return None
 
     def live(self, stage: str, key: str) -> bool:
-        """Whether a claim on ``key`` exists with a heartbeat younger than ``stale`` seconds."""
+        """Whether a claim on ``key`` exists that may not be taken over (``stale_reason``)."""
         try:
-            return time.time() - os.stat(self.path(stage, key)).st_mtime <= self.stale
+            return self.stale_reason(stage, key) is None
         except FileNotFoundError:
             return False
 
     def holder(self, stage: str, key: str) -> dict[str, Any] | None:
         """The claim's contents (host, pid, started …; live or not), or None."""
-        try:
-            return json.loads(self.path(stage, key).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        return read_holder(self.path(stage, key))
 
     def release_held_by(self, stage: str, key: str, pid: int) -> bool:
         """Delete the claim on ``key`` if a process ``pid`` of this host holds it (a worker that died); True if so."""
         path = self.path(stage, key)
-        with _lock(path.parent):
+        with self.lock(stage):
             holder = self.holder(stage, key) or {}
-            if holder.get("pid") != pid or holder.get("host") != socket.gethostname():
+            if holder.get("pid") != pid or holder.get("host") != identity()["host"]:
                 return False
             path.unlink(missing_ok=True)
             return True
@@ -107,10 +140,11 @@ class Claims:
 
 
 class Claim:
-    """A held claim: beats from a daemon thread until released (use it as a context manager)."""
+    """A held claim: beats from a daemon thread until released (use it as a context manager). ``took_over``: it
+    replaced another worker's claim; ``lost``: another worker's replaced it (seen by the heartbeat)."""
 
-    def __init__(self, path: Path, token: str, interval: float) -> None:
-        self.path, self.token, self.lost = path, token, False
+    def __init__(self, path: Path, token: str, interval: float, took_over: bool = False) -> None:
+        self.path, self.token, self.lost, self.took_over = path, token, False, took_over
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(interval,), daemon=True, name=f"claim {path.name}")
         self._thread.start()
@@ -126,10 +160,12 @@ class Claim:
                 return
 
     def _mine(self) -> bool:
-        try:
-            return json.loads(self.path.read_text()).get("token") == self.token
-        except (OSError, json.JSONDecodeError):
-            return False
+        return (read_holder(self.path) or {}).get("token") == self.token
+
+    def contested(self) -> bool:
+        """Whether another worker may have computed this key too: this claim took over another's, or was taken over
+        (a worker suspended past the stale timeout): then the result is recorded only if none is yet."""
+        return self.took_over or self.lost or not self._mine()
 
     def release(self) -> None:
         """Stop the heartbeat and delete the claim (if it is still this worker's)."""
@@ -139,7 +175,7 @@ class Claim:
             if self._mine():
                 self.path.unlink()
 
-    def __enter__(self) -> Claim:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -156,5 +192,14 @@ def _create(path: Path, info: dict[str, Any]) -> bool:
     return True
 
 
-def _lock(folder: Path) -> FileLock:  # filelock rather than fcntl by hand: it also serves filesystems without flock
-    return FileLock(str(folder / ".lock"), mode=0o666)  # the umask applies: group-shared folders stay shared
+def _lock(folder: Path) -> contextlib.AbstractContextManager[None]:
+    return locked(folder / ".lock", what=f"the claims in {folder}")
+
+
+def _prune(folder: Path) -> None:
+    """Delete tombstones older than ``TOMBSTONE_DAYS`` (their mtime is their takeover's; a future one is suspect)."""
+    now = time.time()
+    for tombstone in folder.glob("*.claim.stale-*"):
+        with contextlib.suppress(OSError):
+            if abs(now - tombstone.stat().st_mtime) > TOMBSTONE_DAYS * 86400:
+                tombstone.unlink()
