@@ -16,6 +16,7 @@ from pathlib import Path
 from bench.core.registry import ConfigError
 from bench.execute import runs, selfcheck
 from bench.plan import weights
+from bench.store.locks import LockTimeout
 # the listing's helpers live in bench.report.catalog; the README test and older scripts import them from here
 from bench.report.catalog import KINDS, component_table
 
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `bench list | head`: the reader left; exit quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
+    except LockTimeout as err:  # names the lock, its holder and the fix already
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 1
     except OSError as err:  # disk full, permission denied, a lock held too long: one line, not a traceback
         print(f"bench: error: {os_error_line(err, getattr(args, 'results', None))}", file=sys.stderr)
         return 1
