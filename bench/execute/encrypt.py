@@ -21,6 +21,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ import torch
 from bench.core.components import PROTECTIONS
 from bench.core.registry import ConfigError
 from bench.execute import devices
-from bench.execute.images import EXTENSIONS, StagedPngs, read_image
+from bench.execute.images import EXTENSIONS, StagedPngs, read_image, with_path
 from bench.store.artifacts import load_models, owner_class, resolve_entry
 from bench.store.cache import verify
 
@@ -49,6 +50,44 @@ def protect_folder(ref: str, source: Path, target: Path, *, results: Path, prote
     originals = _check_folders(source, target, files)
     _check_targets(target, names, originals, overwrite)
     dev = devices.single(device)
+    folder, manifest, made_by = _entry(ref, results, protection, label)
+    encryptor = PROTECTIONS.create(made_by.name, **manifest["spec"]["params"])
+    models = load_models(folder, made_by.fits, dev)
+    _, channels, size, _ = manifest["shape"]
+    start = time.perf_counter()
+    kept = _read_all(files, source, (channels, size, size))
+    epsilon = getattr(encryptor, "epsilon", None)  # the L∞ budget, in 1/255 steps, of a protection that has one
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise with_path(err, target) from err
+    forward = 0.0
+    with StagedPngs(target) as staged:
+        for first in range(0, len(files), batch_size):
+            chunk = files[first:first + batch_size]
+            arrays = kept[first:first + batch_size] if kept is not None else [_again(p, channels, size) for p in chunk]
+            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+            tick = time.perf_counter()
+            labels = {"labels": torch.full((len(chunk),), label)} if made_by.encrypt_needs_labels else {}
+            out = encryptor.encrypt(models, batch, device=dev, **labels)
+            forward += time.perf_counter() - tick
+            linf = (out.to(torch.int16) - batch.to(torch.int16)).abs().max().item()
+            if epsilon is not None and linf > float(epsilon) + 1e-6:
+                raise ConfigError(f"the models of {folder} changed a pixel by {linf}/255, over {made_by.name}'s "
+                                  f"ε = {epsilon:g}: the entry is inconsistent (edited?), nothing was written; delete "
+                                  "the folder and rerun the matrix that made it")
+            for name, image in zip(names[first:first + batch_size], out.permute(0, 2, 3, 1).numpy()):
+                staged.add(name, image)
+        _check_targets(target, names, originals, overwrite)  # again: a file may have appeared while encrypting
+        staged.commit()
+    total = time.perf_counter() - start
+    return (f"encrypted {len(files)} images ({_shape((channels, size, size))}) into {target} on {dev}: "
+            f"{len(files) / max(forward, 1e-9):.0f} images/s (encryption), {len(files) / max(total, 1e-9):.0f} images/s "
+            f"with reading and writing")
+
+
+def _entry(ref: str, results: Path, protection: str | None, label: int | None) -> tuple[Path, dict[str, Any], type]:
+    """The verified entry named by ``ref``, its manifest and the protection class that made it, checked for use."""
     folder = resolve_entry(ref, results)
     try:
         manifest = verify(folder)
@@ -71,40 +110,7 @@ def protect_folder(ref: str, source: Path, target: Path, *, results: Path, prote
                           f"0 ≤ K < {manifest['num_classes']} (one class for the folder; split folders by class)")
     if label is not None and not made_by.encrypt_needs_labels:
         raise ConfigError(f"protection {made_by.name!r} encrypts without labels: leave --label out")
-    encryptor = PROTECTIONS.create(made_by.name, **manifest["spec"]["params"])
-    models = load_models(folder, made_by.fits, dev)
-    _, channels, size, _ = manifest["shape"]
-    start = time.perf_counter()
-    kept = _read_all(files, source, (channels, size, size))
-    epsilon = getattr(encryptor, "epsilon", None)  # the L∞ budget, in 1/255 steps, of a protection that has one
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(err.errno, err.strerror, str(target)) from err
-    forward = 0.0
-    with StagedPngs(target) as staged:
-        for first in range(0, len(files), batch_size):
-            chunk = files[first:first + batch_size]
-            arrays = kept[first:first + batch_size] if kept is not None else [_again(p, (size, size, channels))
-                                                                              for p in chunk]
-            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-            tick = time.perf_counter()
-            labels = {"labels": torch.full((len(chunk),), label)} if made_by.encrypt_needs_labels else {}
-            out = encryptor.encrypt(models, batch, device=dev, **labels)
-            forward += time.perf_counter() - tick
-            linf = (out.to(torch.int16) - batch.to(torch.int16)).abs().max().item()
-            if epsilon is not None and linf > float(epsilon) + 1e-6:
-                raise ConfigError(f"the models of {folder} changed a pixel by {linf}/255, over {made_by.name}'s "
-                                  f"ε = {epsilon:g}: the entry is inconsistent (edited?), nothing was written; delete "
-                                  "the folder and rerun the matrix that made it")
-            for name, image in zip(names[first:first + batch_size], out.permute(0, 2, 3, 1).numpy()):
-                staged.add(name, image)
-        _check_targets(target, names, originals, overwrite)  # again: a file may have appeared while encrypting
-        staged.commit()
-    total = time.perf_counter() - start
-    return (f"encrypted {len(files)} images ({_shape((channels, size, size))}) into {target} on {dev}: "
-            f"{len(files) / max(forward, 1e-9):.0f} images/s (encryption), {len(files) / max(total, 1e-9):.0f} images/s "
-            f"with reading and writing")
+    return folder, manifest, made_by
 
 
 def _inputs(source: Path) -> tuple[list[Path], list[str]]:
@@ -183,10 +189,10 @@ def _read_all(files: list[Path], source: Path, expected: tuple[int, int, int]) -
     return kept
 
 
-def _again(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
-    """``path``'s pixels read a second time; a ConfigError if they no longer have the checked ``shape``."""
+def _again(path: Path, channels: int, size: int) -> np.ndarray:
+    """``path``'s pixels read a second time; a ConfigError if they no longer have the checked shape."""
     pixels = read_image(path)
-    if pixels.shape != shape:
+    if pixels.shape != (size, size, channels):
         raise ConfigError(f"--input file {path} changed while bench protect ran; rerun it")
     return pixels
 

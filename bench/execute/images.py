@@ -13,18 +13,21 @@ Reading (``read_image``; only the PNG and JPEG decoders are used, whatever the e
   grey (R = G = B) is ``L``: a grey palette is one channel, as its content is.
 - Alpha (``LA``, ``RGBA``, ``PA``) is composited on black, ``round(c · α / 255)``: the output has no alpha, so it
   shows what is visible, and the colours hidden under transparent pixels (erased content, often) are not published.
-- ``RGB`` as is; ``CMYK`` (JPEG) and other colour modes → ``RGB`` by Pillow's conversion (no ICC profile applied).
+- ``RGB`` as is (16-bit RGB/RGBA PNGs: Pillow keeps each channel's high byte, as ``>> 8``); ``CMYK`` (JPEG) and
+  other colour modes → ``RGB`` by Pillow's conversion (no ICC profile applied).
 - Anything else, and any file the decoders reject (not an image, empty, truncated, over Pillow's
   ``MAX_IMAGE_PIXELS`` decompression-bomb bound), is a ConfigError naming the file.
 
-Writing (``StagedPngs``): each PNG goes to a new temporary file (``O_EXCL``) in the output folder, and ``commit``
-renames them all into place (``os.replace`` swaps a link for the file, never writes into the link's target); leaving
-the ``with`` block without ``commit`` (an error) deletes every temporary file, so a failed run leaves no partial file.
+Writing (``StagedPngs``): the PNGs go to a new private folder (``mkdtemp``, ``.bench-protect-*``) in the output
+folder, and ``commit`` moves them all into place (``os.replace`` swaps a link for the file, never writes into the
+link's target); leaving the ``with`` block removes that folder, so a failed run leaves no partial file (a killed one
+leaves that hidden folder alone).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,7 +37,6 @@ from typing import TYPE_CHECKING, Self
 import numpy as np
 
 from bench.core.registry import ConfigError
-from bench.store.cache import umask
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PilImage
@@ -94,7 +96,7 @@ def _composite(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return ((colour.astype(np.uint32) * alpha + 127) // 255).astype(np.uint8)
 
 
-def _with_path(err: OSError, path: Path) -> OSError:
+def with_path(err: OSError, path: Path) -> OSError:
     """``err`` (disk full, permission denied …) as an OSError naming ``path``: of the errno's subclass, as open()
     raises it, with ``filename`` set."""
     if err.errno is not None:
@@ -105,43 +107,40 @@ def _with_path(err: OSError, path: Path) -> OSError:
 
 
 class StagedPngs:
-    """PNGs staged as temporary files in ``folder`` and renamed to their names by ``commit`` alone."""
+    """PNGs written into a new private folder in ``folder`` and moved to their names there by ``commit`` alone."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.staged: list[tuple[str, Path]] = []
-        self.mode = 0o666 & ~umask()  # what open() would give; mkstemp's 0600 would hide outputs from other users
+        self.stage: Path | None = None
+        self.names: list[str] = []
 
     def __enter__(self) -> Self:
+        try:
+            self.stage = Path(tempfile.mkdtemp(prefix=".bench-protect-", dir=self.folder))
+        except OSError as err:
+            raise with_path(err, self.folder) from err
         return self
 
     def add(self, name: str, pixels: np.ndarray) -> None:
         """Write H×W×C uint8 ``pixels`` as the future ``folder/name``; an OSError names that path."""
         from PIL import Image
 
+        assert self.stage is not None, "use StagedPngs in a with block"
         try:
-            handle, tmp = tempfile.mkstemp(prefix=".bench-protect-", suffix=".tmp", dir=self.folder)
-            self.staged.append((tmp, self.folder / name))
-            with os.fdopen(handle, "wb") as out:
-                os.fchmod(out.fileno(), self.mode)
-                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(out, format="PNG")
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(self.stage / name, format="PNG")
         except OSError as err:
-            raise _with_path(err, self.folder / name) from err
+            raise with_path(err, self.folder / name) from err
+        self.names.append(name)
 
     def commit(self) -> None:
-        """Rename every staged file to its name (replacing what is there: the caller checked that it may)."""
-        for done, (tmp, target) in enumerate(self.staged):
+        """Move every staged PNG to its name (replacing what is there: the caller checked that it may)."""
+        assert self.stage is not None, "use StagedPngs in a with block"
+        for name in self.names:
             try:
-                os.replace(tmp, target)
+                os.replace(self.stage / name, self.folder / name)
             except OSError as err:
-                del self.staged[:done]  # renamed already; the rest are deleted on exit
-                raise _with_path(err, target) from err
-        self.staged.clear()
+                raise with_path(err, self.folder / name) from err
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
-        for tmp, _ in self.staged:  # an error (or Ctrl-C) before commit: no partial file stays
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        self.staged.clear()
+        if self.stage is not None:  # after an error (or Ctrl-C) before commit, the PNGs not moved go with it
+            shutil.rmtree(self.stage, ignore_errors=True)
