@@ -294,9 +294,9 @@ def test_unreadable_files_are_named_and_nothing_is_written(case, results, tmp_pa
     assert name in err and "Traceback" not in err and files(tmp_path / "out") == []
 
 
-def test_a_failed_write_leaves_no_file(results, tmp_path, monkeypatch):
+def test_a_failed_write_leaves_no_file(results, tmp_path, monkeypatch, capsys):
     """Disk full at the third PNG: an OSError naming that output, and no output nor temporary file left (the old
-    code had written two)."""
+    code had written two); the CLI says so in one line, exit 1."""
     write(tmp_path / "in", grey_images(5))
     save, calls = Image.Image.save, []
 
@@ -311,6 +311,11 @@ def test_a_failed_write_leaves_no_file(results, tmp_path, monkeypatch):
         protect(results, tmp_path / "in", tmp_path / "out", batch_size=2)
     assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(tmp_path / "out" / "img2.png")
     assert files(tmp_path / "out") == []
+    calls.clear()
+    assert main(["protect", "--model", "grey", "--results", str(results), "--input", str(tmp_path / "in"),
+                 "--output", str(tmp_path / "out"), "--device", "cpu", "--batch-size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "img2.png" in err and "No space left" in err and files(tmp_path / "out") == []
 
 
 def test_an_encryption_over_epsilon_is_refused(results, tmp_path):
