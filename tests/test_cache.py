@@ -164,19 +164,20 @@ def manifest_without_checksums(folder):
 
 @pytest.mark.parametrize("damage", [corrupt_images, corrupt_labels, truncate_images, delete_images, wrong_shape,
                                     unreadable_manifest, manifest_without_checksums])
-def test_corrupted_entry_is_discarded(tmp_path, damage, capsys):
+def test_corrupted_entry_is_moved_aside(tmp_path, damage, capsys):
     cache = Cache(tmp_path)
     cache.save("protected", "k", image_set(), {})
     damage(cache.path("protected", "k"))
     assert cache.load("protected", "k") is None
     assert not cache.has("protected", "k") and not cache.path("protected", "k").exists()
-    assert "corrupted" in capsys.readouterr().err
+    [aside] = (tmp_path / "protected" / ".damaged").iterdir()
+    assert "did not verify" in capsys.readouterr().err and aside.name.startswith("k-")
     # the entry can then be rebuilt
     cache.save("protected", "k", image_set(), {})
     assert torch.equal(cache.load("protected", "k").images, image_set().images)
 
 
-def test_valid_detects_corruption_and_deletes(tmp_path):
+def test_valid_detects_corruption_and_moves_the_entry_aside(tmp_path):
     cache = Cache(tmp_path)
     cache.save("protected", "k", image_set(), {})
     corrupt_images(cache.path("protected", "k"))

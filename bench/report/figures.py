@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -160,23 +160,34 @@ def image_stats(clean: np.ndarray, protected: np.ndarray) -> dict[str, float | N
 
 def load_protected(cache: Path, record: dict[str, Any]) -> ProtectedSet | str:
     """The protected set of ``record`` (its ``protection_key``) and the clean train set it was made from (the
-    record's ``dataset_key``, else the dataset entry whose key reproduces the protection key), or a sentence
-    saying which cache entry is missing."""
-    key = record["protection_key"]
+    record's ``dataset_key``, else the dataset entry whose key reproduces the protection key), both verified, or a
+    sentence saying which cache entry is missing or does not verify (nothing of it is shown)."""
+    from bench.store.cache import read_entry
+
+    key, matrix = record["protection_key"], record["matrix"]
     folder = cache / "protected" / key
-    if not (folder / "manifest.json").is_file():
-        return (f"cache entry protected/{key} is missing under {cache}; `bench run --matrix {record['matrix']} "
+    if not os.path.lexists(folder):
+        return (f"cache entry protected/{key} is missing under {cache}; `bench run --matrix {matrix} "
                 "--rebuild-sets` builds it (and retrains no recorded cell)")
+    try:
+        manifest, protected, _ = read_entry(folder)
+    except ValueError as err:
+        return (f"cache entry protected/{key} did not verify ({err}), so it is not shown; `bench run --matrix "
+                f"{matrix} --rebuild-sets` moves it aside and rebuilds it (and retrains no recorded cell)")
     dataset = record.get("dataset_key")  # NaN in a frame where other records carry one
     if not isinstance(dataset, str):
-        dataset = _dataset_key(cache, json.loads((folder / "manifest.json").read_text()), record)
+        dataset = _dataset_key(cache, manifest, record)
     clean_folder = cache / "dataset" / f"{dataset}-train"
-    if dataset is None or not (clean_folder / "images.npy").is_file():
+    if dataset is None or not os.path.lexists(clean_folder):
         return f"the clean train set of protected/{key} is missing under {cache / 'dataset'}; rerun `bench run`"
-    clean, protected = np.load(clean_folder / "images.npy"), np.load(folder / "images.npy")
+    try:
+        _, clean, labels = read_entry(clean_folder)
+    except ValueError as err:
+        return (f"the clean train set of protected/{key} (dataset/{dataset}-train) did not verify ({err}), so it is "
+                f"not shown; `bench run --matrix {matrix}` moves it aside and rebuilds it")
     if clean.shape != protected.shape:
         return f"protected/{key} {protected.shape} does not match its clean train set {clean.shape}"
-    return ProtectedSet(clean, protected, np.load(clean_folder / "labels.npy"), image_stats(clean, protected))
+    return ProtectedSet(clean, protected, labels, image_stats(clean, protected))
 
 
 def _dataset_key(cache: Path, manifest: dict[str, Any], record: dict[str, Any]) -> str | None:

@@ -12,7 +12,7 @@ key for a protection's models: records carry it as ``protection_key``) or a path
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import torch
 
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, Models
 from bench.core.registry import ConfigError, Registry
-from bench.store.cache import verify
+from bench.store.cache import Cache, verify
 
 OWNERS: dict[str, Registry] = {"protected": PROTECTIONS, "purified": COUNTERMEASURES}
 
@@ -31,8 +31,8 @@ def load_models(folder: Path, kinds: Sequence[str], device: torch.device) -> Mod
     try:
         manifest = verify(folder)
     except ValueError as err:
-        raise ConfigError(f"cache entry {folder} is corrupted ({err}): delete the folder and rerun the stage that "
-                          "made it") from err
+        raise ConfigError(f"cache entry {folder} did not verify ({err}): rerun the matrix that made it with `bench run "
+                          "--matrix <its matrix> --rebuild-sets` (it moves the entry aside and rebuilds it)") from err
     saved = manifest.get("models", {})
     missing = [k for k in kinds if k not in saved]
     if missing:
@@ -60,11 +60,10 @@ def resolve_entry(ref: str, results: Path, kind: str = "protected") -> Path:
         path = path.parent
     if path.is_dir() and (path / "manifest.json").is_file():
         return path
-    cached = results / "cache" / kind / ref
-    if "/" not in ref and (cached / "manifest.json").is_file():
-        return cached
-    with_models = sorted(p.parent.name for p in (results / "cache" / kind).glob("*/manifest.json")
-                         if json.loads(p.read_text()).get("models"))
+    cache = Cache(results / "cache")
+    if ref and "/" not in ref and not ref.startswith(".") and os.path.lexists(cache.path(kind, ref)):
+        return cache.path(kind, ref)  # load_models verifies it, and says so if it does not
+    with_models = [key for key, manifest in cache.entries(kind) if manifest.get("models")]
     listing = f" (entries with models: {', '.join(with_models[:5])}{' …' if len(with_models) > 5 else ''})" \
         if with_models else ""
     raise ConfigError(f"no model entry {ref!r}: not a cache folder nor a key under {results / 'cache' / kind}"
