@@ -64,6 +64,7 @@ class TargetedAdversarialPoisoning(Protection):
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate", "restarts")
     expensive_on_cpu: ClassVar[bool] = True
     cuda_nondeterministic: ClassVar[str] = "grid_sample's backward (the translation augmentation) has no deterministic CUDA kernel"
+    bounds: ClassVar[dict[str, str]] = {"steps": "[0, inf)", "shift": "[1, inf)"}  # steps 0: the random start alone
     epsilon: float = pixel_steps(8.0)
     steps: int = 250
     tau: float = 0.05

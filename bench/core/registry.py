@@ -2,7 +2,9 @@
 
 A component is a frozen dataclass whose fields (all defaulted) are its parameters. Registries raise on
 duplicate names (as torchvision's ``_api.py``), list names by fnmatch pattern (timm ``list_models``) and
-create components by name, validating every parameter so that a bad matrix fails before anything runs.
+create components by name, validating every parameter so that a bad matrix fails before anything runs: its type
+(``coerce``: a float is finite), then the component's own ``__post_init__`` checks, then its range (``check_range``:
+by the parameter's name, e.g. counts ≥ 1 and learning rates > 0, unless the class declares ``bounds``).
 Plugin discovery (which modules register components) is ``bench.core.plugins``.
 """
 
@@ -11,6 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
+import math
+import re
+import sys
 import types
 import typing
 import weakref
@@ -34,6 +40,7 @@ class Component:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     paper: ClassVar[str] = ""
+    bounds: ClassVar[dict[str, str]] = {}  # parameter → interval where the default by name is wrong (check_range)
 
     @classmethod
     def check_declaration(cls) -> None:
@@ -85,6 +92,13 @@ class Registry(Generic[C]):
                        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
             if missing:
                 raise TypeError(f"{self.kind} {name!r}: parameters {missing} need defaults")
+            for key, text in cls.bounds.items():  # a typo here fails on import, not in a user's run
+                try:
+                    interval(text)
+                except ValueError as err:
+                    raise TypeError(f"{self.kind} {name!r}: bounds[{key!r}]: {err}") from err
+                if key not in {f.name for f in dataclasses.fields(cls)}:
+                    raise TypeError(f"{self.kind} {name!r}: bounds name {key!r}, which is not a parameter")
             cls.name = name
             cls._bench_origin = origin(cls)  # type: ignore[attr-defined]  # kept by a class shipped by value
             try:
@@ -122,8 +136,8 @@ class Registry(Generic[C]):
     def create(self, name: str, **params: Any) -> C:
         """Instantiate ``name`` with validated ``params`` (``None`` values mean 'use the default')."""
         cls = self.get(name)
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
+        hints = param_hints(cls)
+        fields = set(hints)
         clean: dict[str, Any] = {}
         for key, value in params.items():
             if value is None:
@@ -135,9 +149,20 @@ class Registry(Generic[C]):
                                   f"(parameters: {describe_params(cls) or 'none'})")
             clean[key] = coerce(value, hints[key], f"{self.kind} {name!r} parameter {key!r}")
         try:
-            return cls(**clean)
-        except (ValueError, TypeError) as err:
+            component = cls(**clean)  # the component's own checks first: their messages are the most specific
+        except (ValueError, TypeError, ArithmeticError) as err:
             raise ConfigError(f"bad value for {self.kind} {name!r}: {err}") from err
+        for key, value in clean.items():
+            check_range(cls, key, value, f"{self.kind} {name!r} parameter {key!r}")
+        return component
+
+
+@functools.cache
+def param_hints(cls: type) -> dict[str, Any]:
+    """A dataclass's field name → resolved type hint (cached: ``typing.get_type_hints`` costs ~1 ms a call, which
+    planning paid for every component of every cell)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:
@@ -161,10 +186,64 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if abs(value) > sys.float_info.max or not math.isfinite(value):  # (a huge int overflows float())
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
     return value
+
+
+SEED_MAX = 2**63 - 1  # seeds: torch's manual_seed takes < 2**64 (with room for offsets: seed + k), numpy no negatives
+# Ranges of numeric parameters by name (check_range): the first rule whose kind and name (whole, or its last words
+# after an underscore: model_lr, train_batch_size) fit applies; a class's ``bounds`` overrides them.
+NAMED_RANGES: tuple[tuple[type, tuple[str, ...], str], ...] = (
+    (int, ("epochs", "steps", "iterations", "rounds", "restarts", "samples", "repeats", "networks", "variants",
+           "batch_size", "per_class", "width", "depth", "blocks", "growth", "heads", "dim", "grid", "every"), "[1, inf)"),
+    (int, ("seed",), f"[0, {SEED_MAX}]"),
+    (float, ("lr", "step_size", "temperature", "tau"), "(0, inf)"),
+    (float, ("dropout", "momentum", "label_smoothing"), "[0, 1)"),
+    (int, (), "[0, inf)"),  # any other int: an index, a size, a kernel …
+    (float, (), "[0, inf)"),  # any other float: a budget, a weight, a probability … (checked further by its class)
+)
+INT_MAX = 2**31 - 1  # the top of ``inf`` for an int: counts and sizes past it overflow int32 indices and any budget
+_INTERVAL = re.compile(r"([\[(])\s*([-+]?(?:inf|[0-9.e+-]+))\s*,\s*([-+]?(?:inf|[0-9.e+-]+))\s*([\])])")
+
+
+@functools.cache
+def interval(text: str) -> tuple[float, float, bool, bool]:
+    """``(low, high, low_open, high_open)`` of an interval written ``[1, inf)`` or ``(0, 1]``; ValueError otherwise."""
+    match = _INTERVAL.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"bad interval {text!r}: write it as [low, high], (low, high), [low, high) … (inf allowed)")
+    opening, low, high, closing = match.groups()
+    number = (lambda x: float(x) if "inf" in x or "." in x or "e" in x else int(x))
+    return number(low), number(high), opening == "(", closing == ")"
+
+
+@functools.cache
+def range_of(cls: type, key: str, kind: type) -> str:
+    """The interval a value (of type ``kind``: int or float) of parameter ``key`` of ``cls`` lies in: the class's
+    ``bounds``, else ``NAMED_RANGES``; for an int, an upper ``inf)`` means ``INT_MAX]``."""
+    text = getattr(cls, "bounds", {}).get(key) or next(
+        text for rule_kind, words, text in NAMED_RANGES
+        if rule_kind is kind and (not words or any(key == w or key.endswith("_" + w) for w in words)))
+    return text.replace("inf)", f"{INT_MAX}]") if kind is int and text.rstrip().endswith("inf)") else text
+
+
+def check_range(cls: type, key: str, value: Any, where: str, fix: str | None = None) -> None:
+    """Raise a ConfigError naming ``where``, the range and ``fix`` (default: omit it for the field's default) where a
+    numeric ``value`` (or an element of a tuple) lies outside ``range_of(cls, key)``; other values pass."""
+    for item in value if isinstance(value, tuple) else (value,):
+        if not isinstance(item, (int, float)) or isinstance(item, bool):
+            continue
+        text = range_of(cls, key, float if isinstance(item, float) else int)
+        low, high, low_open, high_open = interval(text)
+        if (item <= low if low_open else item < low) or (item >= high if high_open else item > high):
+            if fix is None:
+                default = next((f.default for f in dataclasses.fields(cls) if f.name == key), dataclasses.MISSING)
+                fix = f"omit it for the default {default!r}" if default is not dataclasses.MISSING else "change it"
+            raise ConfigError(f"{where}: must be in {text}, got {item!r}; {fix}")
 
 
 def describe_params(cls: type[Component]) -> str:

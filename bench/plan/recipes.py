@@ -5,10 +5,9 @@ full parameters, and leaderboards never put two recipes in one table unless aske
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any, ClassVar
 
-from bench.core.registry import ConfigError, coerce
+from bench.core.registry import ConfigError, check_range, coerce, param_hints
 
 Override = tuple[tuple[str, Any], ...]
 
@@ -51,6 +50,7 @@ class Recipe:
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
         "optimizer": ("sgd", "adam"), "schedule": ("cosine", "step", "triangle", "constant"),
         "augment": ("dataset", "crop_flip", "crop", "flip", "rrc_flip", "none"), "precision": ("auto", "bf16", "fp32")}
+    bounds: ClassVar[dict[str, str]] = {"gamma": "(0, inf)", "warmup": "[0, 1)"}  # the rest by name (check_range)
 
     def __post_init__(self) -> None:
         for field, allowed in self.choices.items():
@@ -98,15 +98,19 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 
 def make_recipe(name: str, **overrides: Any) -> Recipe:
     """A named recipe with validated field overrides (as a matrix's ``[recipe]`` table gives them)."""
-    if name not in RECIPES:
+    if not isinstance(name, str) or name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
-    hints = typing.get_type_hints(Recipe)
-    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name", "source", "victim_overrides"}
+    hints = param_hints(Recipe)
+    fields = set(hints) - {"name", "source", "victim_overrides"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ConfigError(f"unknown recipe field(s) {unknown} (fields: {', '.join(sorted(fields))})")
     values = {k: coerce(v, hints[k], f"recipe field {k!r}") for k, v in overrides.items()}
     try:
-        return dataclasses.replace(RECIPES[name], **values)
+        recipe = dataclasses.replace(RECIPES[name], **values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad recipe override: {err}") from err
+    for key, value in values.items():
+        check_range(Recipe, key, value, f"recipe field {key!r}",
+                    f"omit it for recipe {name!r}'s {getattr(RECIPES[name], key)!r}")
+    return recipe
