@@ -9,7 +9,7 @@ import pytest
 
 from bench.core.registry import ConfigError
 from bench.plan.layout import Layout
-from bench.plan.matrix import CELL_KEYS, MATRIX_DIR, expand, load_matrix, parse_matrix, select
+from bench.plan.matrix import CELL_KEYS, MATRIX_DIR, expand, load_matrix, narrow, parse_matrix, select
 from tests.conftest import record_json
 
 
@@ -173,7 +173,6 @@ SELECT_DOC = {"protections": ["clean", "cwp", "cwn", "random_noise"], "counterme
                  id="three-keys-and"),
     pytest.param(["countermeasure=b?r", "protection=random_noise"], {("random_noise", "bdr", s) for s in (0, 1)},
                  id="question-mark"),
-    pytest.param(["victim=resnet*"], set(), id="nothing"),
     pytest.param(["protection=cw*", "protection=*n"], {("cwn", c, s) for c in ("none", "bdr") for s in (0, 1)},
                  id="same-key-twice-and"),
 ])
@@ -182,6 +181,22 @@ def test_select(only, expected):
     chosen = select(cells, only)
     assert {(c.protection.label, c.countermeasure.label, c.seed) for c in chosen} == expected
     assert chosen == [c for c in cells if c in chosen], "select must keep expansion order"
+    assert expand(narrow(parse_matrix(doc(**SELECT_DOC), "t"), only)) == chosen, "--only narrows before expanding"
+
+
+@pytest.mark.parametrize("only, named, labels", [
+    pytest.param(["victim=resnet*"], "victim=resnet*", ["the victim labels here are: cnn"], id="no-label"),
+    pytest.param(["protection=c*", "seed=7"], "seed=7", ["seed labels here are: 0, 1"], id="second-filter"),
+    pytest.param(["protection=cw*", "protection=r*"], "protection=cw* protection=r*",
+                 ["clean, cwp, cwn, random_noise"], id="same-key-disjoint"),
+])
+def test_a_filter_matching_nothing_names_it_and_the_labels(only, named, labels):
+    """--only (and --rerun) that keeps no cell is a usage error naming the filter and the labels there are."""
+    matrix = parse_matrix(doc(**SELECT_DOC), "t")
+    for call in (lambda: select(expand(matrix), only, "--rerun"), lambda: narrow(matrix, only)):
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert named in str(info.value) and all(label in str(info.value) for label in labels), str(info.value)
 
 
 @pytest.mark.parametrize("only", [["protection"], ["protection:cwp"], ["protocol=cwp"], ["=cwp"]])

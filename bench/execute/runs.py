@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bench.core.registry import ConfigError
 from bench.execute.claims import DEFAULT_STALE
+from bench.plan.validate import MAX_CELLS
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,10 +44,12 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      help="on a CPU, refuse (exit 2, before any work) a run whose estimated remaining wall time exceeds "
                           "H hours (default: 12); --dry-run only prints the estimate")
     run.add_argument("--stale-after", type=float, metavar="S",
-                     default=float(os.environ.get("BENCH_CLAIM_STALE", DEFAULT_STALE)),
                      help="take over another worker's claim on a key after S seconds without its heartbeat (a killed "
                           f"run); default $BENCH_CLAIM_STALE or {DEFAULT_STALE:g}")
-    run.add_argument("--data-root", help="folder holding dataset files (sets $BENCH_DATA_ROOT)")
+    run.add_argument("--max-cells", type=int, metavar="N", default=MAX_CELLS,
+                     help=f"refuse (exit 2, before planning) a matrix of more than N cells (default: {MAX_CELLS:,}; "
+                          "counted from its axes and --only, before its [[exclude]] rules)")
+    run.add_argument("--data-root", help="an existing folder holding dataset files (sets $BENCH_DATA_ROOT)")
     run.add_argument("--backend", default="local",
                      help="local (joblib processes, the default), submitit (Slurm job arrays; submitit's local executor "
                           "without sbatch) or ray (a Ray cluster); submitit and ray: pip install -e '.[cluster]'")
@@ -74,6 +77,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.plan.matrix import load_matrix
 
     if args.data_root:
+        if not Path(args.data_root).is_dir():
+            raise ConfigError(f"--data-root {args.data_root}: no such folder; name the folder that holds the dataset "
+                              "files (or omit it: $BENCH_DATA_ROOT, else ~/.cache/bench/data)")
         os.environ["BENCH_DATA_ROOT"] = str(Path(args.data_root).resolve())
     # SIGTERM (kill, a cluster's time limit) unwinds like Ctrl-C, so the worker processes are stopped with the run
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -85,8 +91,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     jobs = args.jobs or devices.default_jobs(devices.parse(args.device), args.threads)
     start = time.perf_counter()
     options = RunOptions(args.results, jobs, args.device, args.threads, tuple(args.only), args.dry_run,
-                         args.retry_failed, tuple(args.rerun), args.force, args.rebuild_sets, stale=args.stale_after,
-                         backend=backend, deterministic=args.deterministic, **({"max_hours": args.max_hours} if args.max_hours is not None else {}))
+                         args.retry_failed, tuple(args.rerun), args.force, args.rebuild_sets, stale=_stale(args),
+                         backend=backend, deterministic=args.deterministic, max_cells=args.max_cells,
+                         **({"max_hours": args.max_hours} if args.max_hours is not None else {}))
     matrix = load_matrix(args.matrix)
     counts = run_matrix(matrix, options)
     if args.dry_run:
@@ -96,6 +103,17 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{counts.protected} protected and {counts.purified} purified sets")
     cli.print_leaderboard(args.results, matrix.name, "final")
     return _report_failures(args.results / "runs" / matrix.name / "records.jsonl", counts.failed)
+
+
+def _stale(args: argparse.Namespace) -> float:
+    """--stale-after, else $BENCH_CLAIM_STALE, else the default (RunOptions checks the range)."""
+    if args.stale_after is not None:
+        return args.stale_after
+    try:
+        return float(os.environ.get("BENCH_CLAIM_STALE", DEFAULT_STALE))
+    except ValueError:
+        raise ConfigError(f"$BENCH_CLAIM_STALE={os.environ['BENCH_CLAIM_STALE']!r} is not a number of seconds; unset "
+                          f"it for {DEFAULT_STALE:g}") from None
 
 
 def _report_failures(log: Path, failed: int) -> int:

@@ -14,10 +14,12 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +39,8 @@ from bench.plan.matrix import Cell, Matrix, expand, load_matrix, resolved, selec
 from bench.plan.planner import check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal, to_train
 from bench.plan.preview import preview
 from bench.plan.requests import JobRequest, job_requests
+from bench.plan.validate import MAX_CELLS, plan_cells, progress
+from bench.store import atomic
 from bench.store.cache import Cache
 from bench.store.records import Record, RecordLog, RecordStore
 
@@ -63,14 +67,19 @@ class RunOptions:
     stale: float = DEFAULT_STALE  # seconds without a heartbeat after which another worker's claim is taken over
     backend: BackendOptions = BackendOptions()  # where jobs run (bench.execute.backends)
     deterministic: bool = False  # deterministic algorithms on CUDA, no cuDNN autotuning (recorded per cell)
+    max_cells: int = MAX_CELLS  # refuse (before expanding) a matrix with more cells
 
     def __post_init__(self) -> None:
         if self.jobs < 1 or self.threads < 1:
             raise ConfigError(f"jobs (--jobs) must be ≥ 1 and threads (--threads) ≥ 1, got {self.jobs} and "
                               f"{self.threads}")
         devices.parse(self.device)  # raises on an unknown form or a GPU this machine lacks
-        if self.max_hours <= 0:
-            raise ConfigError(f"max_hours (--max-hours) must be > 0, got {self.max_hours:g}")
+        for name, flag, value in (("max_hours", "--max-hours", self.max_hours), ("stale", "--stale-after", self.stale)):
+            if not 0 < value < math.inf:  # NaN too
+                raise ConfigError(f"{name} ({flag}) must be > 0 and finite, got {value:g}; omit it for the "
+                                  f"default {getattr(RunOptions, name):g}")
+        if self.max_cells < 1:
+            raise ConfigError(f"max_cells (--max-cells) must be ≥ 1, got {self.max_cells}; omit it for {MAX_CELLS:,}")
         if self.force and self.rerun:
             raise ConfigError("force (--force) reruns every cell: drop rerun (--rerun), or force to rerun only those")
 
@@ -91,8 +100,8 @@ class RunCounts:
 def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] = print) -> RunCounts:
     """Run every cell of ``matrix`` not recorded anywhere under ``options.results`` (and those ``rerun``/``force``
     name); the dry run prints the plan instead (``bench.plan.preview``)."""
-    cells = select(expand(matrix), list(options.only))
-    redo = set(cells if options.force else select(cells, list(options.rerun)) if options.rerun else [])
+    cells = plan_cells(matrix, list(options.only), options.max_cells, progress)
+    redo = set(cells if options.force else select(cells, list(options.rerun), "--rerun") if options.rerun else [])
     claims = Claims(options.results / "claims", options.stale)  # checks the settings before any work
     options.backend.check(options.device)
     cache = Cache(options.results / "cache")
@@ -102,11 +111,15 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     recorded = store.latest()
     targets = devices.parse(options.device)
     device = options.backend.target(devices.kind(targets))  # a cluster's GPUs, where it is given them
+    step = progress(len(cells))
+    step("estimating the run's cost")
     work = check_budget(matrix, cells, cache, recorded, records, redo, device, options, out)
+    step("checking each cell's components")
     built, reasons = check_cells(cells, device, lambda line: print(line, file=sys.stderr),
                                  refuse=not options.dry_run, deterministic=options.deterministic)
     if options.dry_run:  # loads and writes nothing; dataset keys from the cache or the records
         keys = {choice: known_dataset_key(cache, choice, records) for choice in {c.dataset for c in cells}}
+        step("computing each cell's cache keys")
         plans = [plan_cell(cell, keys[cell.dataset].key, matrix.recipe, b) for cell, b in zip(cells, built)]
         preview(plans, reasons, keys, cache, recorded, log.read(), to_train(plans, recorded, redo, options.retry_failed),
                 out)
@@ -114,6 +127,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
             raise error
         return RunCounts(len(plans), skipped=len(plans))
     dataset_keys = {choice: prepare_dataset(cache, choice) for choice in {c.dataset for c in cells}}
+    step("computing each cell's cache keys")
     plans = [plan_cell(cell, dataset_keys[cell.dataset], matrix.recipe, b) for cell, b in zip(cells, built)]
     save_resolved(matrix, [p.cell_key for p in plans], options.results / "runs" / matrix.name / "matrix.json")
     train_keys = to_train(plans, recorded, redo, options.retry_failed)
@@ -198,11 +212,16 @@ def check_budget(matrix: Matrix, cells: list, cache: Cache, recorded: dict[str, 
 def save_resolved(matrix: Matrix, cells: list[str], path: Path) -> None:
     """The resolved matrix beside its records (``bench.plan.matrix.resolved``), written atomically, with the keys of
     the cells planned here and in earlier runs (its leaderboard finds their records in any matrix's log)."""
+    from bench.report.view import saved_matrix
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    before = json.loads(path.read_text()).get("cells", []) if path.is_file() else []
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(resolved(matrix, list(dict.fromkeys([*before, *cells]))), indent=1, default=str))
-    os.replace(tmp, path)
+    try:
+        before = saved_matrix(path, matrix.name).get("cells", []) if path.is_file() else []
+    except ConfigError as err:  # damaged: rewritten now, with the cells planned here
+        warnings.warn(f"{err}; rewriting it", stacklevel=2)
+        before = []
+    text = json.dumps(resolved(matrix, list(dict.fromkeys([*before, *cells]))), indent=1, default=str)
+    atomic.write_text(path, text)
 
 
 # ---------------------------------------------------------------- parallel execution

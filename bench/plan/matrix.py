@@ -25,27 +25,30 @@ import dataclasses
 import difflib
 import fnmatch
 import itertools
+import math
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, VICTIMS
-from bench.core.registry import ConfigError, Registry
+from bench.core.registry import ConfigError, Registry, param_hints
 from bench.core.units import warn_small_budgets
 from bench.data.datasets import DATASETS
 from bench.data.mixes import MIXES
 from bench.plan.extends import read_matrix_toml
-from bench.plan.layout import LAYOUT_AXES, Layout
+from bench.plan.layout import Layout
 from bench.plan.recipes import make_recipe
+from bench.plan.validate import MATRIX_DIR, cpu_alternative, hint, layout, matrix_name, no_match, scalar_list, seeds
 from bench.report import references
 
-MATRIX_DIR = Path(__file__).resolve().parents[1] / "matrices"
 AXES: dict[str, Registry] = {"datasets": DATASETS, "protections": PROTECTIONS,
                              "countermeasures": COUNTERMEASURES, "victims": VICTIMS}
 TOP_LEVEL = {"name", "description", "seeds", "poison_ratio", "mix", "recipe", "exclude", "layout", "reference",
              "cpu_alternative", *AXES}
 CELL_KEYS = ("dataset", "protection", "countermeasure", "victim", "seed", "poison_ratio", "mix")
+AXIS_KEYS = tuple((key, f"{key}s") for key in CELL_KEYS[:4])  # cell key → its component axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +77,12 @@ class Cell:
     mix: str = "protected"
 
     def labels(self) -> dict[str, str]:
-        return {"dataset": self.dataset.label, "protection": self.protection.label,
-                "countermeasure": self.countermeasure.label, "victim": self.victim.label,
-                "seed": str(self.seed), "poison_ratio": f"{self.poison_ratio:g}", "mix": self.mix}
+        return {key: label_of(key, getattr(self, key)) for key in CELL_KEYS}
+
+
+def label_of(key: str, value: Any) -> str:
+    """The label of one value of a cell's ``key`` (as ``Cell.labels`` gives it, and filters match)."""
+    return value.label if isinstance(value, Choice) else f"{value:g}" if key == "poison_ratio" else str(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +101,12 @@ class Matrix:
     layout: Layout = Layout()
     reference: str | None = None  # the published table it reproduces (bench.report.references.TABLES)
     cpu_alternative: str | None = None  # the named matrix sized for a CPU (bench.plan.estimate)
+
+
+def axis_values(matrix: Matrix) -> dict[str, tuple]:
+    """Cell key (``CELL_KEYS``) → the matrix's values along it."""
+    return {**{key: matrix.axes[axis] for key, axis in AXIS_KEYS}, "seed": matrix.seeds,
+            "poison_ratio": matrix.poison_ratios, "mix": matrix.mixes}
 
 
 def resolved(matrix: Matrix, cells: list[str]) -> dict[str, Any]:
@@ -126,7 +138,11 @@ def resolve_path(name_or_path: str) -> Path:
 def load_matrix(name_or_path: str) -> Matrix:
     """Read and validate a matrix; every error names the file and the key, and nothing has run yet."""
     path = resolve_path(name_or_path)
-    raw = read_matrix_toml(path)
+    try:
+        raw = read_matrix_toml(path)
+    except UnicodeDecodeError as err:  # from this file or one it extends
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
+                          f"{err.start}, in it or a matrix it extends); save the file as UTF-8") from err
     try:
         return parse_matrix(raw, path.stem, str(path))
     except ConfigError as err:
@@ -137,70 +153,105 @@ def parse_matrix(raw: dict[str, Any], default_name: str, source: str = "<dict>")
     """Validate a parsed TOML document into a Matrix (pure; used by ``load_matrix`` and tests)."""
     for key in raw:
         if key not in TOP_LEVEL:
-            raise ConfigError(f"key {key!r}: unknown top-level key{_hint(key, TOP_LEVEL)} (allowed: {', '.join(sorted(TOP_LEVEL))})")
+            raise ConfigError(f"key {key!r}: unknown top-level key{hint(key, TOP_LEVEL)} (allowed: {', '.join(sorted(TOP_LEVEL))})")
     axes = {}
     for axis, registry in AXES.items():
         if axis not in raw:
             raise ConfigError(f"key {axis!r}: missing; name at least one {registry.kind}")
         axes[axis] = tuple(_axis_choices(axis, raw[axis], registry))
-    seeds = _scalar_list(raw.get("seeds", [0]), "seeds", int)
-    ratios = _scalar_list(raw.get("poison_ratio", [1.0]), "poison_ratio", float)
+    ratios = scalar_list(raw.get("poison_ratio", [1.0]), "poison_ratio", float)
     if any(not 0 < r <= 1 for r in ratios):
         raise ConfigError(f"key 'poison_ratio': every ratio must be in (0, 1], got {list(ratios)}")
     mixes = raw.get("mix", ["protected"])
     mixes = tuple(mixes) if isinstance(mixes, list) and mixes else (mixes,)
     for mix in mixes:
         if not isinstance(mix, str) or mix not in MIXES:
-            raise ConfigError(f"key 'mix': unknown mix {mix!r}{_hint(str(mix), MIXES)}; known: "
+            raise ConfigError(f"key 'mix': unknown mix {mix!r}{hint(str(mix), MIXES)}; known: "
                               + "; ".join(f"{k} = {v}" for k, v in MIXES.items()))
-    recipe = dict(raw.get("recipe", {"name": "quick"}))
-    recipe.setdefault("name", "quick")
+    recipe = raw.get("recipe", {"name": "quick"})
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"key 'recipe': expected a table, got {recipe!r}; write [recipe] with name = "
+                          f"{recipe if isinstance(recipe, str) else 'quick'!r} (and any field to change)")
+    recipe = {"name": "quick", **recipe}
     try:
         make_recipe(**recipe)
     except ConfigError as err:
         raise ConfigError(f"key 'recipe': {err}") from err
     exclude = []
-    for i, rule in enumerate(raw.get("exclude", [])):
+    rules = raw.get("exclude", [])
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ConfigError(f"key 'exclude': expected [[exclude]] tables of KEY = GLOB, got {rules!r}")
+    for i, rule in enumerate(rules):
         for key in rule:
             if key not in CELL_KEYS:
-                raise ConfigError(f"key 'exclude[{i}].{key}': unknown{_hint(key, CELL_KEYS)} (allowed: {', '.join(CELL_KEYS)})")
+                raise ConfigError(f"key 'exclude[{i}].{key}': unknown{hint(key, CELL_KEYS)} (allowed: {', '.join(CELL_KEYS)})")
         exclude.append({k: f"{v:g}" if isinstance(v, float) else str(v) for k, v in rule.items()})
     reference = raw.get("reference")
     if reference is not None and (not isinstance(reference, str) or reference not in references.TABLES):
-        raise ConfigError(f"key 'reference': unknown table {reference!r}{_hint(str(reference), references.TABLES)} "
+        raise ConfigError(f"key 'reference': unknown table {reference!r}{hint(str(reference), references.TABLES)} "
                           f"(tables: {', '.join(references.TABLES)}; leave the key out if it reproduces none)")
-    matrix = Matrix(str(raw.get("name", default_name)), source, str(raw.get("description", "")), axes, seeds,
-                    ratios, recipe, tuple(exclude), mixes, reference=reference,
-                    cpu_alternative=_cpu_alternative(raw.get("cpu_alternative")))
-    return dataclasses.replace(matrix, layout=_layout(raw["layout"], expand(matrix))) if "layout" in raw else matrix
+    matrix = Matrix(matrix_name(raw.get("name"), default_name), source, str(raw.get("description", "")), axes,
+                    seeds(raw.get("seeds", [0])), ratios, recipe, tuple(exclude), mixes, reference=reference,
+                    cpu_alternative=cpu_alternative(raw.get("cpu_alternative")))
+    if "layout" not in raw:
+        return matrix
+    return dataclasses.replace(matrix, layout=layout(raw["layout"], (cell.labels() for cell in cells_of(matrix))))
 
-
-def _cpu_alternative(name: Any) -> str | None:
-    """The ``cpu_alternative`` key: None, or a named matrix of ``bench/matrices/``."""
-    known = sorted(p.stem for p in MATRIX_DIR.glob("*.toml"))
-    if name is not None and (not isinstance(name, str) or name not in known):
-        raise ConfigError(f"key 'cpu_alternative': {name!r} is not a named matrix{_hint(str(name), known)} "
-                          f"(named matrices: {', '.join(known)}; leave the key out if there is none)")
-    return name
 
 
 def expand(matrix: Matrix) -> list[Cell]:
     """Every cell of the matrix in a stable order, exclusions dropped (pure)."""
-    cells = [Cell(d, p, c, v, s, r, m) for d, v, p, c, s, r, m in itertools.product(
-        matrix.axes["datasets"], matrix.axes["victims"], matrix.axes["protections"], matrix.axes["countermeasures"],
-        matrix.seeds, matrix.poison_ratios, matrix.mixes)]
-    return [cell for cell in cells if not any(_matches(cell, rule) for rule in matrix.exclude)]
+    return list(cells_of(matrix))
 
 
-def select(cells: list[Cell], only: list[str]) -> list[Cell]:
-    """Keep cells matching every ``key=glob`` filter (``--only protection=cw*``)."""
+def cells_of(matrix: Matrix) -> Iterator[Cell]:
+    """``expand``, one cell at a time."""
+    for d, v, p, c, s, r, m in itertools.product(
+            matrix.axes["datasets"], matrix.axes["victims"], matrix.axes["protections"],
+            matrix.axes["countermeasures"], matrix.seeds, matrix.poison_ratios, matrix.mixes):
+        cell = Cell(d, p, c, v, s, r, m)
+        if not any(_matches(cell, rule) for rule in matrix.exclude):
+            yield cell
+
+
+def filters(items: list[str], flag: str = "--only") -> list[tuple[str, str]]:
+    """``KEY=GLOB`` cell filters as (key, glob) pairs; a ConfigError naming ``flag`` for a bad one."""
     rules = []
-    for item in only:
+    for item in items:
         key, sep, pattern = item.partition("=")
         if not sep or key not in CELL_KEYS:
-            raise ConfigError(f"--only {item!r}: expected KEY=GLOB with KEY one of {', '.join(CELL_KEYS)}")
-        rules.append({key: pattern})
-    return [cell for cell in cells if all(_matches(cell, rule) for rule in rules)]
+            raise ConfigError(f"{flag} {item!r}: expected KEY=GLOB with KEY one of {', '.join(CELL_KEYS)}")
+        rules.append((key, pattern))
+    return rules
+
+
+def select(cells: list[Cell], only: list[str], flag: str = "--only") -> list[Cell]:
+    """Keep cells matching every ``key=glob`` filter (``--only protection=cw*``); a ConfigError naming the filters
+    and the labels there are where they keep none of ``cells``."""
+    rules = filters(only, flag)
+    kept = [cell for cell in cells if all(_matches(cell, {k: p}) for k, p in rules)]
+    if cells and rules and not kept:
+        key = next((k for k, p in rules if not any(_matches(c, {k: p}) for c in cells)), rules[-1][0])
+        raise no_match(flag, [f"{k}={p}" for k, p in rules], key, (c.labels()[key] for c in cells))
+    return kept
+
+
+def narrow(matrix: Matrix, only: list[str]) -> Matrix:
+    """The matrix with each axis reduced to the values that ``only`` keeps (``--only``): its cells are
+    ``select(expand(matrix), only)``, and the cells dropped are never made. A ConfigError where an axis keeps none."""
+    rules, kept = filters(only), {}
+    for key, values in axis_values(matrix).items():
+        patterns = [p for k, p in rules if k == key]
+        kept[key] = tuple(v for v in values if all(fnmatch.fnmatchcase(label_of(key, v), p) for p in patterns))
+        if not kept[key]:
+            raise no_match("--only", [f"{key}={p}" for p in patterns], key, (label_of(key, v) for v in values))
+    return dataclasses.replace(matrix, axes={axis: kept[key] for key, axis in AXIS_KEYS}, seeds=kept["seed"],
+                               poison_ratios=kept["poison_ratio"], mixes=kept["mix"])
+
+
+def size(matrix: Matrix) -> int:
+    """The matrix's cells before its ``[[exclude]]`` rules (an upper bound, known without expanding)."""
+    return math.prod(len(values) for values in axis_values(matrix).values())
 
 
 def _matches(cell: Cell, rule: dict[str, str]) -> bool:
@@ -237,38 +288,12 @@ def _axis_choices(axis: str, value: Any, registry: Registry) -> list[Choice]:
     return choices
 
 
-def _layout(raw: Any, cells: list[Cell]) -> Layout:
-    """``Layout.parse``, and every ``labels`` key a label of the layout's axes in the expanded cells."""
-    layout = Layout.parse(raw)
-    known = {axis: list(dict.fromkeys(cell.labels()[axis] for cell in cells))
-             for axis in LAYOUT_AXES if axis in layout.axes}
-    for label in layout.labels:
-        if not any(label in labels for labels in known.values()):
-            listing = "; ".join(f"{axis}: {', '.join(labels) or '(no cells)'}" for axis, labels in known.items())
-            raise ConfigError(f"key 'layout.labels': unknown label {label!r}{_hint(label, sum(known.values(), []))} "
-                              f"(labels of the rows' and columns' axes in this matrix's cells: {listing})")
-    return layout
-
 
 def _is_sweep(cls: type, key: str, value: Any) -> bool:
     """A list is a sweep, except a flat list given to a tuple-typed parameter (a single value)."""
     if not isinstance(value, list):
         return False
-    hint = typing.get_type_hints(cls).get(key)
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    declared = param_hints(cls).get(key)
+    options = typing.get_args(declared) if typing.get_origin(declared) in (typing.Union, types.UnionType) else (declared,)
     tuple_typed = any(typing.get_origin(option) is tuple for option in options)  # also ``tuple[...] | None``
     return not tuple_typed or (bool(value) and all(isinstance(v, list) for v in value))
-
-
-def _scalar_list(value: Any, key: str, kind: type) -> tuple:
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ConfigError(f"key {key!r}: expected a number or a non-empty list of numbers, got {value!r}")
-    if kind is int and not all(isinstance(v, int) for v in values):
-        raise ConfigError(f"key {key!r}: expected integers, got {value!r}")
-    return tuple(kind(v) for v in values)
-
-
-def _hint(key: str, options: Any) -> str:
-    close = difflib.get_close_matches(key, list(options), n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
