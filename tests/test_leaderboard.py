@@ -371,3 +371,41 @@ def test_write_tables_one_file_pair_per_table(tmp_path):
     records = grid_records() + [rec(p, c, acc, recipe="fast") for (p, c), acc in GRID.items()]
     written = write_tables(build_tables(records), tmp_path)
     assert len(written) == 4 and len({p.name for p in written}) == 4
+
+
+def test_write_tables_removes_only_its_own_outputs_it_no_longer_produces(tmp_path):
+    """Old: a table no longer produced (its records moved to another group) and a std file no longer needed
+    stayed beside the fresh ones. Comparisons, records.csv, another metric's tables and other files stay."""
+    two_seeds = grid_records() + [rec("clean", "none", 0.8, seed=1)]
+    first = write_tables(build_tables(two_seeds + [rec(p, c, a, recipe="fast") for (p, c), a in GRID.items()]),
+                         tmp_path)
+    others = [tmp_path / name for name in ("digits__cnn__quick.final.vs-paper.md", "records.csv",
+                                           "digits__cnn__quick.best.csv", "notes.md", "my.final.csv.bak")]
+    for path in others:
+        path.write_text("kept")
+    second = write_tables(build_tables(grid_records()), tmp_path)
+    assert {p.name for p in second} == {"digits__cnn__quick.final.csv", "digits__cnn__quick.final.md"}
+    assert {p.name for p in first} - {p.name for p in second} == {
+        "digits__cnn__fast.final.csv", "digits__cnn__fast.final.md", "digits__cnn__quick.final.std.csv"}
+    assert sorted(tmp_path.iterdir()) == sorted([*second, *others])
+
+
+def test_a_cell_that_failed_before_its_recipe_shows_as_error_in_its_table_and_leaves_no_phantom(tmp_path):
+    """Old: a failed record (no recipe) made a table `digits__cnn__.final.md` ("recipe ?", cells error) that stayed
+    after --retry-failed succeeded."""
+    import json
+
+    run = tmp_path / "runs" / "m"
+    run.mkdir(parents=True)
+    (run / "matrix.json").write_text(json.dumps({"axes": {}, "recipe": {"name": "quick", "epochs": 2}}))
+    failed = {**rec("cwp", "none", status="error"), "recipe": None}
+    log = run / "records.jsonl"
+    log.write_text("".join(json.dumps(record_json(**r)) + "\n" for r in [rec("clean", "none"), failed]))
+    tables, _ = leaderboard(tmp_path, "m")
+    assert [t.slug for t in tables] == ["digits__cnn__quick"] and tables[0].display.at["cwp", "none"] == "error"
+    with open(log, "a") as handle:  # --retry-failed: the cell's new record
+        handle.write(json.dumps(record_json(**rec("cwp", "none", 0.3))) + "\n")
+    tables, _ = leaderboard(tmp_path, "m")
+    assert tables[0].display.at["cwp", "none"] == "30.00"
+    assert sorted(p.name for p in (tmp_path / "leaderboards" / "m").iterdir()) == [
+        "digits__cnn__quick.final.csv", "digits__cnn__quick.final.md", "records.csv"]

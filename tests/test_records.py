@@ -13,6 +13,7 @@ from bench.core.components import PROTECTIONS
 from bench.plan.matrix import expand, load_matrix
 from bench.plan.planner import known_dataset_key, plan_cell
 from bench.store.cache import Cache
+from bench.store.integrity import read_objects
 from bench.store.records import Record, RecordLog, RecordStore, stale_reasons, upgrade
 from tests.conftest import REPO, make_record, tiny_matrix
 
@@ -21,7 +22,7 @@ COMMITTED = REPO / "results" / "runs" / "dh-table1-cpu" / "records.jsonl"
 
 def schema_1_lines() -> list[dict]:
     """The committed dh-table1-cpu records bench 0.1 wrote (no ``schema`` field)."""
-    return [raw for raw in RecordLog(COMMITTED).lines() if "schema" not in raw]
+    return [raw for _, raw in read_objects(COMMITTED)[0] if "schema" not in raw]
 
 
 def test_schema_1_records_recover_their_versions_from_their_keys():

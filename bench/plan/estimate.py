@@ -142,7 +142,7 @@ def train_images(dataset: Choice) -> int:
 
 
 def timings(folders: list[Path]) -> list[Record]:
-    """Every ok record under ``<folder>/runs/*/records.jsonl``."""
+    """Every ok record under ``<folder>/runs/*/records.jsonl`` (a damaged line is reported and skipped)."""
     files = sorted({p.resolve() for f in folders for p in Path(f).glob("runs/*/records.jsonl")})
     return [r for p in files for r in RecordLog(p).read() if r.ok]
 

@@ -43,6 +43,7 @@ class Table:
     ran: tuple[str, ...] = ()  # what the stages report they ran where it is a choice (weights or alternative)
     cells: pd.DataFrame | None = dataclasses.field(default=None, repr=False)  # its records, labels as shown
     stale: tuple[str, ...] = ()  # why its cells marked STALE are: a component's version or code changed since
+    skipped: tuple[str, ...] = ()  # damaged record lines left out (bench.report.view): a cell may lack a seed
 
 
 def build_tables(records: list[dict[str, Any]], order: dict[str, list[str]] | None = None,
@@ -200,11 +201,15 @@ def pivot(group: pd.DataFrame, keys: tuple, order: dict[str, list[str]], metric:
 def markdown(table: Table) -> str:
     ran = "".join(f"\n- ran: {line}" for line in table.ran)
     ran += "".join(f"\n- {STALE.strip()}: {line}" for line in table.stale)
+    ran += "".join(f"\n- skipped (damaged record line, its cell counts as not recorded): {line}"
+                   for line in table.skipped)
     return f"### {table.title}\n\n" + table.display.to_markdown(stralign="right") + "\n" + (ran + "\n" if ran else "")
 
 
 def write_tables(tables: list[Table], out_dir: Path, metric: str = "final") -> list[Path]:
-    """Write ``<slug>.<metric>.csv`` (numeric means; ``.std.csv`` with several seeds) and ``.md`` per table."""
+    """Write ``<slug>.<metric>.csv`` (numeric means; ``.std.csv`` with several seeds) and ``.md`` per table, and
+    remove the files of that metric that an earlier call wrote and this one no longer does (``outputs``): a table
+    whose records changed group (a failed cell retried) leaves no stale copy."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for table in tables:
@@ -215,7 +220,16 @@ def write_tables(tables: list[Table], out_dir: Path, metric: str = "final") -> l
         if table.std.notna().any().any():
             table.std.round(4).to_csv(std)
             written.append(std)
+    for old in set(outputs(out_dir, metric)) - set(written):
+        old.unlink(missing_ok=True)
     return written
+
+
+def outputs(out_dir: Path, metric: str) -> list[Path]:
+    """The files in ``out_dir`` named as ``write_tables`` names a table's for ``metric`` (comparisons, which end
+    in ``.vs-paper.*``, and ``records.csv`` are not)."""
+    named = re.compile(rf"[A-Za-z0-9_.=-]+\.{re.escape(metric)}(\.csv|\.md|\.std\.csv)")
+    return [path for path in out_dir.iterdir() if path.is_file() and named.fullmatch(path.name)]
 
 
 def leaderboard(results: Path, matrix_name: str, metric: str = "final",
@@ -223,7 +237,8 @@ def leaderboard(results: Path, matrix_name: str, metric: str = "final",
     """Build and write the leaderboards of a matrix's records (``bench.report.view``), with ``records.csv``: every
     cell's latest record, flat (curves left out), ``stale`` saying why one is stale, for analyses of one's own."""
     view = matrix_view(results, matrix_name)
-    tables = build_tables(view.rows, view.order, metric, mix_recipes, view.layout)
+    tables = [dataclasses.replace(table, skipped=view.skipped)
+              for table in build_tables(view.rows, view.order, metric, mix_recipes, view.layout)]
     out_dir = results / "leaderboards" / view.name
     written = write_tables(tables, out_dir, metric)
     flat = pd.json_normalize(list({r["cell"]: r for r in view.rows}.values()))

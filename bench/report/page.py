@@ -70,21 +70,22 @@ def build_report(results: Path, matrix: str, out: Path | None = None) -> list[Pa
     """Write ``report.html``, ``report.md`` and the PNG figures of ``matrix``'s records under ``out``
     (default ``<results>/reports/<matrix>``); returns the written paths."""
     view = matrix_view(results, matrix)
-    blocks = sections(results, view.name, view.rows, view.saved)
+    blocks = sections(results, view.name, view.rows, view.saved, view.skipped)
     return write(blocks, out or results / "reports" / view.name, f"bench report — {view.name}")
 
 
-def sections(results: Path, matrix: str, records: list[dict[str, Any]], saved: dict[str, Any]) -> list[Block]:
-    """Every section of the page, in order."""
+def sections(results: Path, matrix: str, records: list[dict[str, Any]], saved: dict[str, Any],
+             skipped: tuple[str, ...] = ()) -> list[Block]:
+    """Every section of the page, in order (``skipped``: damaged record lines, listed in the header)."""
     order = {axis: [c["label"] for c in choices] for axis, choices in saved.get("axes", {}).items()}
     layout = Layout.parse(saved.get("layout", {}))
     latest = latest_positions(records)
-    return [*header(matrix, saved, latest), *leaderboards(results, matrix, records, order, layout, saved),
+    return [*header(matrix, saved, latest, skipped), *leaderboards(results, matrix, records, order, layout, saved),
             *curves(records, order, layout), *protections(results / "cache", latest, order),
             *ratios(latest, layout), *gradients(records, order, layout), *environment(latest, saved)]
 
 
-def header(matrix: str, saved: dict[str, Any], latest: pd.DataFrame) -> list[Block]:
+def header(matrix: str, saved: dict[str, Any], latest: pd.DataFrame, skipped: tuple[str, ...] = ()) -> list[Block]:
     ok = int((latest["status"] == "ok").sum())
     built = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     stale = int((latest["stale"] != "").sum())
@@ -93,7 +94,9 @@ def header(matrix: str, saved: dict[str, Any], latest: pd.DataFrame) -> list[Blo
              f"Cells recorded: {len(latest)} — {ok} ok, {len(latest) - ok} failed"
              + (f"; {stale} stale (an older version of a component made them, marked (stale); `bench run --matrix "
                 f"{matrix}` retrains them)." if stale else ".")]
-    return [Heading(1, f"bench report — {matrix}"), *(Text(line) for line in lines)]
+    notes = [Text(f"Skipped a damaged record line (its cell counts as not recorded; `bench run` trains it again): "
+                  f"{line}", note=True) for line in skipped]
+    return [Heading(1, f"bench report — {matrix}"), *(Text(line) for line in lines), *notes]
 
 
 def leaderboards(results: Path, matrix: str, records: list[dict[str, Any]], order: dict[str, list[str]],

@@ -5,25 +5,28 @@ A record is built in one place (``bench.execute.stages.train_job``) and read by 
 the version (and, for a plugin, the code fingerprint) of each component, so a reader can tell a stale row
 (``stale_reasons``). A line is never rewritten; a rerun skips cells whose key is recorded anywhere under the results
 folder (``RecordStore``), so a matrix that copies or extends another trains only its new cells. Lines of an older
-schema are brought to this one by ``upgrade`` as they are read; a line cut short by a crash is ignored, and the next
-append starts on a fresh line.
+schema are brought to this one by ``upgrade`` as they are read, then checked (``Record.problems``): every reader
+reports a damaged line or record (file, line, what is wrong) and skips it, so its cell counts as not recorded
+(``bench.store.integrity``; a last line cut short by a crash is skipped quietly, the next append starts a new line).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
 from bench.store import keys
+from bench.store.integrity import Damage, mistyped, read_checked, report, short
 
 SCHEMA = 2
 AXES = ("dataset", "protection", "countermeasure", "victim")
+STATUSES = ("ok", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,7 @@ class Record:
     victim: str
     victim_name: str
     victim_params: dict[str, Any]
-    dataset_key: str
+    dataset_key: str | None  # None in records older than dataset keys (bench.report.figures recovers it)
     protection_key: str | None
     purify_key: str | None
     countermeasure_stage: str
@@ -114,15 +117,30 @@ class Record:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Record:
-        """A record from its JSON object, of any schema (``upgrade``); ValueError if it is not one."""
-        raw = upgrade(raw)
-        names = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(raw) - names):
-            raise ValueError(f"unknown record fields {unknown}")
+        """A record from its JSON object, of any schema (``upgrade``), checked (``problems``); ValueError if it is
+        not one."""
         try:
-            return cls(**{**raw, "components": {axis: Made(**made) for axis, made in raw["components"].items()}})
+            raw = upgrade(raw)
+            if unknown := sorted(set(raw) - {f.name for f in dataclasses.fields(cls)}):
+                raise ValueError(f"unknown record fields {unknown}")
+            record = cls(**{**raw, "components": {axis: Made(**made) for axis, made in raw["components"].items()}})
         except (TypeError, KeyError, AttributeError) as err:
-            raise ValueError(f"not a record: {err}") from err
+            raise ValueError(f"not a record ({type(err).__name__}: {err})") from err
+        if problems := record.problems():
+            raise ValueError("; ".join(problems))
+        return record
+
+    def problems(self) -> list[str]:
+        """Why it is no valid record: fields not of their annotated type (``mistyped``), else an accuracy (a field
+        named ``*acc*``; None: not measured) or a curve of them (NaN: an epoch not evaluated) outside [0, 1], or a
+        status not in ``STATUSES``."""
+        if found := mistyped(self):
+            return found
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if "acc" in f.name}
+        found = [f"{name} = {short(value)} is outside [0, 1]" for name, value in values.items()
+                 if any(not 0 <= v <= 1 for v in (value if isinstance(value, list) else [value] * (value is not None))
+                        if not (isinstance(value, list) and math.isnan(v)))]
+        return found + [f"status {self.status!r} is none of {', '.join(STATUSES)}"] * (self.status not in STATUSES)
 
 
 def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +174,7 @@ def _recovered(axis: str, raw: dict[str, Any]) -> dict[str, Any]:
     current = _current_version(axis, name)
     if current is None:
         return {"name": name, "version": None, "code": None}
-    spec = lambda version: {"name": name, "version": version, "params": params}  # noqa: E731
+    spec = lambda version: {"name": name, "version": version, "params": params}
     fitted_on = raw["poison_ratio"] if raw.get("mix") in ("fit_subset", "ood") else None
     candidates = {
         "protection": raw.get("protection_key") and (lambda v: keys.protection_key(
@@ -238,26 +256,15 @@ class RecordLog:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def lines(self) -> list[dict[str, Any]]:
-        """Every complete JSON line, as written (a line cut short by a crash is left out)."""
-        if not self.path.is_file():
-            return []
-        found = []
-        for line in self.path.read_text().splitlines():
-            try:
-                found.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return found
+    def checked(self) -> tuple[list[Record], list[Damage]]:
+        """Every valid record, in order, in the current schema (``Record.from_json``), and every damaged line
+        (``integrity.read_checked``); nothing is reported."""
+        return read_checked(self.path, Record.from_json)
 
     def read(self) -> list[Record]:
-        """Every record, in order, in the current schema; a line that is no record is skipped with a warning."""
-        records = []
-        for number, raw in enumerate(self.lines(), 1):
-            try:
-                records.append(Record.from_json(raw))
-            except (ValueError, KeyError, TypeError) as err:
-                warnings.warn(f"{self.path}: skipped line {number}, not a bench record ({err})", stacklevel=2)
+        """Every valid record, in order; damaged lines are reported on stderr (``report``) and skipped."""
+        records, damage = self.checked()
+        report(damage)
         return records
 
     def latest(self) -> dict[str, Record]:
@@ -274,8 +281,16 @@ class RecordStore:
     def logs(self) -> list[RecordLog]:
         return [RecordLog(path) for path in sorted(self.results.glob("runs/*/records.jsonl"))]
 
+    def checked(self) -> tuple[list[Record], list[Damage]]:
+        """Every log's records and damaged lines (``RecordLog.checked``); nothing is reported."""
+        found = [log.checked() for log in self.logs()]
+        return [r for records, _ in found for r in records], [d for _, damage in found for d in damage]
+
     def read(self) -> list[Record]:
-        return [record for log in self.logs() for record in log.read()]
+        """Every log's valid records; damaged lines are reported (``report``) and skipped."""
+        records, damage = self.checked()
+        report(damage)
+        return records
 
     def latest(self) -> dict[str, Record]:
         """The newest record of each cell key, whichever matrix's log holds it."""
