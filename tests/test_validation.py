@@ -214,6 +214,14 @@ def test_bad_matrix_keys_exit_2_naming_the_key(top, tail, message, tmp_path, cap
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("key, value", [("poison_ratio", 10**400), ("poison_ratio", math.inf), ("protections", [[]]),
+                                        ("victims", [{}])])
+def test_values_that_raised_other_errors_are_config_errors(key, value):
+    """Found by a fuzz of parse_matrix: OverflowError and TypeError (unhashable) tracebacks."""
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        parse_matrix({**BASE, key: value}, "m")
+
+
 def test_a_matrix_file_that_is_not_utf8_exits_2(tmp_path, capsys):
     path = tmp_path / "m.toml"
     path.write_bytes(TOML.format(top="# caf\xe9", tail="").encode("latin-1"))

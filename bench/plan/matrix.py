@@ -260,7 +260,8 @@ def _matches(cell: Cell, rule: dict[str, str]) -> bool:
 
 
 def _axis_choices(axis: str, value: Any, registry: Registry) -> list[Choice]:
-    entries = {name: {} for name in value} if isinstance(value, list) else value
+    names = isinstance(value, list) and all(isinstance(name, str) for name in value)
+    entries = {name: {} for name in value} if names else value
     if not isinstance(entries, dict) or not entries:
         raise ConfigError(f"key {axis!r}: expected a non-empty list of names or a table of parameter tables")
     choices = []

@@ -4,6 +4,7 @@ called) and of the cells a run plans, each a ConfigError naming the key or flag,
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
 import time
@@ -44,6 +45,8 @@ def scalar_list(value: Any, key: str, kind: type) -> tuple:
         raise ConfigError(f"key {key!r}: expected a number or a non-empty list of numbers, got {value!r}")
     if kind is int and not all(isinstance(v, int) for v in values):
         raise ConfigError(f"key {key!r}: expected integers, got {value!r}")
+    if kind is float and not all(abs(v) <= sys.float_info.max and math.isfinite(v) for v in values):
+        raise ConfigError(f"key {key!r}: expected finite numbers, got {value!r}")
     return tuple(kind(v) for v in values)
 
 
