@@ -100,7 +100,7 @@ def test_a_last_line_cut_short_by_a_crash_is_skipped_quietly_until_a_line_follow
         objects, damage = read_objects(path)
         assert [o["cell"] for _, o in objects] == ["b"] and damage == [], cut
     path.write_bytes(LAST + b"\n" + GOOD[:100] + b"\n" + LAST + b"\n")
-    assert [d.line for d in read_objects(path)[1]] == [2]
+    assert [(d.line, d.problem.split(" (")[0], d.cell) for d in read_objects(path)[1]] == [(2, "cut short", "a")]
     path.write_bytes(LAST + b"\n" + b"garbage, no record")  # not the start of an object: reported
     assert [d.line for d in read_objects(path)[1]] == [2]
 

@@ -5,7 +5,6 @@ of a dataclass instance against its fields' annotations, for values that came fr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 import types
@@ -14,6 +13,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from bench.core.registry import param_hints
 
 T = TypeVar("T")
 JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", type(None): "null"}
@@ -62,8 +63,10 @@ def read_objects(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Dam
         raw, problem = _parse(chunk)
         if problem is None:
             found.append((number, raw))
-        elif number < len(chunks) or not _cut_short(chunk):
-            damage.append(Damage(path, number, problem, _named_cell(chunk)))
+        elif number < len(chunks) or not _cut_short(chunk):  # a cut last line is skipped quietly
+            cut = chunk.strip(b"\0") and _cut_short(chunk)  # a later append started a new line after it
+            damage.append(Damage(path, number, "cut short (a writer killed mid-line; its cell was not recorded)"
+                                 if cut else problem, _named_cell(chunk)))
     return found, damage
 
 
@@ -94,7 +97,9 @@ def _parse(line: bytes) -> tuple[dict[str, Any], str | None]:
     except RecursionError:
         return {}, "not JSON (nested too deeply)"
     if not isinstance(raw, dict):
-        return {}, f"a JSON {JSON_TYPES.get(type(raw), 'value')} ({short(raw)}), not a record object"
+        text = line.decode().strip()
+        text = text if len(text) <= 40 else text[:37] + "..."
+        return {}, f"a JSON {JSON_TYPES.get(type(raw), 'value')} ({text}), not a record object"
     return raw, None
 
 
@@ -126,15 +131,11 @@ def _named_cell(line: bytes) -> str | None:
 
 def mistyped(instance: Any) -> list[str]:
     """The fields of a dataclass instance whose value does not fit the field's annotation (a nested dataclass
-    checked alike; an int fits a float; ``Any`` fits anything)."""
-    hints = _hints(type(instance))
+    checked alike; an int fits a float; ``Any`` fits anything). Not ``registry.coerce``: that converts TOML
+    parameters and refuses None and NaN, which records hold (a value not measured, an epoch not evaluated)."""
+    hints = param_hints(type(instance))
     return [f"{f.name} = {short(getattr(instance, f.name))} is not {_name(hints[f.name])}"
             for f in dataclasses.fields(instance) if not _fits(getattr(instance, f.name), hints[f.name])]
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _fits(value: Any, hint: Any) -> bool:
