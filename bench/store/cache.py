@@ -5,10 +5,11 @@ Keys are hashes of canonical JSON: dataset key → protection key → purificati
 a folder ``<root>/<kind>/<key>/`` holding ``images.npy``, ``labels.npy``, one ``<model kind>.pt`` state_dict
 per fitted model (``bench.store.artifacts``), ``manifest.json`` (spec, seed, library versions, sha256 of each
 file, each model's ``arch``) and ``manifest.sha256`` (the sha256 of manifest.json's bytes, as ``sha256sum`` writes
-it: one checksum over the whole entry). It is written to a temporary folder named after its writer (pid@host) and
-renamed into place. Anything at an entry's path that does not verify (a damaged file, an edited or missing manifest,
-an entry of a bench older than ``manifest.sha256``, a file) is moved aside to ``<root>/<kind>/.damaged/`` (kept for
-inspection, named on stderr) and rebuilt; saves remove the temporary folders of writers that died.
+it: one checksum over the whole entry). It is written to a temporary folder named after its writer
+(``bench.store.tempdirs``) and renamed into place. Anything at an entry's path that does not verify (a damaged file,
+an edited or missing manifest, an entry of a bench older than ``manifest.sha256``, a file) is moved aside to
+``<root>/<kind>/.damaged/`` (kept for inspection, named on stderr) and rebuilt; saves remove the temporary folders
+of writers that died.
 """
 
 from __future__ import annotations
@@ -196,8 +197,8 @@ def _set_aside(folder: Path, seen: os.stat_result, why: str) -> None:
         except OSError:
             pass  # yet another one is in place: this one stays aside
         return
-    print(f"bench: cache entry {folder} did not verify ({why}): corrupted or incomplete; moved to {aside}; "
-          "rebuilding it", file=sys.stderr)
+    print(f"bench: cache entry {folder} did not verify ({why}): moved to {aside}, kept for inspection (corrupted, "
+          "incomplete or outdated); rebuilding it", file=sys.stderr)
 
 
 def _delete(folder: Path) -> None:
@@ -223,7 +224,7 @@ def checked_manifest(folder: Path) -> dict[str, Any]:
     try:
         recorded = (folder / CHECKSUM).read_text(errors="replace").split()[:1]
     except OSError as err:
-        raise ValueError(f"no {CHECKSUM} (an entry of a bench older than checksummed manifests, or damaged)") from err
+        raise ValueError(f"no {CHECKSUM}: an entry of a bench older than checksummed manifests, or damaged") from err
     if recorded != [hashlib.sha256(raw).hexdigest()]:
         raise ValueError(f"{MANIFEST} does not match {CHECKSUM}: edited or damaged")
     try:
