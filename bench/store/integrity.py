@@ -34,18 +34,22 @@ class Damage:
         return f"{self.path}{f', line {self.line}' * bool(self.line)}: {self.problem}"
 
 
+class DamagedLines(UserWarning):
+    """The warning ``report`` gives (a worker process may ignore it: its driver reports the same files)."""
+
+
 _REPORTED: set[Damage] = set()
 
 
 def report(damage: list[Damage]) -> None:
-    """Warn (``UserWarning``, on stderr) once per process about each damaged line, one warning per file."""
+    """Warn (``DamagedLines``, on stderr) once per process about each damaged line, one warning per file."""
     for path in dict.fromkeys(d.path for d in damage if d not in _REPORTED):
         new = [d for d in damage if d.path == path and d not in _REPORTED]
         _REPORTED.update(new)
         lines = "; ".join(f"skipped line {d.line}: {d.problem}" if d.line else d.problem for d in new[:5])
         more = f"; and {len(new) - 5} more damaged lines" if len(new) > 5 else ""
         warnings.warn(f"{path}: {lines}{more}. Skipped lines count as not recorded (`bench run` trains their cells "
-                      "again); delete them, or repair them, to silence this", stacklevel=3)
+                      "again); delete them, or repair them, to silence this", DamagedLines, stacklevel=3)
 
 
 def read_objects(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[Damage]]:
