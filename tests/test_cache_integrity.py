@@ -255,3 +255,21 @@ def test_a_run_rebuilds_an_entry_without_manifest_and_its_cells_pass(tmp_path, c
     assert Cache(results / "cache").valid("protected", entry.name) and (entry / "images.npy").read_bytes() == images
     [aside] = (results / "cache" / "protected" / ".damaged").iterdir()
     assert (aside / "images.npy").read_bytes() == images  # kept for inspection
+
+
+def test_a_dry_run_plans_past_a_truncated_dataset_manifest(tmp_path, capsys):
+    """The planner read every dataset manifest with json.loads: a truncated one ended `bench run` (even --dry-run)
+    in a JSONDecodeError traceback; it now counts as not cached, and a run moves it aside and rebuilds it."""
+    from bench.cli import main
+    from tests.conftest import tiny_matrix
+
+    matrix, results = tiny_matrix(tmp_path, extra_countermeasures=""), tmp_path / "r"
+    assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "1"]) == 0
+    [train] = (results / "cache" / "dataset").glob("*-train")
+    manifest = train / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:40])
+    capsys.readouterr()
+    assert main(["run", "--matrix", str(matrix), "--results", str(results), "--dry-run"]) == 0
+    assert main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "1", "--force"]) == 0
+    assert Cache(results / "cache").valid("dataset", train.name)
+    assert "Traceback" not in capsys.readouterr().err

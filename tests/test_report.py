@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bench.cli import main
+from bench.core.components import ImageSet
 from bench.core.registry import ConfigError
 from bench.report.page import build_report
+from bench.store.cache import Cache
 from bench.store.keys import make_key
 from tests.conftest import record_json
 
@@ -54,10 +57,9 @@ def write_run(results: Path, records: list[dict], ratios: list[float] = (1.0,)) 
 
 
 def write_entry(folder: Path, images: np.ndarray, labels: np.ndarray, manifest: dict) -> None:
-    folder.mkdir(parents=True)
-    np.save(folder / "images.npy", images)
-    np.save(folder / "labels.npy", labels)
-    (folder / "manifest.json").write_text(json.dumps({"shape": list(images.shape), **manifest}))
+    """A cache entry as the stages write it (checksummed: `bench report` shows only entries that verify)."""
+    Cache(folder.parent.parent).save(folder.parent.name, folder.name,
+                                     ImageSet(torch.from_numpy(images), torch.from_numpy(labels), 10), manifest)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ expensive on a CPU are warned about.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Callable, Iterable
 
 from bench.core.components import COUNTERMEASURES, DATA, PROTECTIONS, VICTIMS, Countermeasure, Protection, Victim
@@ -88,9 +87,9 @@ def known_dataset_key(cache: Cache, choice: Any, records: Iterable[Record] = ())
     """The key ``prepare_dataset`` gives a dataset of this spec, from the cache's manifests, else from the newest
     record of a dataset of the same spec (a fresh clone's committed records), without loading the data."""
     spec = DATASETS.create(choice.name, **choice.kwargs).spec()
-    for manifest in sorted(cache.root.glob("dataset/*-train/manifest.json")):
-        if make_key(json.loads(manifest.read_text()).get("spec")) == make_key(spec):
-            return KnownKey(manifest.parent.name.removesuffix("-train"), "cache")
+    for key, manifest in cache.entries("dataset"):  # those whose manifest checks out
+        if key.endswith("-train") and make_key(manifest.get("spec")) == make_key(spec):
+            return KnownKey(key.removesuffix("-train"), "cache")
     same = [r for r in records if r.dataset_name == choice.name and _dataset_spec(r) == spec
             and r.components["dataset"].version == spec["version"]]
     if same:
