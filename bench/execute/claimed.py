@@ -46,7 +46,7 @@ class Stage:
 
     def done(self, job: ProtectJob | PurifyJob | TrainJob, verify: bool = False,
              latest: dict[str, Record] | None = None) -> bool:
-        """Whether the job's result exists (with ``verify``, its checksums too: a corrupted entry is deleted);
+        """Whether the job's result exists (with ``verify``, its checksums too: what does not verify is moved aside);
         ``latest`` is the results folder's ``RecordStore.latest()`` if already read."""
         if isinstance(job, TrainJob):
             assert self.results is not None
@@ -55,9 +55,13 @@ class Stage:
                                            and (record.ok or not self.retry_failed))
         kind, fits = ("protected", job.fits) if isinstance(job, ProtectJob) else ("purified", job.plan.purify_fits)
         cache = Cache(job.cache)
-        present = cache.valid(kind, job.key, fits) if verify else \
-            cache.has(kind, job.key) and set(fits) <= set(cache.manifest(kind, job.key).get("models", {}))
-        return present and (not job.redo or cache.manifest(kind, job.key)["created"] >= self.since)
+        if verify and not cache.valid(kind, job.key, fits):
+            return False
+        try:  # read once: another run may move a damaged entry aside meanwhile (then it is not done)
+            manifest = cache.manifest(kind, job.key)
+        except ValueError:
+            return False
+        return set(fits) <= set(manifest.get("models", {})) and (not job.redo or manifest["created"] >= self.since)
 
     def finished(self, jobs: list[Any]) -> list[Any]:
         """Those of ``jobs`` whose result exists (reading the record logs once for all)."""
