@@ -60,6 +60,7 @@ class ErrorMinimizingNoise(Protection):
     surrogate_param: ClassVar[str | None] = "surrogate"
     paper_setting: ClassVar[tuple[str, ...]] = ("surrogate",)
     expensive_on_cpu: ClassVar[bool] = True
+    bounds: ClassVar[dict[str, str]] = {"step_size": "[0, inf)"}  # 0: the random start alone (random_start=True)
     mode: str = "samplewise"
     epsilon: float = pixel_steps(8.0)
     steps: int | None = None

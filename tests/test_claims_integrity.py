@@ -229,10 +229,6 @@ def test_the_claims_lock_times_out_instead_of_hanging(tmp_path, monkeypatch):
 
 
 def test_the_record_log_lock_times_out(tmp_path, monkeypatch):
-    from bench.store import records
-
-    if "locked" not in vars(records):
-        pytest.skip("bench/store/records.py does not take its lock through bench.store.locks yet")
     monkeypatch.setenv("BENCH_LOCK_TIMEOUT", "0.3")
     log = tmp_path / "records.jsonl"
     handle = _flock(tmp_path / "records.jsonl.lock")

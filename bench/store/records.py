@@ -19,10 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from bench.store import keys
 from bench.store.integrity import Damage, mistyped, read_checked, report, short
+from bench.store.locks import locked
 
 SCHEMA = 2
 AXES = ("dataset", "protection", "countermeasure", "victim")
@@ -246,7 +245,7 @@ class RecordLog:
         """Append one record as one line, under the log's lock."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record.to_json(), sort_keys=True, default=str) + "\n"
-        with FileLock(str(self.path) + ".lock", mode=0o666), open(self.path, "a+b") as handle:
+        with locked(f"{self.path}.lock", what=f"the record log {self.path}"), open(self.path, "a+b") as handle:
             handle.seek(0, os.SEEK_END)
             if handle.tell() > 0:
                 handle.seek(-1, os.SEEK_END)
