@@ -11,14 +11,16 @@ import argparse
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from bench.core.registry import ConfigError
 from bench.execute import runs, selfcheck
 from bench.plan import weights
-from bench.store.locks import LockTimeout
 # the listing's helpers live in bench.report.catalog; the README test and older scripts import them from here
 from bench.report.catalog import KINDS, component_table
+from bench.store.integrity import DamagedLines
+from bench.store.locks import LockTimeout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="load these plugins too (repeatable): a .py file, a package folder, a folder of plugins "
                               "or a module name; beside $BENCH_PLUGINS and installed `bench.plugins` entry points")
     args = parser.parse_args(argv)
+    warnings.formatwarning = _warning_line
     if args.plugins:  # loaded with the rest on the first registry call
         from bench.core import plugins
 
@@ -116,6 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # disk full, permission denied, a lock held too long: one line, not a traceback
         print(f"bench: error: {os_error_line(err, getattr(args, 'results', None))}", file=sys.stderr)
         return 1
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """bench's own warnings (damaged record lines) as one line a user reads; others as Python shows them."""
+    if issubclass(category, DamagedLines):
+        return f"bench: warning: {message}\n"
+    return _python_warning_line(message, category, filename, lineno, line)
+
+
+_python_warning_line = warnings.formatwarning
 
 
 def os_error_line(err: OSError, results: Path | None) -> str:

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ import torch
 
 from bench.core import plugins
 from bench.execute import devices
+from bench.store.integrity import DamagedLines
 
 POISONED = 70  # a worker's exit status after its CUDA context stopped working
 SYS_PATH = "BENCH_WORKER_SYS_PATH"
@@ -173,6 +175,7 @@ def serve(fd: int, parent: int, device: str, threads: int, deterministic: bool) 
     _die_with_parent(parent)
     sys.path.extend(p for p in os.environ.pop(SYS_PATH, "").split(os.pathsep) if p and p not in sys.path)
     conn = Connection(fd)
+    warnings.simplefilter("ignore", DamagedLines)  # the driver reported the damaged record lines already
     devices.pin(device, threads, deterministic)
     conn.send_bytes(b"ready")
     pickler = plugins.cloudpickle()
