@@ -230,6 +230,19 @@ def test_a_matrix_file_that_is_not_utf8_exits_2(tmp_path, capsys):
     assert f"{path}: not UTF-8 text" in err and "save the file as UTF-8" in err
 
 
+def test_errors_in_an_extends_chain_name_the_file_that_has_them(tmp_path, capsys):
+    """A parent that is not UTF-8 is named (not its child); a child whose axis cannot merge exits 2, not TypeError."""
+    parent, child = tmp_path / "parent.toml", tmp_path / "child.toml"
+    parent.write_bytes(TOML.format(top="# caf\xe9", tail="").encode("latin-1"))
+    child.write_text('extends = "parent.toml"\n')
+    assert cli.main(["run", "--matrix", str(child), "--results", str(tmp_path / "r"), "--dry-run"]) == 2
+    assert f"{parent}: not UTF-8 text" in capsys.readouterr().err
+    parent.write_text(TOML.format(top="", tail=""))
+    child.write_text('extends = "parent.toml"\nprotections = [[]]\n')
+    assert cli.main(["run", "--matrix", str(child), "--results", str(tmp_path / "r"), "--dry-run"]) == 2
+    assert f"{child}: key 'protections': expected a table" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ flags and filters
 
 @pytest.mark.parametrize("flags, message", [

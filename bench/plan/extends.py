@@ -28,9 +28,14 @@ def read_matrix_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         chain = " → ".join(str(p) for p in (*seen, path.resolve()))
         raise ConfigError(f"{path}: 'extends' makes a cycle ({chain}); remove one of the links")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
+                          f"{err.start}); save the file as UTF-8") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err}); check the path and its permissions") from err
     parent_name = raw.pop("extends", None)
     if parent_name is None:
         return raw
@@ -43,7 +48,10 @@ def read_matrix_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: key 'extends': {err}") from err
     parent = read_matrix_toml(parent_path, (*seen, path.resolve()))
     parent.pop("name", None)
-    return merge(parent, raw)
+    try:
+        return merge(parent, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
 
 
 def merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +60,7 @@ def merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     for key, value in child.items():
         old = parent.get(key)
         if key in AXES and old is not None:
-            merged[key] = {**_table(old), **_table(value)}
+            merged[key] = {**_table(old, key), **_table(value, key)}
         elif key == "layout" and isinstance(old, dict) and isinstance(value, dict):
             merged[key] = {**old, **value, "labels": {**old.get("labels", {}), **value.get("labels", {})}}
         elif key == "recipe" and isinstance(old, dict) and isinstance(value, dict):
@@ -64,6 +72,10 @@ def merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _table(value: Any) -> Any:
+def _table(value: Any, axis: str) -> dict[str, Any]:
     """An axis as a table of parameter tables (a list of names is the same as empty tables)."""
-    return {name: {} for name in value} if isinstance(value, list) else value
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return {name: {} for name in value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"key {axis!r}: expected a table of components or a list of names, got {value!r}")
+    return value

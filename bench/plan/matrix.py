@@ -138,11 +138,7 @@ def resolve_path(name_or_path: str) -> Path:
 def load_matrix(name_or_path: str) -> Matrix:
     """Read and validate a matrix; every error names the file and the key, and nothing has run yet."""
     path = resolve_path(name_or_path)
-    try:
-        raw = read_matrix_toml(path)
-    except UnicodeDecodeError as err:  # from this file or one it extends
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at offset "
-                          f"{err.start}, in it or a matrix it extends); save the file as UTF-8") from err
+    raw = read_matrix_toml(path)
     try:
         return parse_matrix(raw, path.stem, str(path))
     except ConfigError as err:
