@@ -55,3 +55,27 @@ def test_an_os_error_without_a_path_names_the_results_folder(tmp_path, monkeypat
     assert cli.main(["run", "--results", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "1472512 requested and 1048448 written under" in err and str(tmp_path / "r") in err
+
+
+def test_a_full_disk_while_caching_a_set_ends_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    """The audit's tmpfs probe: a full disk while writing a protected set failed that set, then every cell using it,
+    each recorded as an error on the full disk, and later writes ended in tracebacks. Now the first storage error
+    ends the run: exit 1, one line, no temporary folder, no record."""
+    import numpy as np
+
+    from bench.store import cache
+    from tests.conftest import tiny_matrix
+
+    matrix, results = tiny_matrix(tmp_path, extra_countermeasures=""), tmp_path / "r"
+    real_save = np.save
+
+    def full(path, array, *args, **kwargs):
+        if "protected" in str(path):
+            raise OSError("92032 requested and 89984 written")  # numpy's short write on a full disk
+        return real_save(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(cache.np, "save", full)
+    assert cli.main(["run", "--matrix", str(matrix), "--results", str(results), "--jobs", "1"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench: error")]
+    assert len(err) == 1 and "No space left on device" in err[0] and str(results / "cache") in err[0]
+    assert not list(results.rglob(".tmp-*")) and not list(results.glob("runs/*/records.jsonl"))

@@ -32,7 +32,8 @@ from bench.execute import backends, devices
 from bench.execute.backends import Backend, BackendOptions
 from bench.execute.claimed import Outcome, Stage, claimed, lost
 from bench.execute.claims import DEFAULT_STALE, Claims
-from bench.execute.stages import ProtectJob, PurifyJob, SetBuilt, TrainJob, protect_job, purify_job, train_job
+from bench.execute.stages import (ProtectJob, PurifyJob, SetBuilt, TrainJob, protect_job, purify_job, storage_failure,
+                                  train_job)
 from bench.execute.train import keep_freed_memory
 from bench.plan import estimate
 from bench.plan.matrix import Cell, Matrix, expand, load_matrix, resolved, select
@@ -243,8 +244,8 @@ def _call(fn: Callable[[Any, torch.device], Any], job: Job, device: str) -> Any:
 def _guarded(fn: Callable, job: ProtectJob | PurifyJob, device: str) -> SetBuilt:
     try:
         return _call(fn, job, device)
-    except Exception:
-        return SetBuilt(job.key, error=traceback.format_exc())
+    except Exception as err:
+        return SetBuilt(job.key, error=traceback.format_exc(), full=storage_failure(err))
 
 
 def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, failures: dict[str, str],
@@ -258,6 +259,9 @@ def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, fa
         def done(result: SetBuilt) -> None:
             bar.update()
             failures.pop(result.key, None)
+            if result.full:  # the storage failed (disk full …): end the run with one line (bench.cli)
+                number, message, path = result.full
+                raise OSError(number, message, path or str(stage.results or jobs[0].cache))
             if result.error:
                 failures[result.key] = result.error
                 bar.write(f"{stage.name} failed: {result.error.strip().splitlines()[-1]}")

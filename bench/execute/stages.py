@@ -10,6 +10,7 @@ runs under its key's claim (``bench.execute.claimed``), so that runs sharing a r
 from __future__ import annotations
 
 import dataclasses
+import errno
 import sys
 import time
 import traceback
@@ -82,11 +83,29 @@ class TrainJob:
 
 @dataclasses.dataclass(frozen=True)
 class SetBuilt:
-    """What a protect or purify job came to: its seconds, or the traceback of its failure."""
+    """What a protect or purify job came to: its seconds, or the traceback of its failure; ``full`` holds (errno,
+    message, path) when the failure was the storage's (a full disk, a read-only or forbidden folder), which ends the
+    run: every other set and cell would fail alike."""
 
     key: str
     seconds: float | None = None
     error: str | None = None
+    full: tuple[int | None, str, str | None] | None = None
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def storage_failure(err: BaseException) -> tuple[int | None, str, str | None] | None:
+    """(errno, message, path) of an OS error of the storage, else None. numpy reports a short write on a full disk
+    as an OSError without errno ("N requested and M written"), so that counts too."""
+    if not isinstance(err, OSError):
+        return None
+    short_write = err.errno is None and " requested and " in str(err) and str(err).endswith(" written")
+    if err.errno not in STORAGE_ERRNOS and not short_write:
+        return None
+    message = f"No space left on device ({err})" if short_write else err.strerror or str(err)
+    return err.errno, message, None if err.filename is None else str(err.filename)
 
 
 def protect_job(job: ProtectJob, device: torch.device) -> SetBuilt:
