@@ -243,6 +243,7 @@ def check_range(cls: type, key: str, value: Any, where: str, fix: str | None = N
             if fix is None:
                 default = next((f.default for f in dataclasses.fields(cls) if f.name == key), dataclasses.MISSING)
                 fix = f"omit it for the default {default!r}" if default is not dataclasses.MISSING else "change it"
+                fix += " (a component whose parameter takes other values declares them in its `bounds`)"
             raise ConfigError(f"{where}: must be in {text}, got {item!r}; {fix}")
 
 
