@@ -14,12 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from bench.core.registry import ConfigError
+from bench.core.registry import BenchWarning, ConfigError
 from bench.execute import runs, selfcheck
 from bench.plan import weights
 # the listing's helpers live in bench.report.catalog; the README test and older scripts import them from here
 from bench.report.catalog import KINDS, component_table
-from bench.store.integrity import DamagedLines
 from bench.store.locks import LockTimeout
 
 
@@ -123,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   line: str | None = None) -> str:
-    """bench's own warnings (damaged record lines) as one line a user reads; others as Python shows them."""
-    if issubclass(category, DamagedLines):
+    """bench's own warnings (damaged record lines …) as one line a user reads; others as Python shows them."""
+    if issubclass(category, BenchWarning):
         return f"bench: warning: {message}\n"
     return _python_warning_line(message, category, filename, lineno, line)
 

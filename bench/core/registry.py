@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A user-facing configuration error: the CLI prints it and exits with code 2."""
 
 
+class BenchWarning(UserWarning):
+    """A warning of bench's own, for the user (damaged record lines, a rewritten matrix.json): the CLI prints it as
+    one ``bench: warning:`` line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Component:
     """Base of every registered component.

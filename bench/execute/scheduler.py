@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from bench.core.registry import ConfigError
+from bench.core.registry import BenchWarning, ConfigError
 from bench.data import mixes
 from bench.execute import backends, devices
 from bench.execute.backends import Backend, BackendOptions
@@ -219,7 +219,8 @@ def save_resolved(matrix: Matrix, cells: list[str], path: Path) -> None:
     try:
         before = saved_matrix(path, matrix.name).get("cells", []) if path.is_file() else []
     except ConfigError as err:  # damaged: rewritten now, with the cells planned here
-        warnings.warn(f"{err}; rewriting it", stacklevel=2)
+        problem = str(err).split(": it is damaged")[0]  # saved_matrix's message, less its fix (done here)
+        warnings.warn(f"{problem}: it is damaged; rewriting it with this run's cells", BenchWarning, stacklevel=2)
         before = []
     text = json.dumps(resolved(matrix, list(dict.fromkeys([*before, *cells]))), indent=1, default=str)
     atomic.write_text(path, text)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.core.registry import param_hints
+from bench.core.registry import BenchWarning, param_hints
 
 T = TypeVar("T")
 JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", type(None): "null"}
@@ -34,7 +34,7 @@ class Damage:
         return f"{self.path}{f', line {self.line}' * bool(self.line)}: {self.problem}"
 
 
-class DamagedLines(UserWarning):
+class DamagedLines(BenchWarning):
     """The warning ``report`` gives (a worker process may ignore it: its driver reports the same files)."""
 
 
