@@ -110,10 +110,20 @@ def _sometimes(x: torch.Tensor, changed: torch.Tensor, p: float, gen: torch.Gene
     return torch.where(per_image(draw(x.shape[0], gen, x.device) < p), changed, x)
 
 
+def random_jpeg(x: torch.Tensor, gen: torch.Generator, quality: tuple[int, int] = (10, 99)) -> torch.Tensor:
+    """APBench's ``random_JPEG_compression``: one quality for the batch, uniform in ``quality`` (inclusive), a
+    libjpeg round trip of the 8-bit images (on the CPU: torchvision's codec), back as floats in [0, 1]."""
+    from torchvision.transforms.v2.functional import jpeg  # here: torchvision pulls torch._dynamo (~1 s)
+
+    q = int(torch.randint(quality[0], quality[1] + 1, (), generator=gen))
+    images = x.detach().float().mul(255).round().clamp(0, 255).to("cpu", torch.uint8)
+    return host_to_device(jpeg(images, q), x.device).to(x.dtype) / 255
+
+
 def ueraser_augment(x: torch.Tensor, gen: torch.Generator, intensity: tuple[float, float] = (0.5, 1.0),
-                    roughness: tuple[float, float] = (0.3, 0.7), p_plasma: float = 0.5) -> torch.Tensor:
-    """APBench's ``UEraser``: plasma brightness (p, roughness, intensity), plasma contrast (p, roughness), channel
-    shuffle (p = 0.5), TrivialAugment (always)."""
+                    roughness: tuple[float, float] = (0.3, 0.7), p_plasma: float = 1.0) -> torch.Tensor:
+    """APBench's ``UEraser`` (@9a6fb91: plasma p 1.0; its ``UEraser_jpeg`` passes 0.8): plasma brightness (p,
+    roughness, intensity), plasma contrast (p, roughness), channel shuffle (p = 0.5), TrivialAugment (always)."""
     n, device = x.shape[0], x.device
     rough = draw(n, gen, device, *roughness)
     bright = 2 * plasma(x.shape, rough, gen, device) - 1

@@ -50,6 +50,8 @@ class DiffPure(Countermeasure):
     trained one's ``fixed_small``); those weights are not in diffusers' format. APBench's ``diffpure`` (``defense/
     diffusion/__init__.py``) runs t* = 60 and feeds x·2 (in [0, 2]) and returns x/2, a known scaling bug; not
     reproduced. AVATAR writes ``(255 * x).astype(np.uint8)`` (truncated, unclamped); here clamped and rounded.
+    The scheduler's config also decides ``clip_sample``: google/ddpm-cifar10-32's is true, so x̂0 is clipped to
+    [−1, 1] at every reverse step, which AVATAR's Euler–Maruyama does not do (negligible from t* = 100).
     """
 
     paper: ClassVar[str] = "AVATAR (Dolatabadi et al. 2024; code hmdolatabadi/AVATAR); DiffPure (Nie et al. 2022) §3.1"
