@@ -18,11 +18,13 @@ TRANSFER = {"full": {"resnet50", "vgg19", "densenet121", "vit"}, "full-cpu": {"r
 
 @pytest.mark.parametrize("name", ["full", "full-cpu"])
 def test_full_matrices_load_and_expand(name):
-    """14 protections × 18 countermeasures on the first victim; the transfer victims only with `none`."""
+    """14 protections × 18 countermeasures (columns: UEraser's JPEG variant, for TAP and AR, shares its column) on
+    the first victim; the transfer victims only with `none`."""
     matrix = load_matrix(name)
     cells = expand(matrix)
     first = {"full": "resnet18", "full-cpu": "cnn"}[name]
-    assert len({c.protection.label for c in cells}) == 14 and len({c.countermeasure.label for c in cells}) == 18
+    columns = {matrix.layout.name(c.countermeasure.label) for c in cells}
+    assert len({c.protection.label for c in cells}) == 14 and len(columns) == 18
     assert sum(c.victim.label == first for c in cells) == 14 * 18
     transfer = [c for c in cells if c.victim.label != first]
     assert {c.victim.label for c in transfer} == TRANSFER[name] and len(transfer) == 14 * 4
