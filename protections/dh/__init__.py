@@ -64,10 +64,10 @@ class DH(Protection):
     4 blocks, 1,000 iterations, DH(C), bf16 CPU), mean of the last 100 iterations: L_conc 0.19 (3.6e-3 per pair)
     against 2.7e-4 (5.1e-6) raw; 8.8× L_reveal and 7.0e3× L_freq (§IV-F3: "typically 1000 times larger", for
     ω3 = 1e-4, kept), ω3·L_conc 0.084 % of the total (raw: 1.2e-4 %); PSNR 34.2 dB and reveal 16.4 dB either way.
-    Eq. 10 sums ordered same-class pairs: a batch of
-    24 holds ≈ 53 of them on 10 classes, against ≈ 5.5 on the paper's 100-class training set, so the sum weighs
-    ≈ 10× more here (kept as the paper writes it). The record's ``losses`` holds each term's mean over the last
-    tenth of the iterations, unweighted, with the weighted ``total``; ``conc_pairs`` the mean pair count.
+    Eq. 10 sums ordered same-class pairs: a batch of 24 holds ≈ 53 of them on 10 classes, against ≈ 5.5 on the
+    paper's 100-class training set, so the sum weighs ≈ 10× more here (kept as the paper writes it). The record's
+    ``losses`` holds each term's mean over the last tenth of the iterations, unweighted, with the weighted
+    ``total``; ``conc_pairs`` the mean pair count.
     """
 
     paper: ClassVar[str] = "DH (semantic deep hiding) §III-B, Eq. 3–11; §IV-A2"
