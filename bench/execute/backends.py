@@ -84,6 +84,10 @@ class BackendOptions:
         if self.name != "local" and importlib.util.find_spec(self.name) is None:
             raise ConfigError(f"--backend {self.name} needs the package {self.name!r}: pip install -e '.[cluster]'")
 
+    def request(self, threads: int) -> JobRequest:
+        """A task's size where the run gave no estimate: the options given, else a day, 16 GB and ``threads`` CPUs."""
+        return JobRequest(self.slurm_time_min or 24 * 60, self.mem_gb or 16, self.cpus_per_task or threads)
+
     def target(self, device: str) -> str:
         """The device jobs run on: CUDA where a cluster backend is given GPUs, else ``device``."""
         return "cuda" if self.name != "local" and self.gpus_per_task else device

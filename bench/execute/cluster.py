@@ -65,8 +65,7 @@ class Submitit:
             request: JobRequest | None = None) -> None:
         import submitit
 
-        sized = request or JobRequest(self.options.slurm_time_min or 24 * 60, self.options.mem_gb or 16,
-                                      self.options.cpus_per_task or self.threads)
+        sized = request or self.options.request(self.threads)
         executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
         setup = [f"export PYTHONPATH={shlex.quote(checkout_pythonpath())}"]
         parameters: dict[str, Any] = {"slurm_array_parallelism": self.jobs, "gpus_per_node": self.gpus,
@@ -114,8 +113,7 @@ class Ray:
             request: JobRequest | None = None) -> None:
         import ray
 
-        sized = request or JobRequest(self.options.slurm_time_min or 24 * 60, self.options.mem_gb or 16,
-                                      self.options.cpus_per_task or self.threads)
+        sized = request or self.options.request(self.threads)
         env = {"env_vars": worker_env()}  # a cluster's workers do not inherit the driver's environment
         if not ray.is_initialized():
             here = {} if self.options.ray_address else {
