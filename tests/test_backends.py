@@ -248,3 +248,11 @@ def test_ray_asks_for_memory_and_a_lost_task_is_a_lost_job(monkeypatch):
                                                      JobRequest(30, 8, 2))
     assert seen["memory"] == 8 * 2**30 and seen["num_cpus"] == 2 and seen["max_retries"] == 1
     assert results == ["result a"] and lost == [("b", "Ray task failed: RayError: worker crashed: OOM")]
+
+
+def test_a_cluster_task_without_an_estimate_gets_the_options_or_a_day_16_gb_and_its_threads():
+    """submitit and ray size a task the run gave no estimate for with one default (BackendOptions.request)."""
+    from bench.plan.requests import JobRequest
+
+    assert BackendOptions("submitit").request(3) == JobRequest(24 * 60, 16, 3)
+    assert BackendOptions("ray", slurm_time_min=30, mem_gb=4, cpus_per_task=2).request(3) == JobRequest(30, 4, 2)

@@ -244,3 +244,24 @@ def test_a_bad_lock_timeout_is_a_config_error(tmp_path, monkeypatch, value):
     monkeypatch.setenv("BENCH_LOCK_TIMEOUT", value)
     with pytest.raises(ConfigError, match="BENCH_LOCK_TIMEOUT"), locked(tmp_path / "x.lock", what="the test"):
         pass
+
+
+def test_a_set_moved_aside_between_two_reads_is_not_done(tmp_path, monkeypatch):
+    """Another run may move a damaged entry aside after this one found it: its manifest then fails to read, and the
+    set counts as not done (it is rebuilt), rather than ending the stage in a ValueError."""
+    from types import SimpleNamespace
+
+    from bench.store.cache import Cache
+    from bench.testing import digits_set
+
+    cache = Cache(tmp_path / "cache")
+    cache.save("purified", "k", digits_set(), {"spec": {}})
+    job = SimpleNamespace(cache=cache.root, key="k", redo=False, plan=SimpleNamespace(purify_fits=()))
+    stage = Stage("purify", Claims(tmp_path / "claims"), "purify")
+    assert stage.done(job)
+
+    def moved(self, kind, key):
+        raise ValueError("manifest.json unreadable: No such file or directory")
+
+    monkeypatch.setattr(Cache, "manifest", moved)
+    assert not stage.done(job)

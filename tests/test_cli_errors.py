@@ -79,3 +79,18 @@ def test_a_full_disk_while_caching_a_set_ends_the_run_with_one_line(tmp_path, mo
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench: error")]
     assert len(err) == 1 and "No space left on device" in err[0] and str(results / "cache") in err[0]
     assert not list(results.rglob(".tmp-*")) and not list(results.glob("runs/*/records.jsonl"))
+
+
+def test_benchs_own_warnings_are_one_bench_warning_line(tmp_path):
+    """bench's own warnings (damaged record lines …) print as `bench: warning: …`, not Python's `file.py:N:
+    DamagedLines: …` with a source line; other libraries' warnings keep Python's form. (pytest records warnings
+    instead of printing them, so the format the CLI installs is checked directly.)"""
+    import warnings
+
+    from bench.store.integrity import DamagedLines
+
+    assert cli.main(["list", "recipes"]) == 0
+    assert warnings.formatwarning is cli._warning_line
+    line = warnings.formatwarning("records.jsonl: skipped line 2", DamagedLines, "/x/integrity.py", 51)
+    assert line == "bench: warning: records.jsonl: skipped line 2\n"
+    assert "/x/lib.py:3: DeprecationWarning: old" in warnings.formatwarning("old", DeprecationWarning, "/x/lib.py", 3)
