@@ -11,7 +11,7 @@ from torch import nn
 from bench.api import AUGMENTATIONS as KINDS
 from bench.api import (COUNTERMEASURES, DATA, RECIPES, TRAIN, VICTIMS, Countermeasure, Fitted, ImageSet, Models,
                        Normalize, TrainHooks, make_recipe, train_and_evaluate)
-from bench.victims.authorized import authorized_arch, authorized_start
+from bench.victims.authorized import authorized_arch, authorized_start, authorized_stats
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -63,6 +63,7 @@ class Distill(Countermeasure):
     uses_models: ClassVar[tuple[str, ...]] = ("authorized",)
     needs_labels: ClassVar[bool] = True  # the teacher learnt from them; the student never sees them
     expensive_on_cpu: ClassVar[bool] = True
+    version: ClassVar[int] = 2  # 2: the teacher normalises as the protection fitted θ0 (UGE: clean statistics)
     teacher_arch: str | None = None
     init_seed: int | None = None
     index: int = 0
@@ -92,7 +93,7 @@ class Distill(Countermeasure):
         recipe = make_recipe(self.teacher_recipe).for_victim(arch)
         augment = self.teacher_augment if recipe.augment == "dataset" else recipe.augment
         result = train_and_evaluate(start, train, train, recipe, seed=seed, device=device, augment=augment,
-                                    evaluate_every_epoch=False)
+                                    evaluate_every_epoch=False, stats=authorized_stats(models))
         teacher = self.build_model("teacher", {"arch": arch, "classes": train.num_classes, "channels": train.channels,
                                                "size": train.size})
         teacher.net.load_state_dict(result["model"].state_dict())

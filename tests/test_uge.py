@@ -48,7 +48,7 @@ def test_contract_shape_labels_budget_and_determinism(digits, fitted):
     assert change.max() <= 0.04 * 255 + 1 and change.float().mean() > 0.5, "outside ρ + 1/255, or nothing changed"
     again = PROTECTIONS.create("uge", **FAST).fit(digits, seed=1, device=CPU).data
     assert torch.equal(again.images, out.images), "not the same bytes for one seed"
-    assert out.info["encoder"] == "classifier:cnn" and out.info["losses"] == "gm+fd+ud"
+    assert out.info["encoder"] == "classifier:cnn" and out.info["terms"] == "gm+fd+ud"
 
 
 def test_gradient_matching_is_zero_for_identical_images_and_positive_otherwise(digits):

@@ -38,11 +38,28 @@ class AuthorizedNetworks(nn.Module):
         self.arch = {"arch": arch, "init_seed": init_seed, "networks": networks, "classes": classes,
                      "channels": channels, "size": size}
         self.nets = nn.ModuleList(initial_network(arch, init_seed + k, classes, channels, size) for k in range(networks))
+        # The normalisation the protection fitted them under (NaN until ``fix_stats``): UGE's trajectory and L_gm
+        # use the clean set's channel statistics, so the authorized network must see x_u normalised the same way.
+        self.register_buffer("mean", torch.full((channels,), float("nan")))
+        self.register_buffer("std", torch.full((channels,), float("nan")))
+
+    def fix_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fitted normalisation, or None where the protection fixed none."""
+        return None if torch.isnan(self.mean).any() else (self.mean.clone(), self.std.clone())
 
 
 def authorized_arch(models: Models, arch: str | None) -> str:
     """The architecture ``authorized_start`` builds: the protection's, else ``arch`` (None: ResNet-18)."""
     return models["authorized"].arch["arch"] if "authorized" in models else arch or DEFAULT_ARCH
+
+
+def authorized_stats(models: Models) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The normalisation the protection's authorized networks were fitted under (None: the train set's own)."""
+    return models["authorized"].stats() if "authorized" in models else None
 
 
 def authorized_start(models: Models, arch: str | None, init_seed: int | None, index: int, num_classes: int,
@@ -80,6 +97,7 @@ class Authorized(Victim):
     paper: ClassVar[str] = "UGE §3.1, §4.1, Table 1 (Acc. Authorized), Table 2"
     uses_models: ClassVar[tuple[str, ...]] = ("authorized",)
     reference_params: ClassVar[int] = 11_173_962  # its default architecture, ResNet-18 (victims/resnet.py)
+    version: ClassVar[int] = 2  # 2: normalises as the protection fitted θ0 (``input_stats``; UGE: clean statistics)
     arch: str | None = None
     init_seed: int | None = None
     index: int = 0
@@ -93,5 +111,8 @@ class Authorized(Victim):
     def build(self, num_classes: int, in_channels: int, image_size: int, models: Models | None = None) -> nn.Module:
         return authorized_start(models or Models(), self.arch, self.init_seed, self.index, num_classes, in_channels,
                                 image_size)
+
+    def input_stats(self, models: Models | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return authorized_stats(models or Models())
 
 

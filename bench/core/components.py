@@ -253,6 +253,11 @@ class Victim(_Declared):
     def build(self, num_classes: int, in_channels: int, image_size: int, **needs: Models) -> nn.Module:
         raise NotImplementedError
 
+    def input_stats(self, **needs: Models) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The per-channel mean and std (in [0, 1] units) to normalise its inputs with; None (every victim but
+        one that a protection fixed them for): the train set's own statistics, as any trainer computes them."""
+        return None
+
     @classmethod
     def check_declaration(cls) -> None:
         super().check_declaration()

@@ -229,12 +229,13 @@ def _train(job: TrainJob, cache: Cache, built: Components, recipe: Recipe, train
     hooks = countermeasure.train_hooks(train.num_classes, train.size, **_models_for(
         countermeasure, cache, job.plan, device, own=True)) if TRAIN in countermeasure.stages else None
     torch.manual_seed(cell.seed)
-    model = built.victim.build(train.num_classes, train.channels, train.size,
-                               **_models_for(built.victim, cache, job.plan, device))
+    needs = _models_for(built.victim, cache, job.plan, device)
+    model = built.victim.build(train.num_classes, train.channels, train.size, **needs)
     with tqdm(total=None if recipe.iterations is not None else recipe.epochs, desc="  epochs", leave=False, file=sys.stderr,
               disable=not job.show_epochs) as bar:
         result = train_and_evaluate(model, train, test, recipe, seed=cell.seed, device=device, augment=augment,
-                                    hooks=hooks, on_epoch=lambda e, tr, te: (bar.update(), bar.set_postfix(test=f"{te:.3f}")))
+                                    hooks=hooks, stats=built.victim.input_stats(**needs),
+                                    on_epoch=lambda e, tr, te: (bar.update(), bar.set_postfix(test=f"{te:.3f}")))
     return {"test_acc_final": result["final"], "test_acc_best": result["best"], "best_epoch": result["best_epoch"],
             "train_acc": result["train_acc"], "test_acc": result["test_acc"], "images_per_s": result["images_per_s"],
             "augment": augment, "precision": result["precision"], "steps": result["steps"], "model": result["model"],

@@ -119,7 +119,7 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int, precision: str =
 
 def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe: Recipe, *, seed: int,
                        device: torch.device, augment: str, hooks: TrainHooks | None = None,
-                       evaluate_every_epoch: bool = True,
+                       evaluate_every_epoch: bool = True, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
                        on_epoch: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:
     """Train ``model`` with ``recipe`` and evaluate it on the clean ``test`` set.
 
@@ -129,6 +129,7 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
         evaluate_every_epoch: False evaluates only after the last epoch (for timing); else every
             ``recipe.eval_every`` epochs and after the last.
         on_epoch: called with (epoch, train accuracy, test accuracy) for progress display.
+        stats: per-channel mean and std to normalise with (``Victim.input_stats``); None: the train set's.
 
     Returns:
         ``train_acc``/``test_acc`` curves, ``final``/``best`` test accuracy and its epoch, ``images_per_s``
@@ -141,7 +142,7 @@ def train_and_evaluate(model: nn.Module, train: ImageSet, test: ImageSet, recipe
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     precision = resolve_precision(recipe.precision, device)
-    mean, std = channel_stats(train.images)
+    mean, std = stats if stats is not None else channel_stats(train.images)
     net = nn.Sequential(Normalize(mean, std), model).to(device).to(memory_format=torch.channels_last)
     forward = torch.compile(net, dynamic=False) if recipe.compile else net
     placement = data_placement(train.images, device)

@@ -12,14 +12,16 @@ import time
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.api import (PROTECTIONS, VICTIMS, Fitted, ImageSet, Models, Normalize, Pretrained, Protection, channel_stats,
                        standard_augment)
 from bench.protections import _surrogate as S
 from bench.protections.uge import encoders as E
-from bench.protections.uge.generator import Generator, encrypt, recalibrate
-from bench.protections.uge.losses import feature_distance, gradient_matching, undistill
+from bench.protections.uge.generator import OUTPUTS, Generator, encrypt, recalibrate
+from bench.protections.uge.losses import (class_targets, feature_distance, feature_gap, gradient_matching, least_similar,
+                                            undistill)
 from bench.victims.authorized import AuthorizedNetworks
 
 __all__ = ["UGE", "Generator", "encrypt", "feature_distance", "gradient_matching", "undistill"]
@@ -77,6 +79,7 @@ class UGE(Protection):
     paper_setting: ClassVar[tuple[str, ...]] = ("encoder", "authorized", "epochs", "width")
     pretrained: ClassVar[tuple[Pretrained, ...]] = (E.CLIP,)
     expensive_on_cpu: ClassVar[bool] = True
+    version: ClassVar[int] = 2  # 2: Eq. 3's hard clamp instead of ρ·tanh (fidelity audit finding 3)
     rho: float = 0.04
     losses: str = "gm+fd+ud"
     lambda_fd: float = 1.0
@@ -99,6 +102,9 @@ class UGE(Protection):
     encoder_epochs: int = 40
     width: int = 64
     dropout: float = 0.5
+    output: str = "clamp"
+    fd_reduction: str = "sum"
+    target: str = "image"
 
     def __post_init__(self) -> None:
         terms = self.terms()
@@ -110,6 +116,9 @@ class UGE(Protection):
             raise ValueError("uge needs 0 < rho ≤ 1 and epochs, trajectory_epochs, networks, encoder_epochs ≥ 1")
         if min(self.batch_size, self.width) < 1 or not 0 <= self.dropout < 1 or self.lr <= 0 or self.init_seed < 0:
             raise ValueError("uge needs batch_size, width ≥ 1, 0 ≤ dropout < 1, lr > 0 and init_seed ≥ 0")
+        for field, allowed in (("output", OUTPUTS), ("fd_reduction", ("mean", "sum")), ("target", ("image", "class"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"uge {field} {getattr(self, field)!r}: one of {', '.join(allowed)}")
         for field in ("hacker", "encoder_arch"):
             if getattr(self, field) not in VICTIMS or getattr(self, field) == "authorized":
                 raise ValueError(f"uge {field} {getattr(self, field)!r} is not a victim ({', '.join(VICTIMS.names())})")
@@ -123,7 +132,7 @@ class UGE(Protection):
     @classmethod
     def build_model(cls, kind: str, arch: dict[str, Any]) -> nn.Module:
         if kind == "generator":
-            return Generator(arch["channels"], arch["width"], arch["rho"], arch["dropout"])
+            return Generator(**arch)
         if kind == "authorized":
             return AuthorizedNetworks(**arch)
         raise ValueError(f"uge fits a generator and authorized networks, not a {kind!r} model")
@@ -138,18 +147,21 @@ class UGE(Protection):
         x, y = S.to_float(train, device), train.labels.to(device)
         shape = (train.num_classes, train.channels, train.size)
         authorized = AuthorizedNetworks(self.authorized, self.init_seed, self.networks, *shape)
-        norm = Normalize(*channel_stats(train.images)).to(device)
+        stats = channel_stats(train.images)
+        authorized.fix_stats(*stats)  # the authorized victim and distill's teacher normalise as the fit did
+        norm = Normalize(*stats).to(device)
         paths = [self._trajectory(net, norm, x, y, gen) for net in authorized.nets] if {"gm", "ud"} & set(terms) else []
         with torch.random.fork_rng(devices=[]):  # f′ from the protection's seed: never an authorized θ0
             torch.manual_seed(seed)
             hacker = nn.Sequential(norm, VICTIMS.create(self.hacker).build(*shape)).to(device).requires_grad_(False)
         encoder = self._encoder(train, seed, device) if "fd" in terms else None
+        far, fd_info = self._targets(encoder, x, y, train.num_classes) if encoder else (y, {})
         G = self.build_model("generator", {"channels": train.channels, "width": self.width, "rho": self.rho,
-                                           "dropout": self.dropout}).to(device)
+                                           "dropout": self.dropout, "output": self.output}).to(device)
         optimizer = torch.optim.Adam(G.parameters(), lr=self.lr)
         per_epoch = math.ceil(len(x) / self.batch_size)
         stream = S.shuffled_batches(len(x), self.batch_size, gen, device)
-        totals = torch.zeros(3, device=device)
+        totals, curve = torch.zeros(3, device=device), []
         for epoch in range(self.epochs):
             totals.zero_()
             G.train()
@@ -165,7 +177,7 @@ class UGE(Protection):
                     if "ud" in terms:
                         parts[2] = parts[2] + undistill(net, hacker, x_u, yb, self.omega) / len(paths)
                 if encoder is not None:
-                    parts[1] = feature_distance(encoder, xb, x_u, yb, self.alpha)
+                    parts[1] = feature_distance(encoder, xb, x_u, yb, far[idx], self.alpha, self.fd_reduction)
                 loss = parts[0] + self.lambda_fd * parts[1] + self.lambda_ud * parts[2]
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"uge: the loss became {loss.item()} in epoch {epoch + 1}: lower lr")
@@ -174,13 +186,21 @@ class UGE(Protection):
                     p.grad = g
                 optimizer.step()
                 totals += parts.detach() / per_epoch
+            curve.append(totals.tolist())
         recalibrate(G, x, self.batch_size)
         published = encrypt(G, train.images, device=device, batch_size=max(self.batch_size, 256))
         ran = encoder and (f"encoder {encoder.name}" + (" (the documented alternative to CLIP)"
                                                         if self.encoder == "classifier" else ""))
+        delta = published.float() - train.images.float()
+        clean_stats, published_stats = channel_stats(train.images), channel_stats(published)
         info = {"encoder": encoder.name if encoder else None, **(encoder.info if encoder else {}), "ran": ran or None,
-                "losses": "+".join(terms), **dict(zip(("gm_loss", "fd_loss", "ud_loss"), totals.tolist())),
+                "terms": "+".join(terms), "losses": {t: totals[LOSSES.index(t)].item() for t in terms},
+                "losses_by_epoch": {t: [round(row[LOSSES.index(t)], 6) for row in curve] for t in terms},
+                "at_rho": (delta.abs() >= 255 * self.rho - 0.5).float().mean().item(), **fd_info,
+                "generator_steps": self.epochs * per_epoch,
+                "trajectory_steps": self.trajectory_epochs * math.ceil(len(x) / self.batch_size) if paths else 0,
                 "trajectory_accuracy": [S.accuracy(p[-1], x, y) for p in paths],
+                "norm_shift": ((published_stats[0] - clean_stats[0]).abs() / clean_stats[1]).max().item(),
                 "seconds": time.perf_counter() - start}
         return Fitted(train.with_images(published, **info),
                       Models({"generator": G.eval(), "authorized": authorized}))
@@ -198,6 +218,19 @@ class UGE(Protection):
                 idx = order[first:first + self.batch_size]
                 S.train_step(model, optimizer, standard_augment(x[idx], "crop_flip", gen), y[idx], clip=None)
         return path
+
+    def _targets(self, encoder: E.Encoder, x: torch.Tensor, y: torch.Tensor,
+                 num_classes: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. 9's least-similar class per image (``target = 'image'``, the paper) or per class (``'class'``),
+        with the per-image rule's class consistency and the share of clean images inside α (the hinge acting)."""
+        with torch.no_grad():
+            clean = torch.cat([F.normalize(encoder.images(x[i:i + 256]), dim=1) for i in range(0, len(x), 256)])
+        text = F.normalize(encoder.classes, dim=1)
+        far = least_similar(clean, text, y)
+        modes, consistency = class_targets(far, y, num_classes)
+        inside = feature_gap(clean, text[y], self.fd_reduction) < self.alpha
+        return (modes if self.target == "class" else far), {"fd_target_consistency": consistency,
+                                                             "fd_hinge_active": inside.float().mean().item()}
 
     def _encoder(self, train: ImageSet, seed: int, device: torch.device) -> E.Encoder:
         if self.encoder == "clip":

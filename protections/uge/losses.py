@@ -19,17 +19,41 @@ def gradient_matching(net: nn.Module, x: torch.Tensor, x_u: torch.Tensor, y: tor
     return 1 - F.cosine_similarity(*flat, dim=0)
 
 
-def feature_distance(encoder: E.Encoder, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Eq. 7–9: −‖F_i − F′_i‖² + ‖F′_i − F′_t‖² + max(0, α − ‖F′_i − F_t‖²), batch mean; F′_t is the other
-    class feature least similar to the clean image's."""
+def least_similar(clean: torch.Tensor, text: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 9's target per image: the other class whose (normalised) feature ``text`` is least similar to the clean
+    image's normalised feature (class index)."""
+    return (clean @ text.T).scatter(1, y[:, None], float("inf")).argmin(1)
+
+
+def class_targets(far: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, float]:
+    """Each class's modal per-image target (the ``target = 'class'`` variant), and the consistency of the
+    per-image rule: the mean over classes of the modal target's share of the class's images."""
+    modes, shares = torch.zeros(num_classes, dtype=torch.long, device=y.device), []
+    for c in range(num_classes):
+        if (y == c).any():
+            counts = torch.bincount(far[y == c], minlength=num_classes)
+            modes[c] = counts.argmax()
+            shares.append(counts.max().item() / counts.sum().item())
+    return modes[y], sum(shares) / max(len(shares), 1)
+
+
+def feature_gap(a: torch.Tensor, b: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Squared distance per row: its mean over the features (``mean``, the paper's MSE) or its sum (``sum``)."""
+    gap = (a - b).pow(2)
+    return gap.mean(1) if reduction == "mean" else gap.sum(1)
+
+
+def feature_distance(encoder: E.Encoder, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, far: torch.Tensor,
+                     alpha: float, reduction: str) -> torch.Tensor:
+    """Eq. 7–9: ℓ_feat + ℓ_tri = −d(F_i, F′_i) + d(F′_i, F′_t) + max(0, α − d(F′_i, F_t)), batch mean; F′_t is
+    class ``far``'s feature. d is the squared distance's mean over the D features (``mean``: "ℓ_feat is calculated
+    based on the MSE loss", §3.2) or its sum (``sum``, version 1)."""
     with torch.no_grad():
         clean = F.normalize(encoder.images(x), dim=1)
     feats = F.normalize(encoder.images(x_u), dim=1)
     text = F.normalize(encoder.classes, dim=1)
-    similarity = (clean @ text.T).scatter(1, y[:, None], float("inf"))
-    far = text[similarity.argmin(1)]
-    return (-(clean - feats).pow(2).sum(1) + (feats - far).pow(2).sum(1)
-            + F.relu(alpha - (feats - text[y]).pow(2).sum(1))).mean()
+    d = lambda a, b: feature_gap(a, b, reduction)  # noqa: E731
+    return (-d(clean, feats) + d(feats, text[far]) + F.relu(alpha - d(feats, text[y]))).mean()
 
 
 def undistill(net: nn.Module, hacker: nn.Module, x_u: torch.Tensor, y: torch.Tensor, omega: float) -> torch.Tensor:
