@@ -37,6 +37,20 @@ def class_targets(far: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple
     return modes[y], sum(shares) / max(len(shares), 1)
 
 
+def fd_targets(encoder: E.Encoder, x: torch.Tensor, y: torch.Tensor, num_classes: int, target: str, reduction: str,
+               alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 9's least-similar class of every image (``target = 'image'``, the paper) or of its class (``'class'``),
+    with the per-image rule's class consistency and the share of clean images inside α (the hinge acting)."""
+    with torch.no_grad():
+        clean = torch.cat([F.normalize(encoder.images(x[i:i + 256]), dim=1) for i in range(0, len(x), 256)])
+    text = F.normalize(encoder.classes, dim=1)
+    far = least_similar(clean, text, y)
+    modes, consistency = class_targets(far, y, num_classes)
+    inside = feature_gap(clean, text[y], reduction) < alpha
+    return (modes if target == "class" else far), {"fd_target_consistency": consistency,
+                                                   "fd_hinge_active": inside.float().mean().item()}
+
+
 def feature_gap(a: torch.Tensor, b: torch.Tensor, reduction: str) -> torch.Tensor:
     """Squared distance per row: its mean over the features (``mean``, the paper's MSE) or its sum (``sum``)."""
     gap = (a - b).pow(2)
@@ -52,7 +66,7 @@ def feature_distance(encoder: E.Encoder, x: torch.Tensor, x_u: torch.Tensor, y: 
         clean = F.normalize(encoder.images(x), dim=1)
     feats = F.normalize(encoder.images(x_u), dim=1)
     text = F.normalize(encoder.classes, dim=1)
-    d = lambda a, b: feature_gap(a, b, reduction)  # noqa: E731
+    d = lambda a, b: feature_gap(a, b, reduction)
     return (-d(clean, feats) + d(feats, text[far]) + F.relu(alpha - d(feats, text[y]))).mean()
 
 
