@@ -25,7 +25,7 @@ def digits() -> ImageSet:
     return DATASETS.create("digits", per_class=8, test_per_class=2).load()[0]
 
 
-@pytest.mark.parametrize("output", ["clamp", "tanh"])
+@pytest.mark.parametrize("output", ["normalised", "clamp", "tanh"])
 def test_generator_output_is_eq3_clamp_of_x_plus_rho_a_or_the_tanh_reading(output):
     torch.manual_seed(0)
     G = Generator(1, 4, 0.04, 0.0, output=output).eval()

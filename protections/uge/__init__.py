@@ -113,7 +113,7 @@ class UGE(Protection):
     encoder_epochs: int = 40
     width: int = 64
     dropout: float = 0.5
-    output: str = "clamp"
+    output: str = "normalised"
     fd_reduction: str = "sum"
     target: str = "image"
 

@@ -23,7 +23,7 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
-OUTPUTS = ("clamp", "tanh")
+OUTPUTS = ("normalised", "clamp", "tanh")
 
 
 class Generator(nn.Module):
@@ -32,12 +32,14 @@ class Generator(nn.Module):
     a multiple of 4 and cropped back: any size works.
 
     ``output``: how Eq. 3's x_u = Clamp(G(x), x − ρ, x + ρ) is read (the paper is silent on G's output scale).
-    ``clamp`` (default, version 2): G(x) = x + ρ·a, hard-clamped to the ρ-ball, so a pixel whose |a| < 1 keeps
-    its gradient and one at the bound can leave it. ``tanh`` (version 1): x + ρ·tanh(a) saturates: at
-    uge-table1-cpu's settings 95 % of pixels sat at ±ρ after 16 Adam steps, G's gradient norm fell 600× and L_fd
-    stayed flat (fidelity audit, finding 3; figures in DEVIATIONS.md)."""
+    ``normalised`` (default, version 2): x + ρ·BN(a) clamped to the ρ-ball, a batch norm (affine) on the output
+    map, so that neither its scale nor a constant offset can run away. ``clamp``: x + ρ·a clamped; ``tanh``
+    (version 1): x + ρ·tanh(a). Under Adam (lr 1e-3) every weight of the output conv moves by ≈ lr a step in
+    the same direction, so a's per-channel offset outgrows ±1 within a few steps: at uge-table1-cpu's settings
+    both collapsed to one constant colour shift (δ = (−ρ, +ρ, −ρ) on 99 % of pixels; the fd, gm+fd and
+    gm+fd+ud rows published byte-identical images; fidelity audit, finding 3; figures in DEVIATIONS.md)."""
 
-    def __init__(self, channels: int, width: int, rho: float, dropout: float, output: str = "clamp") -> None:
+    def __init__(self, channels: int, width: int, rho: float, dropout: float, output: str = "normalised") -> None:
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"uge generator output {output!r}: one of {OUTPUTS}")
@@ -47,7 +49,8 @@ class Generator(nn.Module):
             *_cbl(nn.Conv2d(channels, w[0], 7, 1, 3)), *_cbl(nn.Conv2d(w[0], w[1], 3, 2, 1)),
             *_cbl(nn.Conv2d(w[1], w[2], 3, 2, 1)), *(ResBlock(w[2], dropout) for _ in range(6)),
             *_cbl(nn.ConvTranspose2d(w[2], w[1], 3, 2, 1, output_padding=1)),
-            *_cbl(nn.ConvTranspose2d(w[1], w[0], 3, 2, 1, output_padding=1)), nn.Conv2d(w[0], channels, 7, 1, 3))
+            *_cbl(nn.ConvTranspose2d(w[1], w[0], 3, 2, 1, output_padding=1)), nn.Conv2d(w[0], channels, 7, 1, 3),
+            *([nn.BatchNorm2d(channels)] if output == "normalised" else []))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
