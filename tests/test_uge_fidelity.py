@@ -106,3 +106,16 @@ def test_the_authorized_victim_and_distills_teacher_normalise_as_the_fit_did(dig
     teacher = COUNTERMEASURES.create("distill", teacher_recipe="quick").fit(
         fitted.data, seed=0, device=CPU, models=Models({"authorized": fitted.models["authorized"]})).models["teacher"]
     assert torch.equal(teacher.net[0].mean.flatten(), clean_mean)
+
+
+def test_the_generator_does_not_collapse_to_one_colour_shift():
+    """Audit finding 3 on real data (cifar10-jpeg, 20 images a class): with x + ρ·tanh(a) or x + ρ·a, Adam drives
+    the output conv's offset past ±1 within a few steps and G publishes one constant shift (≈ 97 % of pixels at ±ρ,
+    mean δ ≈ ±ρ per channel); with a batch-normalised map L_fd keeps falling and δ follows the image."""
+    train = DATASETS.create("cifar10-jpeg", per_class=20, test_per_class=1).load()[0]
+    uge = PROTECTIONS.create("uge", losses="fd", encoder="classifier", encoder_arch="cnn", encoder_epochs=5, epochs=10,
+                             width=8, batch_size=64)  # output='tanh' or 'clamp' fail both checks
+    info = uge.fit(train, seed=0, device=CPU).data.info
+    curve = info["losses_by_epoch"]["fd"]
+    assert info["at_rho"] < 0.9 and info["norm_shift"] < 0.05, info
+    assert curve[-1] < curve[1] - 0.01, curve
