@@ -10,19 +10,11 @@ import pytest
 import torch
 
 import bench.protections  # noqa: F401  (registers)
-from bench.core.components import PROTECTIONS, ImageSet
+from bench.core.components import PROTECTIONS
 from bench.data.datasets import DATASETS
 from bench.protections.uge import Generator
 from bench.protections.uge.losses import class_targets, feature_gap, least_similar
-
-CPU = torch.device("cpu")
-FAST = dict(authorized="cnn", hacker="cnn", encoder="classifier", encoder_arch="cnn", encoder_epochs=1, epochs=3,
-            width=4, trajectory_epochs=2, batch_size=32)
-
-
-@pytest.fixture(scope="module")
-def digits() -> ImageSet:
-    return DATASETS.create("digits", per_class=8, test_per_class=2).load()[0]
+from tests.test_uge import CPU, FAST, digits  # noqa: F401  (digits: the fixture)
 
 
 @pytest.mark.parametrize("output", ["normalised", "clamp", "tanh"])
@@ -66,8 +58,8 @@ def test_feature_gap_is_the_mse_or_the_sum():
 def test_a_fit_records_every_term_its_steps_saturation_and_target_consistency(digits):
     info = PROTECTIONS.create("uge", **FAST).fit(digits, seed=0, device=CPU).data.info
     assert set(info["losses"]) == {"gm", "fd", "ud"} and all(math.isfinite(v) for v in info["losses"].values())
-    assert all(len(curve) == 3 and curve[-1] == round(info["losses"][t], 6) for t, curve in info["losses_by_epoch"].items())
-    assert info["generator_steps"] == 3 * math.ceil(80 / 32) and info["trajectory_steps"] == 2 * math.ceil(80 / 32)
+    assert all(len(curve) == 2 and curve[-1] == round(info["losses"][t], 6) for t, curve in info["losses_by_epoch"].items())
+    assert info["generator_steps"] == 2 * math.ceil(80 / 32) and info["trajectory_steps"] == 2 * math.ceil(80 / 32)
     assert 0 <= info["at_rho"] <= 1 and 0 < info["fd_target_consistency"] <= 1 and info["norm_shift"] >= 0
     mse = PROTECTIONS.create("uge", **{**FAST, "fd_reduction": "mean"}).fit(digits, seed=0, device=CPU).data.info
     assert mse["fd_hinge_active"] == 1.0, "under the MSE reading ‖F′ − F_t‖²/D < α = 0.1 for every image"
