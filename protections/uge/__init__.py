@@ -205,7 +205,7 @@ class UGE(Protection):
         ran = encoder and (f"encoder {encoder.name}" + (" (the documented alternative to CLIP)"
                                                         if self.encoder == "classifier" else ""))
         delta = published.float() - train.images.float()
-        clean_stats, published_stats = channel_stats(train.images), channel_stats(published)
+        published_mean = channel_stats(published)[0]
         info = {"encoder": encoder.name if encoder else None, **(encoder.info if encoder else {}), "ran": ran or None,
                 "terms": "+".join(terms), "losses": {t: totals[LOSSES.index(t)].item() for t in terms},
                 "losses_by_epoch": {t: [round(row[LOSSES.index(t)], 6) for row in curve] for t in terms},
@@ -213,7 +213,7 @@ class UGE(Protection):
                 "generator_steps": self.epochs * per_epoch,
                 "trajectory_steps": self.trajectory_epochs * math.ceil(len(x) / self.batch_size) if paths else 0,
                 "trajectory_accuracy": [S.accuracy(p[-1], x, y) for p in paths],
-                "norm_shift": ((published_stats[0] - clean_stats[0]).abs() / clean_stats[1]).max().item(),
+                "norm_shift": ((published_mean - stats[0]).abs() / stats[1]).max().item(),
                 "seconds": time.perf_counter() - start}
         return Fitted(train.with_images(published, **info),
                       Models({"generator": G.eval(), "authorized": authorized}))
