@@ -111,3 +111,28 @@ def test_the_generator_does_not_collapse_to_one_colour_shift():
     curve = info["losses_by_epoch"]["fd"]
     assert info["at_rho"] < 0.9 and info["norm_shift"] < 0.05, info
     assert curve[-1] < curve[1] - 0.01, curve
+
+
+def test_a_cell_trains_the_authorized_victim_with_the_fits_statistics(tmp_path, monkeypatch):
+    """Through `bench run` (in-process): the train stage passes ``Victim.input_stats`` on, so the authorized victim
+    normalises with the clean statistics and a hacker with its (protected) train set's own."""
+    from bench.cli import main
+    from bench.execute import stages
+    from bench.execute.train import channel_stats
+
+    seen = {}
+    real = stages.train_and_evaluate
+
+    def spy(model, train, *args, **kwargs):
+        seen[type(model).__name__ if kwargs["stats"] is None else "authorized"] = kwargs["stats"]
+        return real(model, train, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "train_and_evaluate", spy)
+    params = "\n".join(f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in FAST.items())
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(f'[recipe]\nname = "quick"\n[datasets.digits]\nper_class = 8\ntest_per_class = 2\n'
+                      f'[protections.uge]\n{params}\n[countermeasures.none]\n'
+                      '[victims.authorized]\narch = "cnn"\n[victims.cnn]\n')
+    assert main(["run", "--matrix", str(matrix), "--results", str(tmp_path / "r"), "--jobs", "1"]) == 0
+    clean = DATASETS.create("digits", per_class=8, test_per_class=2).load()[0]
+    assert torch.equal(seen["authorized"][0], channel_stats(clean.images)[0]) and None in seen.values()
