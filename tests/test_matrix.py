@@ -75,8 +75,8 @@ def test_swept_choices_carry_full_parameters():
     """Each swept variant's Choice holds every parameter (defaults included), not just the swept one."""
     cells = cells_of(datasets={"digits": {"size": [8, 16], "per_class": 5}})
     assert [c.dataset.kwargs for c in cells] == [
-        {"per_class": 5, "size": 8, "test_fraction": 0.2, "test_per_class": None},
-        {"per_class": 5, "size": 16, "test_fraction": 0.2, "test_per_class": None}]
+        {"per_class": 5, "size": 8, "test_fraction": 0.2, "test_per_class": None, "protect_per_class": None},
+        {"per_class": 5, "size": 16, "test_fraction": 0.2, "test_per_class": None, "protect_per_class": None}]
     assert cells_of(countermeasures={"jpeg": {}})[0].countermeasure.kwargs == {"quality": 10}
 
 

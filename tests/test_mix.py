@@ -45,12 +45,12 @@ def test_keys_per_mix(tmp_path):
     matrix = parse_matrix(doc(mix=["protected", "fit_subset", "ood", "clean_only"]), "m")
     cells = {(c.protection.label, c.mix): c for c in expand(matrix)}
     key = prepare_dataset(cache, cells["cwn", "protected"].dataset)
-    plans = {k: plan_cell(c, key, {"name": "quick"}) for k, c in cells.items() if k != ("cwn", "ood")}
+    plans = {k: plan_cell(c, {c.dataset: key}, {"name": "quick"}) for k, c in cells.items() if k != ("cwn", "ood")}
     assert plans["cwn", "clean_only"].protection_key is None
     assert plans["cwn", "fit_subset"].protection_key != plans["cwn", "protected"].protection_key
     assert len({p.cell_key for p in plans.values()}) == len(plans)
     with pytest.raises(ConfigError, match="mix 'ood'.*encrypts_unseen.*cwn cannot"):
-        plan_cell(cells["cwn", "ood"], key, {"name": "quick"})
+        plan_cell(cells["cwn", "ood"], {cells["cwn", "ood"].dataset: key}, {"name": "quick"})
     with pytest.raises(ConfigError, match=r"(?s)1 cell.*cwn × none × cnn.*mix ood.*encrypts_unseen.*\[\[exclude\]\]"):
         check_cells(list(cells.values()), "cpu", print)
 

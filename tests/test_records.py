@@ -44,7 +44,7 @@ def test_upgraded_keys_are_the_planners_and_only_dh_v2_records_are_stale():
     choice = matrix.axes["datasets"][0]
     known = known_dataset_key(Cache(REPO / "no-cache"), choice, records)
     assert known.source == "records"
-    planned = {plan_cell(cell, known.key, matrix.recipe).cell_key for cell in expand(matrix)}
+    planned = {plan_cell(cell, {choice: known.key}, matrix.recipe).cell_key for cell in expand(matrix)}
     current = [r for r in records if not stale_reasons(r)]
     assert {r.protection_name for r in records if stale_reasons(r)} == {"dh"}
     assert all(r.cell in planned for r in current) and len(current) == len(records) - 28
@@ -148,12 +148,12 @@ def test_a_recipes_prose_is_not_in_the_cell_key(monkeypatch):
 
     matrix = load_matrix("smoke")
     cell = expand(matrix)[0]
-    before = plan_cell(cell, "data-0", matrix.recipe).cell_key
+    before = plan_cell(cell, {cell.dataset: "data-0"}, matrix.recipe).cell_key
     reworded = dataclasses.replace(recipes.RECIPES["quick"], source="another description")
     monkeypatch.setitem(recipes.RECIPES, "quick", reworded)
-    assert plan_cell(cell, "data-0", matrix.recipe).cell_key == before
+    assert plan_cell(cell, {cell.dataset: "data-0"}, matrix.recipe).cell_key == before
     monkeypatch.setitem(recipes.RECIPES, "quick", dataclasses.replace(reworded, lr=reworded.lr * 2))
-    assert plan_cell(cell, "data-0", matrix.recipe).cell_key != before  # a setting that trains differently
+    assert plan_cell(cell, {cell.dataset: "data-0"}, matrix.recipe).cell_key != before  # a setting that trains differently
 
 
 def test_a_plugin_whose_code_changed_is_stale(monkeypatch):

@@ -39,16 +39,23 @@ def data_root(root: str) -> Path:
 class Dataset(Component):
     """A dataset. ``per_class``/``test_per_class`` keep the first n ≥ 1 images of each class (unset: every image).
 
-    ``augment`` names the standard train augmentation the papers use for it (see ``bench.execute.train``).
+    ``protect_per_class`` (≥ ``per_class``): protections are crafted on the first n images of each class, and the
+    cells train on the first ``per_class`` of them (the README's transfer protocol: a poison made on a large set,
+    evaluated on a small one). ``augment`` names the standard train augmentation the papers use for it (see
+    ``bench.execute.train``).
     """
 
     per_class: int | None = None
     test_per_class: int | None = None
+    protect_per_class: int | None = None
     augment: ClassVar[str] = "crop_flip"
 
     def __post_init__(self) -> None:
-        for key in ("per_class", "test_per_class"):
+        for key in ("per_class", "test_per_class", "protect_per_class"):
             _check_per_class(getattr(self, key), key)
+        if self.protect_per_class is not None and (self.per_class is None or self.per_class > self.protect_per_class):
+            raise ConfigError(f"protect_per_class = {self.protect_per_class} needs per_class ≤ it (got "
+                              f"{self.per_class}): the cells train on the first per_class of the images protected")
 
     def load_full(self) -> tuple[ImageSet, ImageSet]:
         raise NotImplementedError
@@ -58,8 +65,10 @@ class Dataset(Component):
         return balanced_subset(train, self.per_class), balanced_subset(test, self.test_per_class)
 
     def spec(self) -> dict[str, Any]:
-        """Name, version and the parameters that change the content (location fields left out)."""
+        """Name, version and the parameters that change the content (location fields left out, and an unset
+        ``protect_per_class``, so that the keys made before it existed still hold)."""
         located = {f.name for f in dataclasses.fields(self) if f.metadata.get("location")}
+        located |= {"protect_per_class"} if self.protect_per_class is None else set()
         spec = super().spec()
         spec["params"] = {k: v for k, v in spec["params"].items() if k not in located}
         return spec
@@ -80,6 +89,21 @@ def balanced_subset(data: ImageSet, per_class: int | None) -> ImageSet:
         return data
     keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:per_class] for c in range(data.num_classes)])
     return data.subset(keep.sort().values)
+
+
+def nested_index(larger: ImageSet, smaller: ImageSet) -> torch.Tensor:
+    """Where ``smaller``'s images sit in ``larger``, when each class of it is the first images of that class in
+    ``larger`` (``protect_per_class``: the train set inside the crafting set); raises if it is not."""
+    index = torch.empty(len(smaller), dtype=torch.long)
+    for c in range(smaller.num_classes):
+        mine, theirs = torch.nonzero(smaller.labels == c).flatten(), torch.nonzero(larger.labels == c).flatten()
+        if len(theirs) < len(mine):
+            raise RuntimeError(f"class {c} has {len(mine)} train images but only {len(theirs)} to protect")
+        index[mine] = theirs[: len(mine)]
+    if not torch.equal(larger.images[index], smaller.images):
+        raise RuntimeError("the train set is not the first images of each class of the set its protections were "
+                           "crafted on (protect_per_class): this dataset's subsets are not nested")
+    return index
 
 
 def train_images_like(name: str, per_class: int | None, like: ImageSet) -> torch.Tensor:

@@ -10,6 +10,7 @@ import dataclasses
 import torch
 
 from bench.core.components import Attacker, Fitted, ImageSet, Models, Protection
+from bench.data.datasets import nested_index
 from bench.store.cache import Cache
 
 MIXES = {
@@ -23,13 +24,15 @@ MIXES = {
 @dataclasses.dataclass(frozen=True)
 class TrainSource:
     """Where a cell's train set comes from: the dataset, the protected set (``None``: no protection ran), the
-    protected ratio of each class, the seed that draws that ratio, and the mix."""
+    protected ratio of each class, the seed that draws that ratio, the mix, and the dataset the protection was
+    crafted on where it is a larger one (``protect_per_class``; ``None``: the train set)."""
 
     dataset_key: str
     protection_key: str | None
     poison_ratio: float
     seed: int
     mix: str = "protected"
+    crafted_key: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +54,12 @@ def uses_protection(mix: str) -> bool:
     return mix != "clean_only"
 
 
-def missing_capability(mix: str, protection: type[Protection]) -> str | None:
-    """Why ``protection`` cannot serve ``mix`` (``None`` if it can)."""
+def missing_capability(mix: str, protection: type[Protection], crafted: bool = False) -> str | None:
+    """Why ``protection`` cannot serve ``mix`` (``None`` if it can), on a dataset whose protections are ``crafted``
+    on a larger set (``protect_per_class``) or not."""
+    if crafted and fitted_on(mix, 0.5) is not None:
+        return (f"mix {mix!r} fits the protection on part of the train set, but the dataset's protect_per_class "
+                "crafts it on a larger set: use mix 'protected', or drop protect_per_class")
     if mix == "ood" and not protection.identity and not protection.encrypts_unseen:
         return (f"mix 'ood' needs a protection that encrypts unseen images (encrypts_unseen, e.g. "
                 f"confoundergan); {protection.name} cannot")
@@ -116,6 +123,8 @@ def assemble(cache: Cache, source: TrainSource) -> TrainSet:
     if source.protection_key is None:
         return TrainSet(clean, clean, torch.ones(len(clean), dtype=torch.bool))
     protected = require(cache, "protected", source.protection_key)
+    if source.crafted_key:  # crafted on a larger set: the train set's own images of it
+        protected = protected.subset(nested_index(require(cache, "dataset", f"{source.crafted_key}-train"), clean))
     if source.mix == "ood":  # the fitted part and the rest, encrypted out of distribution: all of it is changed
         return TrainSet(clean, clean.with_images(protected.images), torch.ones(len(clean), dtype=torch.bool))
     mixed = torch.where(mask[:, None, None, None], protected.images, clean.images)

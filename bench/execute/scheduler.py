@@ -37,7 +37,8 @@ from bench.execute.stages import (ProtectJob, PurifyJob, SetBuilt, TrainJob, pro
 from bench.execute.train import keep_freed_memory
 from bench.plan import estimate
 from bench.plan.matrix import Cell, Matrix, expand, load_matrix, resolved, select
-from bench.plan.planner import check_cells, known_dataset_key, plan_cell, prepare_dataset, refusal, to_train
+from bench.plan.planner import (check_cells, dataset_choices, known_dataset_key, plan_cell, prepare_dataset, refusal,
+                                to_train)
 from bench.plan.preview import preview
 from bench.plan.requests import JobRequest, job_requests
 from bench.plan.validate import MAX_CELLS, plan_cells, progress
@@ -119,17 +120,17 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
     built, reasons = check_cells(cells, device, lambda line: print(line, file=sys.stderr),
                                  refuse=not options.dry_run, deterministic=options.deterministic)
     if options.dry_run:  # loads and writes nothing; dataset keys from the cache or the records
-        keys = {choice: known_dataset_key(cache, choice, records) for choice in {c.dataset for c in cells}}
+        keys = {choice: known_dataset_key(cache, choice, records) for choice in dataset_choices(cells)}
         step("computing each cell's cache keys")
-        plans = [plan_cell(cell, keys[cell.dataset].key, matrix.recipe, b) for cell, b in zip(cells, built)]
+        plans = [plan_cell(cell, {c: k.key for c, k in keys.items()}, matrix.recipe, b) for cell, b in zip(cells, built)]
         preview(plans, reasons, keys, cache, recorded, log.read(), to_train(plans, recorded, redo, options.retry_failed),
                 out)
         if error := refusal(cells, reasons):  # listed first, so a dry run shows the whole grid before refusing
             raise error
         return RunCounts(len(plans), skipped=len(plans))
-    dataset_keys = {choice: prepare_dataset(cache, choice) for choice in {c.dataset for c in cells}}
+    dataset_keys = {choice: prepare_dataset(cache, choice) for choice in dataset_choices(cells)}
     step("computing each cell's cache keys")
-    plans = [plan_cell(cell, dataset_keys[cell.dataset], matrix.recipe, b) for cell, b in zip(cells, built)]
+    plans = [plan_cell(cell, dataset_keys, matrix.recipe, b) for cell, b in zip(cells, built)]
     save_resolved(matrix, [p.cell_key for p in plans], options.results / "runs" / matrix.name / "matrix.json")
     train_keys = to_train(plans, recorded, redo, options.retry_failed)
     todo = [p for p in plans if p.cell_key in train_keys]
@@ -152,7 +153,7 @@ def _run_stages(matrix: Matrix, options: RunOptions, plans: list, todo: list, re
     since = time.time()
     skipped = len(plans) - len(todo)
 
-    protect_jobs = {p.protection_key: ProtectJob(cache.root, options.threads, p.protection_key, p.dataset_key,
+    protect_jobs = {p.protection_key: ProtectJob(cache.root, options.threads, p.protection_key, p.crafting_key,
                                                  p.cell.protection, p.cell.seed,
                                                  mixes.fitted_on(p.cell.mix, p.cell.poison_ratio), p.protection_fits,
                                                  redo=p.protection_key in rebuild)

@@ -119,7 +119,8 @@ def protect_job(job: ProtectJob, device: torch.device) -> SetBuilt:
     _check_output(train, fitted.data, f"protection {job.protection.label}")
     _check_models(protection, fitted)
     cache.save("protected", job.key, fitted.data, {"spec": protection.spec(), "seed": job.seed, "seconds": seconds,
-                                                   "device": str(device), "info": fitted.data.info,
+                                                   "device": str(device),
+                                                   "info": {**fitted.data.info, "protected_images": len(train)},
                                                    **perturbation_metrics(train.images, fitted.data.images)},
                models=fitted.models, replace=job.redo)
     return SetBuilt(job.key, seconds)

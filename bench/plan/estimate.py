@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.core.components import COUNTERMEASURES, PROTECTIONS
-from bench.data import mixes
 from bench.plan.matrix import Cell, Choice, Matrix
-from bench.plan.planner import known_dataset_key, plan_cell, to_train
+from bench.plan.planner import dataset_choices, known_dataset_key, mix_refusal, plan_cell, to_train
 from bench.plan.recipes import make_recipe
 from bench.store.cache import Cache
 from bench.store.keys import make_key
@@ -135,9 +134,10 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:,.0f} min" if seconds < 2 * 3600 else f"{seconds / 3600:,.0f} h"
 
 
-def train_images(dataset: Choice) -> int:
-    """Train images of a dataset choice, from its size (``TRAIN_IMAGES``, else 50,000) and ``per_class``."""
+def train_images(dataset: Choice, crafted: bool = False) -> int:
+    """Train images of a dataset choice (``crafted``: those its protections are crafted on, ``protect_per_class``)."""
     full, per_class = TRAIN_IMAGES.get(dataset.name, 50_000), dataset.kwargs.get("per_class")
+    per_class = dataset.kwargs.get("protect_per_class") or per_class if crafted else per_class
     return full if per_class is None else min(full, per_class * (100 if dataset.name == "cifar100" else 10))
 
 
@@ -199,9 +199,9 @@ def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str
     kind = device.split(":")[0]
     records = [r for r in records if r.device.split(":")[0] == kind]  # timings of this device kind
     ratios = calibrate(records, kind)
-    keys = {choice: known_dataset_key(cache, choice, known).key for choice in {c.dataset for c in cells}}  # no loading
-    plans = [plan_cell(cell, keys[cell.dataset], matrix.recipe) for cell in cells  # check_cells refuses the rest
-             if not mixes.missing_capability(cell.mix, PROTECTIONS.get(cell.protection.name))]
+    keys = {choice: known_dataset_key(cache, choice, known).key for choice in dataset_choices(cells)}  # no loading
+    plans = [plan_cell(cell, keys, matrix.recipe) for cell in cells  # check_cells refuses the rest
+             if not mix_refusal(cell)]
     keys = to_train(plans, recorded, redo := redo or set(), retry_failed)
     todo = [p for p in plans if p.cell_key in keys]
     times = [("train", _train_seconds(p.cell, matrix.recipe, records, kind, ratios)) for p in todo]
@@ -291,8 +291,8 @@ def _set_seconds(choice: Choice, dataset: Choice, stage: str, records: list[Reco
                  ratios: dict[str, list[float]]) -> Timing:
     """A protected (``protect``) or purified (``purify``) set: the median seconds per image of records of the same
     component and parameters × its images, else the table's (``WORK_PER_IMAGE`` × ``budget``), calibrated."""
-    axis, images = "protection" if stage == "protect" else "countermeasure", train_images(dataset)
-    per_second = [train_images(Choice(r.dataset_name, tuple(r.dataset_params.items()), ""))
+    axis, images = "protection" if stage == "protect" else "countermeasure", train_images(dataset, stage == "protect")
+    per_second = [train_images(Choice(r.dataset_name, tuple(r.dataset_params.items()), ""), stage == "protect")
                   / max(r.seconds[stage], 1e-9) for r in records if _same(r, axis, choice) and stage in r.seconds]
     if per_second:
         return _recorded(images, per_second)

@@ -10,13 +10,13 @@ expensive on a CPU are warned about.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from bench.core.components import COUNTERMEASURES, DATA, PROTECTIONS, VICTIMS, Countermeasure, Protection, Victim
 from bench.core.registry import ConfigError
 from bench.data import mixes
 from bench.data.datasets import DATASETS, fingerprint
-from bench.plan.matrix import Cell
+from bench.plan.matrix import Cell, Choice
 from bench.plan.recipes import make_recipe
 from bench.store import keys
 from bench.store.cache import Cache
@@ -46,6 +46,11 @@ class Plan:
     def protection_key(self) -> str | None:
         return self.source.protection_key
 
+    @property
+    def crafting_key(self) -> str:
+        """The dataset its protection is fitted on: the train set's, or the larger set of ``protect_per_class``."""
+        return self.source.crafted_key or self.source.dataset_key
+
 
 @dataclasses.dataclass(frozen=True)
 class Components:
@@ -60,6 +65,23 @@ class Components:
         return cls(PROTECTIONS.create(cell.protection.name, **cell.protection.kwargs),
                    COUNTERMEASURES.create(cell.countermeasure.name, **cell.countermeasure.kwargs),
                    VICTIMS.create(cell.victim.name, **cell.victim.kwargs))
+
+
+def crafting(choice: Choice) -> Choice | None:
+    """The dataset that a dataset choice's protections are crafted on, where it sets ``protect_per_class``: the same
+    dataset with that many images a class (else None)."""
+    per_class = DATASETS.create(choice.name, **choice.kwargs).protect_per_class
+    if per_class is None:
+        return None
+    params = {**choice.kwargs, "per_class": per_class}
+    del params["protect_per_class"]
+    return Choice(choice.name, tuple(params.items()), f"{choice.label} (crafting set, {per_class}/class)")
+
+
+def dataset_choices(cells: Iterable[Cell]) -> set[Choice]:
+    """The datasets that ``cells`` train on, with those their protections are crafted on."""
+    trained = {cell.dataset for cell in cells}
+    return trained | {crafted for choice in trained if (crafted := crafting(choice))}
 
 
 def prepare_dataset(cache: Cache, choice: Any) -> str:
@@ -152,7 +174,7 @@ def refusal(cells: list[Cell], reasons: list[list[str]]) -> ConfigError | None:
 def missing_capabilities(cell: Cell, built: Components) -> list[str]:
     """Every reason this cell cannot run as declared (empty when it can)."""
     protection = type(built.protection)
-    reasons = [r for r in [mixes.missing_capability(cell.mix, protection)] if r]
+    reasons = [r for r in [mix_refusal(cell)] if r]
     offered = set(protection.fits) if mixes.uses_protection(cell.mix) else set()
     for component in (built.countermeasure, built.victim):
         lacking = [k for k in component.needs_models if k not in offered]
@@ -171,17 +193,25 @@ def missing_capabilities(cell: Cell, built: Components) -> list[str]:
     return reasons
 
 
-def plan_cell(cell: Cell, dataset_key: str, recipe: dict[str, Any], built: Components | None = None) -> Plan:
-    """The cell's cache keys, from everything that determines each stage's output."""
-    built = built or Components.of(cell)
-    reason = mixes.missing_capability(cell.mix, type(built.protection))
-    if reason:
+def mix_refusal(cell: Cell) -> str | None:
+    """Why the cell's protection cannot serve its mix on its dataset (``None`` if it can)."""
+    return mixes.missing_capability(cell.mix, PROTECTIONS.get(cell.protection.name), crafting(cell.dataset) is not None)
+
+
+def plan_cell(cell: Cell, dataset_keys: Mapping[Choice, str], recipe: dict[str, Any],
+              built: Components | None = None) -> Plan:
+    """The cell's cache keys, from everything that determines each stage's output; ``dataset_keys`` holds the
+    keys of ``dataset_choices``: the cell's dataset's and, with ``protect_per_class``, its crafting set's."""
+    built, crafted = built or Components.of(cell), crafting(cell.dataset)
+    if reason := mix_refusal(cell):
         raise ConfigError(f"{_describe(cell)}: {reason}")
     protection, countermeasure, victim = built.protection, built.countermeasure, built.victim
+    dataset_key, crafted_key = dataset_keys[cell.dataset], dataset_keys[crafted] if crafted else None
     ratio = mixes.fitted_on(cell.mix, cell.poison_ratio)
     protection_key = None if protection.identity or not mixes.uses_protection(cell.mix) else keys.protection_key(
-        dataset_key, protection.spec(), cell.seed, ratio)
-    source = mixes.TrainSource(dataset_key, protection_key, cell.poison_ratio, cell.seed, cell.mix)
+        crafted_key or dataset_key, protection.spec(), cell.seed, ratio)
+    source = mixes.TrainSource(dataset_key, protection_key, cell.poison_ratio, cell.seed, cell.mix,
+                               crafted_key if protection_key else None)
     unused = protection.spec() if not mixes.uses_protection(cell.mix) else None
     common = keys.train_source(dataset_key, protection_key, cell.poison_ratio, cell.seed, cell.mix, unused)
     purify_key = keys.purify_key(common, countermeasure.spec()) if DATA in countermeasure.stages else None

@@ -55,8 +55,8 @@ def compare(table: Table, reference: str, layout: Layout) -> pd.DataFrame:
     dataset, params = cells["dataset"].iloc[0], cells.get("dataset_params", pd.Series([{}])).iloc[0]
     params = params if isinstance(params, dict) else {}  # NaN where older records lack the field
     paper_dataset, copy = SAME_DATA.get(dataset, (dataset, ""))
-    subset = [f"{n}/class" if key == "per_class" else f"test {n}/class"
-              for key in ("per_class", "test_per_class") if (n := params.get(key)) is not None]
+    words = {"per_class": "{n}/class", "test_per_class": "test {n}/class", "protect_per_class": "protected on {n}/class"}
+    subset = [text.format(n=n) for key, text in words.items() if (n := params.get(key)) is not None]
     if copy or subset:
         what = " ".join([dataset, f"({copy})" * bool(copy), *subset[:1]]) + "".join(f", {s}" for s in subset[1:])
         notes.append(f"{what} vs the paper's {'full ' * bool(subset)}{paper_dataset}")

@@ -138,7 +138,7 @@ def planned(results: Path, name: str) -> dict[str, Any]:
     """The resolved matrix of a named matrix or TOML path (as ``bench run`` saves it), with the keys of its cells
     planned on the dataset keys that the cache or the results folder's records know (nothing is loaded)."""
     from bench.plan.matrix import expand, load_matrix, resolved
-    from bench.plan.planner import known_dataset_key, plan_cell
+    from bench.plan.planner import dataset_choices, known_dataset_key, plan_cell
     from bench.store.cache import Cache
 
     try:
@@ -147,11 +147,11 @@ def planned(results: Path, name: str) -> dict[str, Any]:
         raise ConfigError(f"no records of a run named {name!r} under {results / 'runs'}, and it names no matrix to "
                           f"plan ({err})") from err
     cells, cache, records = expand(matrix), Cache(results / "cache"), RecordStore(results).read()
-    keys = {choice: known_dataset_key(cache, choice, records).key for choice in {c.dataset for c in cells}}
+    keys = {choice: known_dataset_key(cache, choice, records).key for choice in dataset_choices(cells)}
     planned = []
     for cell in cells:
         try:
-            planned.append(plan_cell(cell, keys[cell.dataset], matrix.recipe).cell_key)
+            planned.append(plan_cell(cell, keys, matrix.recipe).cell_key)
         except ConfigError:  # a cell its components cannot serve (bench run refuses it): it has no records
             continue
     return resolved(matrix, planned)
