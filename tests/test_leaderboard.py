@@ -409,3 +409,13 @@ def test_a_cell_that_failed_before_its_recipe_shows_as_error_in_its_table_and_le
     assert tables[0].display.at["cwp", "none"] == "30.00"
     assert sorted(p.name for p in (tmp_path / "leaderboards" / "m").iterdir()) == [
         "digits__cnn__quick.final.csv", "digits__cnn__quick.final.md", "records.csv"]
+
+
+def test_variants_sharing_a_label_share_one_column():
+    """purification-cpu names both UEraser variants "UEraser" (each row runs one): one column, in the matrix's order."""
+    records = [rec("tap", "ueraser[jpeg=True]", 0.3), rec("em", "ueraser[jpeg=False]", 0.2), rec("em", "none", 0.1)]
+    layout = Layout(labels={"ueraser[jpeg=False]": "UEraser", "ueraser[jpeg=True]": "UEraser"}, summary=False)
+    order = {"countermeasures": ["none", "ueraser[jpeg=False]", "ueraser[jpeg=True]"]}
+    table = only_table(records, order=order, layout=layout)
+    assert list(table.mean.columns) == ["none", "UEraser"]
+    assert table.display.at["tap", "UEraser"] == "30.00" and table.display.at["em", "UEraser"] == "20.00"

@@ -253,7 +253,7 @@ def _axis_order(group: pd.DataFrame, axis: str, order: dict[str, list[str]], by_
     if axis == "countermeasure" and by_ratio:
         return sorted(set(group[axis]), key=lambda c: float(c[2:].split()[0]))
     first = {"protection": "clean", "countermeasure": "none"}.get(axis)
-    preferred = [layout.name(label) for label in order.get(f"{axis}s", [])]
+    preferred = list(dict.fromkeys(layout.name(label) for label in order.get(f"{axis}s", [])))  # labels may share a name
     return _ordered(group[axis], preferred, layout.name(first) if first else None)
 
 
