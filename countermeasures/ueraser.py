@@ -46,8 +46,9 @@ class UEraser(Countermeasure):
     maximum cross-entropy (test 14.2 % cnn, 17.4 % resnet20; logit std over images 0.002 / 0.023, against 27.2 /
     28.8 % and 0.55 / 0.89 with ``lite``); one-draw epochs afterwards did not revive the cnn (``standard``:
     10.0 % after 80 epochs). So a ``ueraser`` column at chance on the CPU matrices is this collapse, not the
-    protection. purification-cpu's TAP and AR rows (``standard``): 15.7 / 10.0 % at version 1, 10.0 / 10.0 % at
-    version 2 with ``jpeg`` (DH Table II, ResNet-18 on CIFAR-10: 76.21 / 93.16). With ``lite``, which does not
+    protection. purification-cpu's TAP and AR rows (``standard``): 10.0 / 10.0 % at version 1, 15.7 / 10.0 % at
+    version 2 without ``jpeg``, 10.0 / 10.0 % with it (DH Table II, ResNet-18 on CIFAR-10: 76.21 / 93.16). With
+    ``lite``, which does not
     collapse, the JPEG step lifts TAP from 27.2 to 31.5 % and AR from 35.5 to 38.7 % (no countermeasure: 24.6 and
     13.4; cifar10-jpeg 50/class, cnn, ``cpu`` recipe, 2026-12-07).
     """
