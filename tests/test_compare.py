@@ -251,3 +251,11 @@ def test_mean_is_marked_per_row_where_that_row_lacks_columns(paper, tmp_path):
     assert marks.get(("Clean", "Mean")) and marks.get(("EM", "Mean")) and marks[("Clean", "Mean")] != marks[("EM", "Mean")]
     full = only(write_run(tmp_path / "all", [rec(p, c, a) for (p, c), a in OURS.items()]))
     assert ("Clean", "Mean") not in full.attrs["marks"]  # Clean has every column the paper prints for it
+
+
+def test_a_poison_crafted_on_more_images_is_named(paper, tmp_path):
+    records = [{**rec("em", c, 0.2, dataset="cifar10-jpeg", per_class=50),
+                "dataset_params": {"per_class": 50, "test_per_class": None, "protect_per_class": 500}}
+               for c in ("none", "jpeg[quality=10]")]
+    setting = only(write_run(tmp_path, records)).attrs["setting"]
+    assert "cifar10-jpeg (a JPEG q75 copy) 50/class, protected on 500/class vs the paper's full cifar10" in setting

@@ -93,3 +93,12 @@ def test_unset_protect_per_class_keeps_the_dataset_keys():
     assert "protect_per_class" not in DATASETS.create("digits", per_class=4).spec()["params"]
     (cell,) = expand(parse_matrix(matrix_doc(per_class=4), "m"))
     assert crafting(cell.dataset) is None and dataset_choices([cell]) == {cell.dataset}
+
+
+def test_the_estimate_counts_the_crafting_images_for_the_protect_stage():
+    from bench.plan.estimate import train_images
+
+    (cell,) = expand(parse_matrix(matrix_doc(per_class=4, protect_per_class=8), "m"))
+    assert train_images(cell.dataset) == 40 and train_images(cell.dataset, crafted=True) == 80
+    (plain,) = expand(parse_matrix(matrix_doc(per_class=4), "m"))
+    assert train_images(plain.dataset, crafted=True) == 40

@@ -45,9 +45,14 @@ class TrainSet:
     mask: torch.Tensor
 
 
+def fits_part(mix: str) -> bool:
+    """Whether ``mix`` fits the protection on part of each class only (``fitted_on``)."""
+    return mix in ("fit_subset", "ood")
+
+
 def fitted_on(mix: str, poison_ratio: float) -> float | None:
     """The ratio of each class the protection is fitted on, ``None`` for the whole train set."""
-    return poison_ratio if mix in ("fit_subset", "ood") else None
+    return poison_ratio if fits_part(mix) else None
 
 
 def uses_protection(mix: str) -> bool:
@@ -57,7 +62,7 @@ def uses_protection(mix: str) -> bool:
 def missing_capability(mix: str, protection: type[Protection], crafted: bool = False) -> str | None:
     """Why ``protection`` cannot serve ``mix`` (``None`` if it can), on a dataset whose protections are ``crafted``
     on a larger set (``protect_per_class``) or not."""
-    if crafted and fitted_on(mix, 0.5) is not None:
+    if crafted and fits_part(mix):
         return (f"mix {mix!r} fits the protection on part of the train set, but the dataset's protect_per_class "
                 "crafts it on a larger set: use mix 'protected', or drop protect_per_class")
     if mix == "ood" and not protection.identity and not protection.encrypts_unseen:
