@@ -1,15 +1,14 @@
 """Content-addressed cache of uint8 image sets and the models fitted with them, with atomic writes and entries
 verified as a whole.
 
-Keys are hashes of canonical JSON: dataset key → protection key → purification key → cell key. An entry is
-a folder ``<root>/<kind>/<key>/`` holding ``images.npy``, ``labels.npy``, one ``<model kind>.pt`` state_dict
-per fitted model (``bench.store.artifacts``), ``manifest.json`` (spec, seed, library versions, sha256 of each
-file, each model's ``arch``) and ``manifest.sha256`` (the sha256 of manifest.json's bytes, as ``sha256sum`` writes
-it: one checksum over the whole entry). It is written to a temporary folder named after its writer
-(``bench.store.tempdirs``) and renamed into place. Anything at an entry's path that does not verify (a damaged file,
-an edited or missing manifest, an entry of a bench older than ``manifest.sha256``, a file) is moved aside to
-``<root>/<kind>/.damaged/`` (kept for inspection, named on stderr) and rebuilt; saves remove the temporary folders
-of writers that died.
+Keys are hashes of canonical JSON: dataset key → protection key → purification key → cell key. An entry is a
+folder ``<root>/<kind>/<key>/``: ``images.npy``, ``labels.npy``, one ``<model kind>.pt`` state_dict per fitted
+model (``bench.store.artifacts``), ``manifest.json`` (spec, seed, library versions, sha256 of each file, each model's
+``arch``) and ``manifest.sha256`` (manifest.json's sha256, as ``sha256sum`` writes it: one checksum over the whole
+entry). It is written to a temporary folder named after its writer (``bench.store.tempdirs``) and renamed into
+place. What does not verify at an entry's path (a damaged file, an edited or missing manifest, an entry older than
+``manifest.sha256``, a file) is moved aside to ``<root>/<kind>/.damaged/``, named on stderr, and rebuilt; saves
+remove the temporary folders of writers that died. Images are read as copy-on-write memory maps.
 """
 
 from __future__ import annotations
@@ -31,7 +30,10 @@ import numpy as np
 import torch
 
 from bench.core.components import ImageSet, Models
+from bench.store.atomic import umask
 from bench.store.tempdirs import sweep, temp_folder
+
+__all__ = ["FILES", "Cache", "checked_manifest", "library_versions", "read_entry", "save_model", "umask", "verify"]
 
 FILES = ("images.npy", "labels.npy")
 MANIFEST, CHECKSUM = "manifest.json", "manifest.sha256"
@@ -89,23 +91,33 @@ class Cache:
 
     def save(self, kind: str, key: str, data: ImageSet, meta: dict[str, Any], models: Models | None = None,
              replace: bool = False) -> None:
-        """Write atomically, with ``models`` (each with an ``arch`` dict) beside the images. A valid entry with these
-        models already at the key (a concurrent writer's) is kept, unless ``replace`` (a rebuild asked for: it is
-        deleted); anything else there is moved aside."""
+        """Write ``data`` atomically, with ``models`` (each with an ``arch`` dict) beside the images (see ``write``)."""
+
+        def fill(tmp: Path) -> tuple[int, list[int]]:
+            np.save(tmp / "images.npy", data.images.cpu().numpy())
+            np.save(tmp / "labels.npy", data.labels.cpu().numpy())
+            return data.num_classes, list(data.images.shape)
+
+        self.write(kind, key, fill, meta, models, replace)
+
+    def write(self, kind: str, key: str, fill: Callable[[Path], tuple[int, list[int]]], meta: dict[str, Any],
+              models: Models | None = None, replace: bool = False) -> None:
+        """Write atomically the entry whose ``images.npy`` and ``labels.npy`` ``fill(folder)`` writes (returning the
+        number of classes and the images' shape: a set too large for memory is written in parts). A valid entry
+        with these models already at the key (a concurrent writer's) is kept, unless ``replace`` (a rebuild asked
+        for: it is deleted); anything else there is moved aside."""
         final = self.path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         sweep(final.parent)
         tmp = temp_folder(final.parent, f".tmp-{key}")
         try:
             tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would lock other users of a shared results folder out
-            np.save(tmp / "images.npy", data.images.cpu().numpy())
-            np.save(tmp / "labels.npy", data.labels.cpu().numpy())
+            num_classes, shape = fill(tmp)
             saved = {name: save_model(tmp, name, model) for name, model in (models or {}).items()}
             files = [*FILES, *(m["file"] for m in saved.values())]
-            manifest = {"kind": kind, "key": key, "num_classes": data.num_classes,
-                        "shape": list(data.images.shape), "dtype": "uint8", "created": time.time(),
-                        "versions": library_versions(), "sha256": {f: _sha256(tmp / f) for f in files},
-                        "models": saved, **meta}
+            manifest = {"kind": kind, "key": key, "num_classes": num_classes, "shape": shape, "dtype": "uint8",
+                        "created": time.time(), "versions": library_versions(),
+                        "sha256": {f: _sha256(tmp / f) for f in files}, "models": saved, **meta}
             raw = json.dumps(manifest, indent=1, default=str).encode()
             (tmp / MANIFEST).write_bytes(raw)
             (tmp / CHECKSUM).write_text(f"{hashlib.sha256(raw).hexdigest()}  {MANIFEST}\n")
@@ -256,7 +268,7 @@ def read_entry(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """The verified manifest, images and labels of the entry in ``folder``; ValueError if any does not match."""
     manifest = verify(folder)
     try:
-        images, labels = np.load(folder / "images.npy"), np.load(folder / "labels.npy")
+        images, labels = np.load(folder / "images.npy", mmap_mode="c"), np.load(folder / "labels.npy")
     except OSError as err:  # a pickled (object) array is a ValueError already
         raise ValueError(f"{type(err).__name__}: {err}") from err
     if (images.dtype != np.uint8 or list(images.shape) != manifest.get("shape") or labels.dtype.kind not in "iu"
@@ -270,17 +282,6 @@ def _named(manifest: dict[str, Any], kind: str, key: str) -> dict[str, Any]:
     if (manifest.get("kind"), manifest.get("key")) != (kind, key):
         raise ValueError(f"its manifest is the one of {manifest.get('kind')}/{manifest.get('key')}")
     return manifest
-
-
-def umask() -> int:
-    """This process's umask, read without changing it (``os.umask`` sets while it reads, racing other threads)."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        old = os.umask(0o022)
-        os.umask(old)
-        return old
 
 
 def save_model(folder: Path, kind: str, model: torch.nn.Module) -> dict[str, Any]:
