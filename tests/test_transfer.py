@@ -96,9 +96,10 @@ def test_unset_protect_per_class_keeps_the_dataset_keys():
 
 
 def test_the_estimate_counts_the_crafting_images_for_the_protect_stage():
-    from bench.plan.estimate import train_images
+    from bench.data.datasets import train_images
 
     (cell,) = expand(parse_matrix(matrix_doc(per_class=4, protect_per_class=8), "m"))
-    assert train_images(cell.dataset) == 40 and train_images(cell.dataset, crafted=True) == 80
+    assert train_images(cell.dataset.name, cell.dataset.kwargs) == 40 and \
+        train_images(cell.dataset.name, cell.dataset.kwargs, crafted=True) == 80
     (plain,) = expand(parse_matrix(matrix_doc(per_class=4), "m"))
-    assert train_images(plain.dataset, crafted=True) == 40
+    assert train_images(plain.dataset.name, plain.dataset.kwargs, crafted=True) == 40

@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,9 +20,13 @@ import torch.nn.functional as F
 from bench.core.components import ImageSet
 from bench.core.registry import Component, ConfigError, Registry
 
+if TYPE_CHECKING:
+    from bench.store.cache import Cache
+
 DATA_ROOT_ENV = "BENCH_DATA_ROOT"
 CIFAR10_JPEG_ENV = "BENCH_CIFAR10_JPEG"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+FINGERPRINT_ROWS = 1024  # images hashed at a time
 
 
 def location(default: Any = "") -> Any:
@@ -33,6 +37,41 @@ def location(default: Any = "") -> Any:
 def data_root(root: str) -> Path:
     """``root`` if given, else ``$BENCH_DATA_ROOT``, else ``~/.cache/bench/data``."""
     return Path(root or os.environ.get(DATA_ROOT_ENV) or Path.home() / ".cache" / "bench" / "data").expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class Outline:
+    """What a dataset holds, known without loading it (for the cost estimate): its classes, every train image, the
+    images' side and channels."""
+
+    classes: int
+    train_images: int
+    side: int = 32
+    channels: int = 3
+
+    def compute(self) -> float:
+        """A victim's training work per image relative to a 32-px one: ∝ pixels up to 64 px (the victims keep the
+        resolution there: CIFAR stems), ÷ 16 above (ImageNet stems: a stride-2 conv and a stride-2 pool)."""
+        return (self.side / 32) ** 2 / (16 if self.side > 64 else 1)
+
+    def image_bytes(self) -> int:
+        return self.channels * self.side ** 2
+
+
+def outline_of(name: str, params: dict[str, Any]) -> Outline:
+    """A dataset's ``outline``; CIFAR-10's for a dataset (of an old record) that no longer builds."""
+    try:
+        return DATASETS.create(name, **params).outline()
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return Outline(10, 50_000)
+
+
+def train_images(name: str, params: dict[str, Any], crafted: bool = False) -> int:
+    """Train images of dataset ``name`` with ``params`` (``crafted``: those its protections are crafted on,
+    ``protect_per_class``), from its outline: nothing loaded."""
+    outline, per_class = outline_of(name, params), params.get("per_class")
+    per_class = params.get("protect_per_class") or per_class if crafted else per_class
+    return outline.train_images if per_class is None else min(outline.train_images, per_class * outline.classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +96,21 @@ class Dataset(Component):
             raise ConfigError(f"protect_per_class = {self.protect_per_class} needs per_class ≤ it (got "
                               f"{self.per_class}): the cells train on the first per_class of the images protected")
 
-    def load_full(self) -> tuple[ImageSet, ImageSet]:
+    def outline(self) -> Outline:
+        """Classes, train images, side and channels, without loading (this default: CIFAR-10's)."""
+        return Outline(10, 50_000)
+
+    def missing(self) -> str | None:
+        """What is missing to load this dataset, with the fix (None: nothing); checked for every dataset of a run
+        before any work."""
+        return None
+
+    def load_full(self, cache: Cache | None = None) -> tuple[ImageSet, ImageSet]:
+        """Every train and test image; ``cache``: the results cache, where datasets of files keep them decoded."""
         raise NotImplementedError
 
-    def load(self) -> tuple[ImageSet, ImageSet]:
-        train, test = self.load_full()
+    def load(self, cache: Cache | None = None) -> tuple[ImageSet, ImageSet]:
+        train, test = self.load_full(cache)
         return balanced_subset(train, self.per_class), balanced_subset(test, self.test_per_class)
 
     def spec(self) -> dict[str, Any]:
@@ -123,12 +172,14 @@ def fingerprint(*sets: ImageSet) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for data in sets:
         digest.update(str(tuple(data.images.shape)).encode())
-        digest.update(data.images.contiguous().numpy().tobytes())
+        rows = data.images.contiguous().numpy().reshape(len(data), -1)
+        for first in range(0, len(data), FINGERPRINT_ROWS):  # in parts: no copy of a memory-mapped set
+            digest.update(rows[first:first + FINGERPRINT_ROWS])
         digest.update(data.labels.numpy().astype(np.int64).tobytes())
     return digest.hexdigest()
 
 
-def _image_set(images: np.ndarray, labels: Any, num_classes: int, channels_last: bool = True) -> ImageSet:
+def array_set(images: np.ndarray, labels: Any, num_classes: int, channels_last: bool = True) -> ImageSet:
     array = np.asarray(images, dtype=np.uint8)
     if array.ndim == 3:
         array = array[..., None] if channels_last else array[:, None]
@@ -157,7 +208,10 @@ class Digits(Dataset):
         if not 4 <= self.size <= 256 or not 0 < self.test_fraction < 1:
             raise ValueError("digits needs 4 ≤ size ≤ 256 and 0 < test_fraction < 1")
 
-    def load_full(self) -> tuple[ImageSet, ImageSet]:
+    def outline(self) -> Outline:
+        return Outline(10, 1_438, self.size, 1)
+
+    def load_full(self, cache: Cache | None = None) -> tuple[ImageSet, ImageSet]:
         from sklearn.datasets import load_digits
 
         bunch = load_digits()
@@ -191,7 +245,7 @@ class Cifar10Jpeg(Dataset):
                  REPO_ROOT.parent / "shared" / "data" / "cifar10_jpeg75.npz"]
         return [Path(p).expanduser() for p in found if str(p)]
 
-    def load(self) -> tuple[ImageSet, ImageSet]:
+    def load(self, cache: Cache | None = None) -> tuple[ImageSet, ImageSet]:
         from PIL import Image
 
         if self.path and not Path(self.path).expanduser().is_file():
@@ -209,76 +263,8 @@ class Cifar10Jpeg(Dataset):
             blob, offsets = arrays[f"{split}_jpeg"], arrays[f"{split}_offsets"]
             images = np.stack([np.asarray(Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
                                for i in index.tolist()])
-            sets.append(_image_set(images, labels[index], 10))
+            sets.append(array_set(images, labels[index], 10))
         return sets[0], sets[1]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Torchvision(Dataset):
-    """Shared loading for torchvision's datasets: local files first, then a download, else a clear error."""
-
-    root: str = location()
-    download: bool = location(True)
-    tv_class: ClassVar[str] = ""
-    files: ClassVar[str] = ""
-    splits: ClassVar[tuple[dict[str, Any], dict[str, Any]]] = ({"train": True}, {"train": False})
-    num_classes: ClassVar[int] = 10
-
-    def load_full(self) -> tuple[ImageSet, ImageSet]:
-        root = data_root(self.root)
-        sets = []
-        for split in self.splits:
-            ds = self._fetch(split, root)
-            if hasattr(ds, "labels"):  # SVHN: N×C×H×W array and .labels
-                sets.append(_image_set(ds.data, ds.labels, self.num_classes, channels_last=False))
-            else:
-                sets.append(_image_set(ds.data, ds.targets, self.num_classes))
-        return sets[0], sets[1]
-
-    def _fetch(self, split: dict[str, Any], root: Path) -> Any:
-        import torchvision
-
-        cls = getattr(torchvision.datasets, self.tv_class)
-        try:
-            return cls(str(root), **split, download=False)
-        except Exception as missing:  # torchvision raises RuntimeError when files are absent or corrupt
-            if not self.download:
-                raise ConfigError(self._missing(root, missing)) from missing
-        try:
-            return cls(str(root), **split, download=True)
-        except Exception as err:
-            raise ConfigError(self._missing(root, err)) from err
-
-    def _missing(self, root: Path, err: Exception) -> str:
-        return (f"{self.name}: data not found in {root} and could not be downloaded ({type(err).__name__}: {err}). "
-                f"Place {self.files} in {root}, or pass --data-root / root=... naming the folder that holds them.")
-
-
-@DATASETS.register("cifar10")
-class Cifar10(_Torchvision):
-    """CIFAR-10 via torchvision (50,000/10,000 32×32 RGB, 10 classes)."""
-
-    paper: ClassVar[str] = "CIFAR-10 (torchvision)"
-    tv_class: ClassVar[str] = "CIFAR10"
-    files: ClassVar[str] = "cifar-10-python.tar.gz (or its extracted folder cifar-10-batches-py/)"
-
-
-@DATASETS.register("cifar100")
-class Cifar100(_Torchvision):
-    """CIFAR-100 via torchvision (50,000/10,000 32×32 RGB, 100 classes)."""
-
-    paper: ClassVar[str] = "CIFAR-100 (torchvision)"
-    tv_class: ClassVar[str] = "CIFAR100"
-    files: ClassVar[str] = "cifar-100-python.tar.gz (or its extracted folder cifar-100-python/)"
-    num_classes: ClassVar[int] = 100
-
-
-@DATASETS.register("svhn")
-class Svhn(_Torchvision):
-    """SVHN via torchvision (73,257/26,032 32×32 RGB, 10 classes); no flips or crops, as the papers."""
-
-    paper: ClassVar[str] = "SVHN (torchvision)"
-    augment: ClassVar[str] = "none"
-    tv_class: ClassVar[str] = "SVHN"
-    files: ClassVar[str] = "train_32x32.mat and test_32x32.mat"
-    splits: ClassVar[tuple[dict[str, Any], dict[str, Any]]] = ({"split": "train"}, {"split": "test"})
+from bench.data import folders, releases, standard  # noqa: F401  (they register the other datasets)

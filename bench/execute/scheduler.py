@@ -37,7 +37,7 @@ from bench.execute.stages import (ProtectJob, PurifyJob, SetBuilt, TrainJob, pro
 from bench.execute.train import keep_freed_memory
 from bench.plan import estimate
 from bench.plan.matrix import Cell, Matrix, expand, load_matrix, resolved, select
-from bench.plan.planner import (check_cells, dataset_choices, known_dataset_key, plan_cell, prepare_dataset, refusal,
+from bench.plan.planner import (check_cells, dataset_choices, known_dataset_key, plan_cell, prepare_datasets, refusal,
                                 to_train)
 from bench.plan.preview import preview
 from bench.plan.requests import JobRequest, job_requests
@@ -128,7 +128,7 @@ def run_matrix(matrix: Matrix, options: RunOptions, out: Callable[[str], None] =
         if error := refusal(cells, reasons):  # listed first, so a dry run shows the whole grid before refusing
             raise error
         return RunCounts(len(plans), skipped=len(plans))
-    dataset_keys = {choice: prepare_dataset(cache, choice) for choice in dataset_choices(cells)}
+    dataset_keys = prepare_datasets(cache, dataset_choices(cells))
     step("computing each cell's cache keys")
     plans = [plan_cell(cell, dataset_keys, matrix.recipe, b) for cell, b in zip(cells, built)]
     save_resolved(matrix, [p.cell_key for p in plans], options.results / "runs" / matrix.name / "matrix.json")

@@ -84,10 +84,20 @@ def dataset_choices(cells: Iterable[Cell]) -> set[Choice]:
     return trained | {crafted for choice in trained if (crafted := crafting(choice))}
 
 
+def prepare_datasets(cache: Cache, choices: Iterable[Choice]) -> dict[Choice, str]:
+    """Each dataset's key (``prepare_dataset``), once every one has been checked for missing files: a run with one
+    missing stops before it decodes or loads any."""
+    choices = sorted(choices, key=lambda c: c.label)
+    if missing := [m for c in choices if (m := DATASETS.create(c.name, **c.kwargs).missing())]:
+        raise ConfigError("\n".join(missing))
+    return {choice: prepare_dataset(cache, choice) for choice in choices}
+
+
 def prepare_dataset(cache: Cache, choice: Any) -> str:
-    """Load a dataset once, key it by its spec and content, and store train/test in the cache for workers."""
+    """Load a dataset once (files decoded into the cache), key it by its spec and content, and store train/test in
+    the cache for workers."""
     dataset = DATASETS.create(choice.name, **choice.kwargs)
-    train, test = dataset.load()
+    train, test = dataset.load(cache)
     key = make_key({"dataset": dataset.spec(), "content": fingerprint(train, test)})
     for split, data in (("train", train), ("test", test)):
         if not cache.valid("dataset", f"{key}-{split}"):
@@ -215,7 +225,7 @@ def plan_cell(cell: Cell, dataset_keys: Mapping[Choice, str], recipe: dict[str, 
     unused = protection.spec() if not mixes.uses_protection(cell.mix) else None
     common = keys.train_source(dataset_key, protection_key, cell.poison_ratio, cell.seed, cell.mix, unused)
     purify_key = keys.purify_key(common, countermeasure.spec()) if DATA in countermeasure.stages else None
-    own_recipe = dataclasses.asdict(make_recipe(**recipe).for_victim(victim.name))
+    own_recipe = dataclasses.asdict(make_recipe(**recipe).for_dataset(cell.dataset.name).for_victim(victim.name))
     cell_key = keys.cell_key(common, countermeasure.spec(), victim.spec(), own_recipe)
     return Plan(cell, source, purify_key, cell_key, protection.fits if protection_key else (),
                 countermeasure.fits if purify_key else ())
