@@ -10,6 +10,7 @@ from bench.cli import main
 from bench.core.registry import ConfigError
 from bench.plan.estimate import Estimate, estimate, refusal, timings
 from bench.plan.matrix import expand, load_matrix, parse_matrix
+from bench.plan.recipes import make_recipe
 from bench.store.cache import Cache
 from tests.conftest import record_json
 
@@ -19,9 +20,17 @@ TRANSFER = {"full": {"resnet50", "vgg19", "densenet121", "vit"}, "full-cpu": {"r
 @pytest.mark.parametrize("name", ["full", "full-cpu"])
 def test_full_matrices_load_and_expand(name):
     """14 protections × 18 countermeasures (columns: UEraser's JPEG variant, for TAP and AR, shares its column) on
-    the first victim; the transfer victims only with `none`."""
+    the first victim; the transfer victims only with `none`; in `full`, DH Table I's ImageNet block besides (7 rows ×
+    14 columns on ResNet-18, its own 8,000 iterations)."""
     matrix = load_matrix(name)
-    cells = expand(matrix)
+    cells = [c for c in expand(matrix) if c.dataset.name != "imagenet-subset"]
+    subset = [c for c in expand(matrix) if c.dataset.name == "imagenet-subset"]
+    assert len(subset) == (7 * 14 if name == "full" else 0) and {c.victim.label for c in subset} <= {"resnet18"}
+    assert {c.protection.name for c in subset} <= {"clean", "em", "rem", "tap", "lsp", "dh"}
+    if subset:
+        recipe = make_recipe(**matrix.recipe)
+        assert recipe.for_dataset("imagenet-subset").iterations == 8000
+        assert recipe.for_dataset("cifar10").iterations == 40_000
     first = {"full": "resnet18", "full-cpu": "cnn"}[name]
     columns = {matrix.layout.name(c.countermeasure.label) for c in cells}
     assert len({c.protection.label for c in cells}) == 14 and len(columns) == 18

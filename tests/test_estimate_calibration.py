@@ -13,13 +13,13 @@ from bench.plan.requests import JobRequest, job_requests
 from bench.store.cache import Cache
 from tests.conftest import record_json
 
-MATRIX = {"datasets": ["digits"], "protections": {"em": {"surrogate": "cnn"}}, "countermeasures": ["none"],
+MATRIX = {"datasets": {"digits": {"size": 32}}, "protections": {"em": {"surrogate": "cnn"}}, "countermeasures": ["none"],
           "victims": ["resnet20"], "recipe": {"name": "quick", "epochs": 10}}
 
 
 def record(**fields):
     base = {"status": "ok", "device": "cpu", "victim_name": "cnn", "recipe": "quick", "recipe_params": {"batch_size": 128},
-            "dataset_name": "digits", "dataset_params": {"per_class": None}, "protection_name": "clean",
+            "dataset_name": "digits", "dataset_params": {"per_class": None, "size": 32}, "protection_name": "clean",
             "protection_params": {}, "countermeasure_name": "none", "countermeasure_params": {}, "cell": "x"}
     return record_json(**{**base, **fields})
 
@@ -32,7 +32,7 @@ def write(folder, *lines):
 
 
 def cnn_cell(seconds, cell="a", **fields):
-    """A cnn cell of 100 steps × 128 images: the table's 400 images/s make it 32 s."""
+    """A cnn cell of 100 steps × 128 images at 32 px (the tables' unit): the table's 400 images/s make it 32 s."""
     return record(steps=100, seconds={"train": seconds}, cell=cell, **fields)
 
 
@@ -109,7 +109,7 @@ def test_estimate_gives_the_longest_job_and_the_data_size(tmp_path):
     matrix = parse_matrix({**MATRIX, "victims": ["cnn", "resnet20"]}, "m")
     work = estimate(matrix, expand(matrix), Cache(tmp_path / "cache"), {}, [], records, "cpu", jobs=2)
     assert work.longest["train"] == pytest.approx(1_438 * 10 / 350 * 0.5) and set(work.longest) == {"protect", "train"}
-    assert work.data_gb == pytest.approx(1_438 * 64 / 1e9)
+    assert work.data_gb == pytest.approx(1_438 * 32 * 32 / 1e9)  # 1 channel at 32 px
     assert work.seconds == pytest.approx(sum(work.longest.values()))  # EM's set, then resnet20: over half the work
     requests = job_requests(work, "cpu", 1)
     assert requests["train"].time_min == 30 and requests["protect"].time_min >= 30

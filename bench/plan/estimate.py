@@ -2,8 +2,8 @@
 
 Times come from records of similar work in ``<results>/runs/*/records.jsonl`` (and ``./results``): a cell's training
 from cells of the same victim and device kind (same recipe and countermeasure first), scaled by the images it trains
-on (train images × epochs, or iterations × batch); a protected or purified set from sets of the same component and
-parameters, scaled by its image count. Else ``TRAIN_RATE`` and ``WORK_PER_IMAGE`` (scaled by the component's budget
+on (train images × epochs, or iterations × batch, × their resolution's ``Outline.compute``); a protected or purified
+set from sets of the same component and parameters, scaled alike. Else ``TRAIN_RATE`` and ``WORK_PER_IMAGE`` (scaled by the component's budget
 parameters, ``BUDGETS``) give rough rates × the device kind's median recorded/table ratio (``calibrate``: of the
 same component there, else of every recorded set or training), with a range. Nothing is loaded or written; the
 work is divided by the jobs, the wall time at least each stage's longest job (stages run one after another).
@@ -18,57 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.core.components import COUNTERMEASURES, PROTECTIONS
+from bench.data.datasets import outline_of, train_images
 from bench.plan.matrix import Cell, Choice, Matrix
 from bench.plan.planner import dataset_choices, known_dataset_key, mix_refusal, plan_cell, to_train
+from bench.plan.rates import budget, compute, passes, surrogate, table_set_seconds, train_rate  # noqa: F401
 from bench.plan.recipes import make_recipe
 from bench.store.cache import Cache
 from bench.store.keys import make_key
 from bench.store.records import Record, RecordLog
 
 DEFAULT_MAX_HOURS = 12.0  # `bench run` on a CPU refuses a matrix estimated longer (--max-hours)
-# Training images/s of bench's loop. cpu: a 1-thread fp32 step (batch 64) timed on the 2-core dev machine under
-# load, scaled so that cnn matches dh-table1-cpu's ≈ 100 s per `cpu`-recipe cell; cuda: rough guesses for one
-# H100-class GPU (bf16, channels_last), not measured here. A victim not listed counts as resnet18.
-TRAIN_RATE = {"cpu": dict(cnn=400, lenet=8000, resnet20=350, resnet32=210, resnet18=38, resnet50=9, vgg11=160, vgg19=50,
-                          densenet121=13, mobilenetv2=80, shufflenetv2=165, vit=35),
-              "cuda": dict(cnn=60000, lenet=100000, resnet20=30000, resnet32=20000, resnet18=25000, resnet50=8000,
-                           vgg11=40000, vgg19=20000, densenet121=5000, mobilenetv2=15000, shufflenetv2=15000, vit=15000)}
-# Protect/purify work per train image, in training images of the component's surrogate (the plain CNN where it
-# has none), at the budgets of ``BUDGETS``: the CPU matrices' fits on 500 images (README; EM 99 s, TAP 182 s, REM
-# 936 s, DH 578 s, AR 7 s in results/runs/dh-table1-cpu, ConfounderGAN 597 s, UGE 400 s) ÷ that CPU's training
-# factor (0.59, recorded/TRAIN_RATE), so both tables agree; unlisted components are ≈ free (filters, JPEG…).
-# distill: its teacher's 80 epochs of the `cpu` recipe.
-WORK_PER_IMAGE = dict(em=135, tap=250, rem=1270, confoundergan=810, uge=475, dh=785, ar=9, diffpure=100, dncnn=200,
-                      dncnn_reference=200, dvae=200, orthogonal_projection=10, distill=80)
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar10-jpeg": 50_000, "cifar100": 50_000, "svhn": 73_257, "digits": 1_438}
-IMAGE_BYTES = {"digits": 8 * 8}  # uint8 bytes of one image; else 32 × 32 × 3
-REFERENCE_IMAGES = 500  # the train images WORK_PER_IMAGE was measured on
-
-
-@dataclasses.dataclass(frozen=True)
-class Term:
-    """A share of a component's ``WORK_PER_IMAGE`` that scales with each of ``params`` (value / the reference value
-    the table was measured at, multiplied) and with the images, unless ``fixed`` (a set number of iterations)."""
-
-    share: float
-    params: tuple[tuple[str, float], ...]
-    fixed: bool = False
-
-
-# The budget parameters that dominate a component's work, at the CPU matrices' settings the table stands for (the
-# rest of its work scales with the images only). Shares: rough splits of the fits (surrogate epochs vs the rest).
-BUDGETS: dict[str, tuple[Term, ...]] = {
-    "tap": (Term(0.5, (("surrogate_epochs", 80),)), Term(0.5, (("steps", 250), ("restarts", 1)))),
-    "rem": (Term(0.5, (("train_steps", 500), ("adv_steps", 2))), Term(0.5, (("steps", 5), ("samples", 1)))),
-    "em": (Term(0.8, (("model_steps", 10),)),),
-    "confoundergan": (Term(0.9, (("epochs", 200),)), Term(0.1, (("surrogate_epochs", 80),))),
-    "uge": (Term(0.75, (("epochs", 20),)), Term(0.25, (("encoder_epochs", 80),))),
-    "dh": (Term(0.9, (("iterations", 1000), ("blocks", 4), ("batch_size", 24)), fixed=True),
-           Term(0.1, (("extractor_epochs", 40),))),
-    "dncnn": (Term(1.0, (("epochs", 60),)),), "dvae": (Term(1.0, (("epochs", 20),)),),
-    "diffpure": (Term(0.9, (("train_steps", 500), ("train_batch_size", 64)), fixed=True),),
-}
 STAGES = ("protect", "purify", "train")
 
 
@@ -129,16 +88,14 @@ class Estimate:
                 + (f", {self.uncalibrated} uncalibrated (no record on this device)" if self.uncalibrated else ""))
 
 
-def duration(seconds: float) -> str:
-    """``95 min`` under two hours, else ``310 h``."""
+def duration(seconds: float) -> str:  # ``95 min`` under two hours, else ``310 h``
     return f"{seconds / 60:,.0f} min" if seconds < 2 * 3600 else f"{seconds / 3600:,.0f} h"
 
 
-def train_images(dataset: Choice, crafted: bool = False) -> int:
-    """Train images of a dataset choice (``crafted``: those its protections are crafted on, ``protect_per_class``)."""
-    full, per_class = TRAIN_IMAGES.get(dataset.name, 50_000), dataset.kwargs.get("per_class")
-    per_class = dataset.kwargs.get("protect_per_class") or per_class if crafted else per_class
-    return full if per_class is None else min(full, per_class * (100 if dataset.name == "cifar100" else 10))
+def set_images(stage: str, component: Choice, dataset: Choice) -> float:
+    """The images a protect or purify stage fits on, in 32-px images of its surrogate's work (``rates.compute``)."""
+    victim = surrogate(stage, component.name, component.kwargs)
+    return train_images(dataset.name, dataset.kwargs, stage == "protect") * compute(victim, {}, dataset.name, dataset.kwargs)
 
 
 def timings(folders: list[Path]) -> list[Record]:
@@ -147,40 +104,18 @@ def timings(folders: list[Path]) -> list[Record]:
     return [r for p in files for r in RecordLog(p).read() if r.ok]
 
 
-def budget(name: str, params: dict[str, Any], images: int) -> float:
-    """A component's work relative to ``WORK_PER_IMAGE`` × ``images`` at the reference budget (``BUDGETS``); a
-    parameter left out or None counts at its reference."""
-    terms = BUDGETS.get(name, ())
-    scale = 1 - sum(t.share for t in terms)
-    for term in terms:
-        ratio = math.prod(float(params.get(p) or ref) / ref for p, ref in term.params)
-        scale += term.share * ratio * (REFERENCE_IMAGES / max(images, 1) if term.fixed else 1)
-    return scale
-
-
-def table_set_seconds(name: str, params: dict[str, Any], images: int, stage: str, kind: str) -> float:
-    """Seconds the rate tables give a protected (``protect``) or purified (``purify``) set of ``images``."""
-    component = (PROTECTIONS if stage == "protect" else COUNTERMEASURES).get(name)
-    defaults = {f.name: f.default for f in dataclasses.fields(component) if f.default is not dataclasses.MISSING}
-    params = {**defaults, **params}
-    surrogate = params.get(component.surrogate_param) if component.surrogate_param else None
-    work = WORK_PER_IMAGE.get(name, 0) * images * budget(name, params, images)
-    return work / _rate(kind, surrogate if isinstance(surrogate, str) else "cnn")
-
-
 def calibrate(records: list[Record], kind: str) -> dict[str, list[float]]:
     """Ratios recorded / table seconds of the distinct stages recorded on device ``kind`` (those over 1 s both ways):
     ``train``, ``build`` (protected and purified sets), ``build:<component>``, and ``all``."""
     pairs: dict[tuple[str, str | None], tuple[tuple[str, ...], float, float]] = {}  # a stage → (groups, both)
     for r in (r for r in records if r.device.split(":")[0] == kind):
         if "train" in r.seconds and r.steps and r.recipe_params:
-            work = r.steps * r.recipe_params["batch_size"] * _factor(r.countermeasure_name, r.countermeasure_params)
-            table = work / _rate(kind, r.victim_name, r.victim_params)
+            table = _trained(r) / train_rate(kind, r.victim_name, r.victim_params)
             pairs.setdefault(("train", r.cell), (("train", "all"), r.seconds["train"], table))
-        images = train_images(Choice(r.dataset_name, tuple(r.dataset_params.items()), ""))
         for stage, axis, key in (("protect", "protection", r.protection_key), ("purify", "countermeasure", r.purify_key)):
             if stage in r.seconds and (stage, key) not in pairs:
                 name, params = getattr(r, f"{axis}_name"), getattr(r, f"{axis}_params")
+                images = set_images(stage, Choice(name, tuple(params.items()), ""), _dataset(r))
                 table = table_set_seconds(name, params, images, stage, kind)
                 pairs[stage, key] = (("build", f"build:{name}", "all"), r.seconds[stage], table)
     ratios: dict[str, list[float]] = {}
@@ -217,7 +152,8 @@ def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str
     found, share = sum(t.source == "records" for _, t in times), 1 / max(1, jobs)
     path = [sum(getattr(t, f) for t in longest.values()) for f in ("seconds", "low", "high")]
     wall = [max(sum(getattr(t, f) for _, t in times) * share, least) for f, least in zip(("seconds", "low", "high"), path)]
-    data = max((train_images(p.cell.dataset) * IMAGE_BYTES.get(p.cell.dataset.name, 3072) for p in todo), default=0)
+    data = max((train_images(d.name, d.kwargs) * outline_of(d.name, d.kwargs).image_bytes()
+                for d in {p.cell.dataset for p in todo}), default=0)
     factors = sorted({round(t.factor, 2) for _, t in times if t.source == "calibrated"})
     return Estimate(len(plans), sum(p.cell_key in recorded for p in plans), sets, wall[0], jobs, kind, found,
                     len(times) - found, sum(p.cell_key in recorded for p in todo), wall[1], wall[2],
@@ -261,29 +197,29 @@ def _same(record: Record, axis: str, choice: Choice) -> bool:
         make_key(getattr(record, f"{axis}_params")) == make_key(choice.kwargs)
 
 
-def _rate(kind: str, victim: str, params: dict[str, Any] | None = None) -> float:
-    rates = TRAIN_RATE[kind if kind in TRAIN_RATE else "cuda"]  # `authorized` trains its `arch`
-    return rates.get((params or {}).get("arch") or victim, rates["resnet18"])
+def _trained(r: Record) -> float:
+    """A record's training work in 32-px images: steps × batch × the countermeasure's passes × the resolution's."""
+    return r.steps * r.recipe_params["batch_size"] * passes(r.countermeasure_name, r.countermeasure_params) \
+        * compute(r.victim_name, r.victim_params, r.dataset_name, r.dataset_params)
 
 
-def _factor(name: str, params: dict[str, Any]) -> float:
-    """Forward/backward passes per trained image that a train-stage countermeasure costs."""
-    return params["steps"] + 1 if name == "adv_training" else params["repeats"] if name == "ueraser" else 2 if name == "distill" else 1
+def _dataset(r: Record) -> Choice:
+    return Choice(r.dataset_name, tuple(r.dataset_params.items()), "")
 
 
 def _train_seconds(cell: Cell, recipe: dict[str, Any], records: list[Record], kind: str,
                    ratios: dict[str, list[float]]) -> Timing:
     """The cell's training: its images × epochs (or iterations × batch) at the median rate of records of the same
     victim (of the same recipe and countermeasure where there are), else at the table's rate, calibrated."""
-    own = make_recipe(**recipe).for_victim(cell.victim.name)
-    samples = own.iterations * own.batch_size if own.iterations else own.epochs * train_images(cell.dataset)
-    work = samples * _factor(cell.countermeasure.name, cell.countermeasure.kwargs)
+    own = make_recipe(**recipe).for_dataset(cell.dataset.name).for_victim(cell.victim.name)
+    samples = own.iterations * own.batch_size if own.iterations else own.epochs * train_images(cell.dataset.name, cell.dataset.kwargs)
+    work = samples * passes(cell.countermeasure.name, cell.countermeasure.kwargs) \
+        * compute(cell.victim.name, cell.victim.kwargs, cell.dataset.name, cell.dataset.kwargs)
     alike = [r for r in records if r.victim_name == cell.victim.name and "train" in r.seconds and r.steps
              and r.recipe_params]
     same = [r for r in alike if r.recipe == recipe["name"] and _same(r, "countermeasure", cell.countermeasure)]
-    rates = [r.steps * r.recipe_params["batch_size"] * _factor(r.countermeasure_name, r.countermeasure_params)
-             / max(r.seconds["train"], 1e-9) for r in same or alike]
-    table = work / _rate(kind, cell.victim.name, cell.victim.kwargs)
+    rates = [_trained(r) / max(r.seconds["train"], 1e-9) for r in same or alike]
+    table = work / train_rate(kind, cell.victim.name, cell.victim.kwargs)
     return _recorded(work, rates) if rates else _calibrated(table, ratios, ("train", "all"))
 
 
@@ -291,9 +227,9 @@ def _set_seconds(choice: Choice, dataset: Choice, stage: str, records: list[Reco
                  ratios: dict[str, list[float]]) -> Timing:
     """A protected (``protect``) or purified (``purify``) set: the median seconds per image of records of the same
     component and parameters × its images, else the table's (``WORK_PER_IMAGE`` × ``budget``), calibrated."""
-    axis, images = "protection" if stage == "protect" else "countermeasure", train_images(dataset, stage == "protect")
-    per_second = [train_images(Choice(r.dataset_name, tuple(r.dataset_params.items()), ""), stage == "protect")
-                  / max(r.seconds[stage], 1e-9) for r in records if _same(r, axis, choice) and stage in r.seconds]
+    axis, images = "protection" if stage == "protect" else "countermeasure", set_images(stage, choice, dataset)
+    per_second = [set_images(stage, choice, _dataset(r)) / max(r.seconds[stage], 1e-9) for r in records
+                  if _same(r, axis, choice) and stage in r.seconds]
     if per_second:
         return _recorded(images, per_second)
     table = table_set_seconds(choice.name, choice.kwargs, images, stage, kind)
