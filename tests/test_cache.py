@@ -304,3 +304,19 @@ def test_cache_roundtrip_of_numpy_labels_dtype(tmp_path):
     cache.save("dataset", "k", data, {})
     assert np.load(cache.path("dataset", "k") / "labels.npy").dtype == np.int64
     assert cache.load("dataset", "k").labels.dtype == torch.int64
+
+
+def test_perturbation_metrics_in_parts_equal_the_whole_float64_computation(monkeypatch):
+    """Large sets are measured a few images at a time (no float copy of the set): the same figures."""
+    from bench.execute import metrics
+
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 256, (7, 3, 5, 5), generator=gen, dtype=torch.uint8)
+    protected = (clean.int() + torch.randint(-9, 10, clean.shape, generator=gen)).clamp(0, 255).to(torch.uint8)
+    protected[3] = clean[3]
+    diff = (protected.double() - clean.double()).flatten(1) / 255
+    mse = diff.pow(2).mean(1)
+    whole = {"linf": diff.abs().max().item(), "l2": diff.norm(dim=1).mean().item(),
+             "psnr": (10 * torch.log10(1 / mse[mse > 0])).mean().item()}
+    monkeypatch.setattr(metrics, "METRIC_CHUNK", 2 * 75)  # two images a part
+    assert perturbation_metrics(clean, protected) == pytest.approx(whole, rel=1e-12)

@@ -49,6 +49,28 @@ def test_uge_plain_cnn_override():
     assert (cnn.lr, cnn.epochs, cnn.optimizer) == (1e-3, 100, "adam") and uge.for_victim("resnet18") == uge
 
 
+def test_dataset_overrides_apply_to_their_dataset_first_and_leave_other_cells_keys():
+    """DH trains 8,000 iterations on its ImageNet subset and 40,000 on CIFAR: one matrix, one recipe; a victim's own
+    override wins; cells of the other datasets keep the keys they had without the table."""
+    from bench.plan.matrix import expand, parse_matrix
+    from bench.plan.planner import plan_cell
+
+    recipe = make_recipe("uge", datasets={"imagenet-subset": {"iterations": 80, "lr": 0.05}})
+    assert recipe.for_dataset("imagenet-subset").for_victim("resnet18").iterations == 80
+    assert recipe.for_dataset("cifar10").for_victim("resnet18").iterations is None
+    assert recipe.for_dataset("imagenet-subset").for_victim("cnn").lr == 1e-3  # UGE's plain CNN: its override wins
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'"):
+        make_recipe("dh", datasets={"imagenet": {"iterations": 8}})
+    with pytest.raises(ConfigError, match="iterations must be ≥ 1"):
+        make_recipe("dh", datasets={"digits": {"iterations": 0}})
+    doc = {"datasets": {"digits": {}}, "protections": ["clean"], "countermeasures": ["none"], "victims": ["cnn"]}
+    plain = parse_matrix({**doc, "recipe": {"name": "quick"}}, "m")
+    tabled = parse_matrix({**doc, "recipe": {"name": "quick", "datasets": {"cifar10": {"epochs": 3}}}}, "m")
+    changed = parse_matrix({**doc, "recipe": {"name": "quick", "datasets": {"digits": {"epochs": 3}}}}, "m")
+    keys = [plan_cell(expand(m)[0], {expand(m)[0].dataset: "d"}, m.recipe).cell_key for m in (plain, tabled, changed)]
+    assert keys[0] == keys[1] != keys[2]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"epoch": 3}, "epoch"), ({"schedule": "linear"}, "schedule"), ({"lr": "high"}, "lr"), ({"epochs": 0}, "epochs")])
 def test_bad_recipe_overrides(overrides, message):

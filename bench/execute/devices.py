@@ -105,3 +105,22 @@ def warn_if_cuda_unusable() -> None:
                       "install a torch build for it (Makefile TORCH_INDEX_URL), or pass --device cpu to silence this",
                       stacklevel=2)
         print("bench: warning: CUDA unusable, running on the CPU (see the warning above)", file=sys.stderr)
+
+
+def reset_memory_peak(device: torch.device) -> None:
+    """Start a cell's CUDA peak (``memory_use``) from what is allocated now."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_use(device: torch.device) -> dict[str, float]:
+    """MiB: ``peak_rss``, this process's peak resident set so far (``ru_maxrss``: a pool worker's over the cells it
+    ran; memory-mapped pages read count while mapped), and on CUDA ``cuda_peak``, the most allocated since
+    ``reset_memory_peak``."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    use = {"peak_rss": round(peak, 1)}
+    if device.type == "cuda":
+        use["cuda_peak"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return use

@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.execute.train import capped_batch
+
+METRIC_CHUNK = 1 << 24  # pixel values per part of ``perturbation_metrics`` (64 MB of int32)
+
 
 def confidence_ascent_ratio(model: nn.Module, clean: torch.Tensor, protected: torch.Tensor, labels: torch.Tensor,
                             device: torch.device | str = "cpu", batch_size: int = 256) -> float:
@@ -80,6 +84,7 @@ def _batches(clean: torch.Tensor, protected: torch.Tensor, labels: torch.Tensor,
     if clean.shape != protected.shape or len(labels) != len(clean):
         raise ValueError(f"clean {tuple(clean.shape)}, protected {tuple(protected.shape)} and "
                          f"{len(labels)} labels do not match")
+    batch_size = capped_batch(batch_size, clean)
     for start in range(0, len(labels), batch_size):
         yield (_as_float(clean[start:start + batch_size], device), _as_float(protected[start:start + batch_size], device),
                labels[start:start + batch_size].to(device))
@@ -110,9 +115,13 @@ def perturbation_metrics(clean: torch.Tensor, protected: torch.Tensor) -> dict[s
     """
     if len(clean) == 0:
         return {"linf": 0.0, "l2": 0.0, "psnr": None}
-    diff = (protected.double() - clean.double()).flatten(1) / 255
-    mse = diff.pow(2).mean(1)
+    step, linf, squares = max(1, METRIC_CHUNK // clean[0].numel()), 0, []
+    for first in range(0, len(clean), step):  # in parts, from exact integer differences: no float copy of the set
+        diff = (protected[first:first + step].to(torch.int32) - clean[first:first + step].to(torch.int32)).flatten(1)
+        linf = max(linf, int(diff.abs().max()))
+        squares.append(diff.double().pow(2).sum(1))
+    mse = torch.cat(squares) / (255 ** 2 * clean[0].numel())
     changed = mse > 0
     psnr = (10 * torch.log10(1 / mse[changed])).mean().item() if changed.any() else None
-    return {"linf": diff.abs().max().item(), "l2": diff.norm(dim=1).mean().item(),
+    return {"linf": linf / 255, "l2": mse.mul(clean[0].numel()).sqrt().mean().item(),
             "psnr": None if psnr is None or math.isnan(psnr) else psnr}

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from bench.core.components import COUNTERMEASURES, PROTECTIONS, TRAIN, Fitted, ImageSet, Models
 from bench.data import mixes
 from bench.data.datasets import DATASETS
+from bench.execute import devices
 from bench.execute.metrics import confidence_ascent_ratio, gradient_compression_ratio, perturbation_metrics
 from bench.execute.train import train_and_evaluate
 from bench.plan.matrix import Choice
@@ -158,6 +159,7 @@ def train_job(job: TrainJob, device: torch.device) -> Record:
         if job.upstream_error:
             raise RuntimeError(f"an earlier stage failed:\n{job.upstream_error}")
         cache = Cache(job.cache)
+        devices.reset_memory_peak(device)
         start = time.perf_counter()
         sets = mixes.assemble(cache, job.plan.source)
         train = mixes.require(cache, "purified", job.plan.purify_key) if job.plan.purify_key else sets.train
@@ -169,7 +171,7 @@ def train_job(job: TrainJob, device: torch.device) -> Record:
         if sets.mask.any():  # clean vs protected, over the protected images
             measured.update(perturbation_metrics(sets.clean.images[sets.mask], sets.train.images[sets.mask]))
         built = Components.of(job.plan.cell)
-        recipe = make_recipe(**job.recipe).for_victim(built.victim.name)
+        recipe = make_recipe(**job.recipe).for_dataset(job.plan.cell.dataset.name).for_victim(built.victim.name)
         measured.update(recipe=recipe.name, recipe_params=dataclasses.asdict(recipe))
         start = time.perf_counter()
         result = _train(job, cache, built, recipe, train, test, device)
@@ -180,7 +182,7 @@ def train_job(job: TrainJob, device: torch.device) -> Record:
     except Exception:
         status, error = "error", traceback.format_exc()
     return Record(**identity(job), **measured, status=status, error=error, device=str(device), threads=job.threads,
-                  versions=library_versions(), finished_at=time.time())
+                  versions=library_versions(), memory=devices.memory_use(device), finished_at=time.time())
 
 
 def failed_record(job: TrainJob, device: str, error: str) -> Record:

@@ -26,13 +26,14 @@ from bench.execute.augment import host_to_device, standard_augment
 from bench.execute.precision import autocast, cpu_has_bf16, resolve_precision
 from bench.plan.recipes import Recipe
 
-__all__ = ["CHECK_EVERY", "RESIDENT_FRACTION", "Normalize", "TrainingDiverged", "autocast", "channel_stats",
-           "cpu_has_bf16", "data_placement", "evaluate", "keep_freed_memory", "resolve_precision", "to_input",
-           "train_and_evaluate"]
+__all__ = ["CHECK_EVERY", "EVAL_VALUES", "RESIDENT_FRACTION", "Normalize", "TrainingDiverged", "autocast",
+           "capped_batch", "channel_stats", "cpu_has_bf16", "data_placement", "evaluate", "keep_freed_memory",
+           "resolve_precision", "to_input", "train_and_evaluate"]
 
 CHECK_EVERY = 50  # CUDA: optimiser steps between checks that the loss is finite (each check waits for the GPU)
 RESIDENT_FRACTION = 0.25  # the train set stays on a GPU when its bytes are at most this share of free memory
 STATS_CHUNK_BYTES = 16 << 20  # images per ``channel_stats`` chunk: this many uint8 bytes
+EVAL_VALUES = 1024 * 3 * 32 * 32  # input values an evaluation batch holds at most: 1,024 CIFAR images, 20 at 224 px
 
 
 class TrainingDiverged(RuntimeError):
@@ -106,10 +107,17 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255).contiguous(memory_format=torch.channels_last)
 
 
+def capped_batch(batch_size: int, images: torch.Tensor) -> int:
+    """``batch_size``, or fewer where a batch of ``images`` would hold more than ``EVAL_VALUES`` input values."""
+    return max(1, min(batch_size, EVAL_VALUES // math.prod(images.shape[1:])))
+
+
 def evaluate(model: nn.Module, data: ImageSet, batch_size: int, precision: str = "fp32") -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (already on the model's device)."""
+    """Top-1 accuracy of ``model`` on ``data`` (already on the model's device), ``batch_size`` images at a time, fewer
+    where they would hold more than ``EVAL_VALUES`` input values (memory stays flat with the resolution)."""
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=data.images.device)
+    batch_size = capped_batch(batch_size, data.images)
     with torch.no_grad(), autocast(data.images.device, precision):
         for start in range(0, len(data), batch_size):
             logits = model(to_input(data.images[start:start + batch_size]))

@@ -22,7 +22,9 @@ class Recipe:
     ``augment``: ``dataset`` (the dataset's standard one), ``crop_flip``, ``crop``, ``flip``, ``rrc_flip``
     (random resized crop + flip), ``none``. ``precision``: ``auto`` (bf16 autocast on CUDA, and on CPUs with
     native bf16; fp32 elsewhere), ``bf16`` or ``fp32``. ``eval_every``: the clean test set is evaluated every
-    that many epochs and after the last (the curve holds NaN between). ``victim_overrides``: per-victim changes.
+    that many epochs and after the last (the curve holds NaN between). ``victim_overrides``: per-victim changes;
+    ``dataset_overrides``: per-dataset ones (a matrix's ``[recipe.datasets.<name>]`` tables: DH trains 8,000
+    iterations on its ImageNet subset, 40,000 on CIFAR), applied first.
     """
 
     name: str = "quick"
@@ -46,6 +48,7 @@ class Recipe:
     eval_batch_size: int = 1024
     eval_every: int = 1
     victim_overrides: tuple[tuple[str, Override], ...] = ()
+    dataset_overrides: tuple[tuple[str, Override], ...] = ()
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
         "optimizer": ("sgd", "adam"), "schedule": ("cosine", "step", "triangle", "constant"),
@@ -68,6 +71,12 @@ class Recipe:
     def for_victim(self, victim: str) -> Recipe:
         """This recipe with the overrides the source gives for ``victim`` (e.g. UGE's plain CNN)."""
         changes = dict(dict(self.victim_overrides).get(victim, ()))
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def for_dataset(self, dataset: str) -> Recipe:
+        """This recipe with the matrix's overrides for ``dataset`` (a cell's recipe: ``.for_dataset(d).for_victim(v)``,
+        so a victim's own overrides win)."""
+        changes = dict(dict(self.dataset_overrides).get(dataset, ()))
         return dataclasses.replace(self, **changes) if changes else self
 
 
@@ -96,16 +105,27 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
 )}
 
 
-def make_recipe(name: str, **overrides: Any) -> Recipe:
-    """A named recipe with validated field overrides (as a matrix's ``[recipe]`` table gives them)."""
+def make_recipe(name: str, datasets: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> Recipe:
+    """A named recipe with validated field overrides (as a matrix's ``[recipe]`` table gives them) and per-dataset
+    ones (its ``[recipe.datasets.<name>]`` tables)."""
     if not isinstance(name, str) or name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+    if datasets is not None:
+        if not isinstance(datasets, dict) or not all(isinstance(v, dict) for v in datasets.values()):
+            raise ConfigError(f"recipe datasets: expected [recipe.datasets.<dataset>] tables of fields, got {datasets!r}")
+        from bench.data.datasets import DATASETS
+
+        for dataset, changes in datasets.items():
+            if dataset not in DATASETS.names():
+                raise ConfigError(f"recipe datasets: unknown dataset {dataset!r} (known: {', '.join(DATASETS.names())})")
+            make_recipe(name, **{**overrides, **changes})  # each dataset's recipe must hold
+        overrides["dataset_overrides"] = tuple(sorted((d, tuple(sorted(c.items()))) for d, c in datasets.items()))
     hints = param_hints(Recipe)
     fields = set(hints) - {"name", "source", "victim_overrides"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ConfigError(f"unknown recipe field(s) {unknown} (fields: {', '.join(sorted(fields))})")
-    values = {k: coerce(v, hints[k], f"recipe field {k!r}") for k, v in overrides.items()}
+    values = {k: v if k == "dataset_overrides" else coerce(v, hints[k], f"recipe field {k!r}") for k, v in overrides.items()}
     try:
         recipe = dataclasses.replace(RECIPES[name], **values)
     except (TypeError, ValueError) as err:

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 # Recipe fields that describe rather than determine training: renaming or rewording a recipe keeps its results.
-RECIPE_PROSE = ("name", "source", "victim_overrides")  # victim_overrides: already applied to the victim's recipe
+RECIPE_PROSE = ("name", "source", "victim_overrides", "dataset_overrides")  # overrides: applied to the cell's recipe
 
 
 def make_key(spec: Any) -> str:
@@ -44,7 +44,7 @@ def purify_key(source: dict[str, Any], countermeasure: dict[str, Any]) -> str:
 
 
 def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a victim's resolved recipe (``Recipe.for_victim``, as a dict) that determine its training."""
+    """The fields of a victim's resolved recipe (``Recipe.for_dataset(…).for_victim(…)``, as a dict) that determine its training."""
     return {k: v for k, v in recipe.items() if k not in RECIPE_PROSE}
 
 

@@ -1,9 +1,8 @@
 """Records: one per finished cell, a typed ``Record`` (schema ``SCHEMA``) appended as one JSON line to
 ``<results>/runs/<matrix>/records.jsonl``.
 
-A record is built in one place (``bench.execute.stages.train_job``) and read by attribute. It names what made it:
-the version (and, for a plugin, the code fingerprint) of each component, so a reader can tell a stale row
-(``stale_reasons``). A line is never rewritten; a rerun skips cells whose key is recorded anywhere under the results
+A record is built in one place (``bench.execute.stages.train_job``) and read by attribute. It names what made it
+(each component's version and, for a plugin, code fingerprint), so a reader can tell a stale row (``stale_reasons``). A line is never rewritten; a rerun skips cells whose key is recorded anywhere under the results
 folder (``RecordStore``), so a matrix that copies or extends another trains only its new cells. Lines of an older
 schema are brought to this one by ``upgrade`` as they are read, then checked (``Record.problems``): every reader
 reports a damaged line or record (file, line, what is wrong) and skips it, so its cell counts as not recorded
@@ -86,6 +85,7 @@ class Record:
     data_placement: str | None = None  # where the train set stayed: device, host-pinned (batches streamed), host (CPU)
     tf32_conv: bool | None = None  # cuDNN could run fp32 convolutions in TF32 (CUDA only)
     compile_seconds: float | None = None  # steps that compiled a graph (recipe.compile), left out of images_per_s
+    memory: dict[str, float] | None = None  # MiB: peak_rss (the worker process's, so far), cuda_peak (this cell's)
     deterministic: bool | None = None  # run with --deterministic (CUDA's deterministic algorithms, no autotuning)
     linf: float | None = None  # protected vs clean train images (bench.execute.metrics.perturbation_metrics)
     l2: float | None = None
