@@ -69,7 +69,7 @@ def test_full_dry_run_plans_hub_weights_online_and_refuses_them_offline(bare, mo
     out, err = capsys.readouterr()
     assert "uge | none | resnet18 | 0 | 1 | protected | poison: to build | result: to run | blocked: CLIP weights" in out
     assert "blocked: Stable Diffusion weights not found; ControlNet canny weights not found; CLIP weights" in out
-    assert "$BENCH_DDPM" in err and "offline now: HF_HUB_OFFLINE/--offline" in err and "77 cell(s)" in err
+    assert "$BENCH_DDPM" in err and "offline now: HF_HUB_OFFLINE/--offline" in err and "105 cell(s)" in err  # 77 on CIFAR-10, 28 DH cells on the ImageNet subset
 
 
 def test_a_repository_in_the_hub_cache_resolves_offline(bare, monkeypatch):
