@@ -157,8 +157,9 @@ class Isic(FileDataset):
     folder: ClassVar[str] = "isic2018"
     source: ClassVar[str] = ("ISIC2018_Task3_Training_Input.zip and ISIC2018_Task3_Training_GroundTruth.zip from "
                              "https://challenge.isic-archive.com/data/#2018 (unzipped)")
-    layout: ClassVar[str] = ("ISIC2018_Task3_Training_Input/*.jpg and "
-                             "ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv")
+    images: ClassVar[str] = "ISIC2018_Task3_Training_Input"
+    truth: ClassVar[str] = "ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv"
+    layout: ClassVar[str] = f"{images}/*.jpg and {truth}"
     size: int = 224
     test_fraction: float = 0.2
 
@@ -166,19 +167,19 @@ class Isic(FileDataset):
         return Outline(7, round(10_015 * (1 - self.test_fraction)), self.size)
 
     def required(self, root: Path) -> tuple[Path, ...]:
-        return root / "ISIC2018_Task3_Training_Input", root / self.layout.split(" and ")[1]
+        return root / self.images, root / self.truth
 
     def decoding(self) -> Decoding:
         return Decoding(self.size, 1.0)
 
     def listing(self, root: Path) -> dict[str, FileList]:
-        with open(self.required(root)[1], newline="") as handle:
+        with open(root / self.truth, newline="") as handle:
             rows = list(csv.reader(handle))
         header, classes = rows[0], rows[0][1:]
-        files = [f"ISIC2018_Task3_Training_Input/{r[0]}.jpg" for r in rows[1:]]
+        files = [f"{self.images}/{r[0]}.jpg" for r in rows[1:]]
         labels = [int(np.argmax([float(v) for v in r[1:]])) for r in rows[1:]]
         if header[0] != "image" or len(classes) != 7:
-            raise ConfigError(f"isic: {self.required(root)[1]} is not the Task 3 ground truth (image + 7 classes)")
+            raise ConfigError(f"isic: {root / self.truth} is not the Task 3 ground truth (image + 7 classes)")
         if len(files) != 10015:
             warnings.warn(f"isic: {len(files)} images, not the release's 10,015", BenchWarning, stacklevel=2)
         kept, held = split_off(files, labels, self.test_fraction)
