@@ -7,8 +7,10 @@ the loaded content's fingerprint is used instead, so two copies of the same data
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -59,9 +61,15 @@ class Outline:
 
 
 def outline_of(name: str, params: dict[str, Any]) -> Outline:
-    """A dataset's ``outline``; CIFAR-10's for a dataset (of an old record) that no longer builds."""
+    """A dataset's ``outline``, once per process for each spec (the estimate asks for it per cell and record, and
+    ``image-folder``'s lists its folder); CIFAR-10's for a dataset (of an old record) that no longer builds."""
+    return _outline(name, json.dumps(params, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=512)
+def _outline(name: str, params: str) -> Outline:
     try:
-        return DATASETS.create(name, **params).outline()
+        return DATASETS.create(name, **json.loads(params)).outline()
     except (ConfigError, KeyError, TypeError, ValueError):
         return Outline(10, 50_000)
 

@@ -86,7 +86,7 @@ def decode_splits(lists: Mapping[str, FileList], decoding: Decoding, spec: dict[
                   cache: Cache | None, jobs: int | None = None) -> dict[str, ImageSet]:
     """Each split decoded: from the cache where an entry for ``spec`` (the dataset's decoding parameters) and these
     files is there, else decoded now (into the cache where one is given) with ``jobs`` processes (None: every
-    core). The sets' ``info`` says ``decoded_seconds`` (0 when reused) and the entry's key."""
+    core)."""
     if cache is None:
         return {split: _decode_to_memory(listing, decoding) for split, listing in lists.items()}
     key = make_key({"spec": spec, "decoding": dataclasses.asdict(decoding), "files": files_fingerprint(lists)})
@@ -103,8 +103,7 @@ def decode_splits(lists: Mapping[str, FileList], decoding: Decoding, spec: dict[
             loaded = cache.load(KIND, entry)
         if loaded is None:
             raise RuntimeError(f"the decoded entry {cache.path(KIND, entry)} did not verify right after writing")
-        sets[split] = ImageSet(loaded.images, loaded.labels, listing.num_classes,
-                               {"decoded_key": entry, "decoded_seconds": round(time.perf_counter() - started, 3)})
+        sets[split] = loaded
     return sets
 
 

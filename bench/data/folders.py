@@ -40,13 +40,13 @@ def class_files(folder: Path, classes: list[str], root: Path) -> tuple[list[str]
 def split_off(files: list[str], labels: list[int], fraction: float) -> tuple[list[int], list[int]]:
     """Positions of a class-stratified split: per class, a fixed permutation (seed 0) of its files, of which the
     first ``round(n · fraction)`` (at least one) go to the second part."""
-    first, second = [], []
-    for label in sorted(set(labels)):
-        members = [i for i, c in enumerate(labels) if c == label]
+    first, second, classes = [], [], np.asarray(labels)
+    for label in np.unique(classes):
+        members = np.flatnonzero(classes == label)
         order = np.random.default_rng(0).permutation(len(members))
         cut = max(1, round(len(members) * fraction))
-        second += sorted(members[i] for i in order[:cut])
-        first += sorted(members[i] for i in order[cut:])
+        second += members[order[:cut]].tolist()
+        first += members[order[cut:]].tolist()
     return sorted(first), sorted(second)
 
 
