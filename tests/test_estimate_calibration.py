@@ -4,6 +4,7 @@ protect table, the range, and the cluster job requests sized from it (bench.plan
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,17 @@ def test_estimate_gives_the_longest_job_and_the_data_size(tmp_path):
     assert work.seconds == pytest.approx(sum(work.longest.values()))  # EM's set, then resnet20: over half the work
     requests = job_requests(work, "cpu", 1)
     assert requests["train"].time_min == 30 and requests["protect"].time_min >= 30
+
+
+def test_training_work_scales_with_each_victims_flops_at_the_datasets_resolution():
+    """224 px costs a plain CNN ≈ 49× a 32-px image (no stem) and a ResNet-18 ≈ 3.3× (its ImageNet stem); the
+    estimate of a cell follows."""
+    from bench.plan.rates import compute
+
+    assert compute("cnn", {}, "imagenet-subset", {}) == pytest.approx(49, rel=0.02)
+    assert compute("resnet18", {}, "imagenet-subset", {}) == pytest.approx(3.27, rel=0.02)
+    assert compute("cnn", {}, "cifar10", {}) == 1.0
+    doc = {**MATRIX, "victims": ["cnn"], "protections": ["clean"]}
+    at = {size: estimate(m, expand(m), Cache(Path("/nonexistent")), {}, [], [], "cpu", jobs=1).seconds
+          for size in (32, 64) for m in [parse_matrix({**doc, "datasets": {"digits": {"size": size}}}, "m")]}
+    assert at[64] / at[32] == pytest.approx(4, rel=0.05)

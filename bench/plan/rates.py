@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from typing import Any
 
@@ -73,9 +74,8 @@ def table_set_seconds(name: str, params: dict[str, Any], images: float, stage: s
     component = (PROTECTIONS if stage == "protect" else COUNTERMEASURES).get(name)
     defaults = {f.name: f.default for f in dataclasses.fields(component) if f.default is not dataclasses.MISSING}
     params = {**defaults, **params}
-    surrogate = params.get(component.surrogate_param) if component.surrogate_param else None
     work = WORK_PER_IMAGE.get(name, 0) * images * budget(name, params, images)
-    return work / train_rate(kind, surrogate if isinstance(surrogate, str) else "cnn")
+    return work / train_rate(kind, surrogate(stage, name, params))
 
 
 def train_rate(kind: str, victim: str, params: dict[str, Any] | None = None) -> float:
@@ -88,29 +88,28 @@ def passes(name: str, params: dict[str, Any]) -> float:
     return params["steps"] + 1 if name == "adv_training" else params["repeats"] if name == "ueraser" else 2 if name == "distill" else 1
 
 
-
-
 def surrogate(stage: str, name: str, params: dict[str, Any]) -> str:
-    """The victim a protect (``protect``) or purify stage's component trains: its ``surrogate_param``'s, else cnn."""
+    """The victim a protect (``protect``) or purify stage's component trains: its ``surrogate_param``'s (given, else
+    its default), else the plain CNN."""
     component = (PROTECTIONS if stage == "protect" else COUNTERMEASURES).get(name)
     chosen = params.get(component.surrogate_param) if component.surrogate_param else None
     default = next((f.default for f in dataclasses.fields(component) if f.name == component.surrogate_param), None)
     found = chosen or default
-    return found if isinstance(found, str) and found in VICTIMS.names() else "cnn"
+    return found if isinstance(found, str) else "cnn"
 
 
 def compute(victim: str, params: dict[str, Any], dataset: str, dataset_params: dict[str, Any]) -> float:
     """The victim's training work per image of ``dataset`` relative to a 32-px image (the rate tables' unit)."""
     outline = outline_of(dataset, dataset_params)
-    return _relative_flops(victim, tuple(sorted(params.items())), outline.channels, outline.side)
+    return _relative_flops(victim, json.dumps(params, sort_keys=True, default=str), outline.channels, outline.side)
 
 
 @functools.lru_cache(maxsize=256)
-def _relative_flops(victim: str, params: tuple[tuple[str, Any], ...], channels: int, side: int) -> float:
+def _relative_flops(victim: str, params: str, channels: int, side: int) -> float:
     """Forward FLOPs at ``side`` over those at 32 px, counted on the meta device (no memory, no compute): ≈ 49 at
     224 px for a plain CNN or VGG, ≈ 3.3 for ResNets (ImageNet stems above 64 px). For a plugin's victim (planning
     runs none of a plugin's code) or one that cannot be built so (it needs fitted models): the pixels' ratio."""
-    if side == 32 or not is_builtin(VICTIMS.get(victim)):
+    if side == 32 or victim not in VICTIMS.names() or not is_builtin(VICTIMS.get(victim)):
         return 1.0 if side == 32 else (side / 32) ** 2
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -118,7 +117,7 @@ def _relative_flops(victim: str, params: tuple[tuple[str, Any], ...], channels: 
     try:
         for size in (32, side):
             with torch.device("meta"):
-                model, x = VICTIMS.create(victim, **dict(params)).build(10, channels, size), torch.empty(1, channels, size, size)
+                model, x = VICTIMS.create(victim, **json.loads(params)).build(10, channels, size), torch.empty(1, channels, size, size)
             with FlopCounterMode(display=False) as counter:
                 model(x)
             counts.append(counter.get_total_flops())
