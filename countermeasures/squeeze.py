@@ -1,6 +1,7 @@
 """Image-shortcut squeezing: data-stage preprocessing that removes small perturbations.
 
-Settings of DH §IV-A5 (BDR 2 bits, grayscale, JPEG quality 10 and 50), after Liu et al. 2023 (ISS).
+Settings of DH §IV-A5 (BDR 2 bits, grayscale, JPEG quality 10 and 50), after Liu et al. 2023 (ISS), and ISS's
+greyscale and JPEG composed (``jpeg_gray``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,35 @@ class Grayscale(Countermeasure):
         rgb = train.images.to(torch.int64)
         luma = (rgb[:, 0] * 19595 + rgb[:, 1] * 38470 + rgb[:, 2] * 7471 + 0x8000) >> 16
         return train.with_images(luma[:, None].expand(-1, 3, -1, -1).to(torch.uint8))  # luma ≤ 255
+
+
+@COUNTERMEASURES.register("jpeg_gray")
+class JpegGray(Countermeasure):
+    """ISS's greyscale and JPEG composed: ``grayscale`` then ``jpeg`` at ``quality``, each exactly as registered.
+
+    Order and codec follow the official code (liuzrcc/ImageShortcutSqueezing @005d653, ``augmentations.py``
+    ``aug_train``: with both ``--grayscale`` and ``--jpeg`` the ``Grayscale(3)`` transform is appended before the
+    JPEG one), so the grey image is encoded as a 3-channel RGB JPEG (R = G = B; Pillow, ``optimize`` misspelt there,
+    which only changes Huffman tables anyway). The paper is silent on a quality for the pair; 10 is its JPEG default
+    (README table 'JPEG-10'). ``gray_first = False`` is DUNE's ``jpeggray`` defence (wxldragon/DUNE @a35cbb6,
+    ``train.py``: JPEG-10 first, then ``Grayscale(3)``). Both apply once to the data (the official codes apply them
+    per epoch, after ``RandomCrop``/flip in DUNE: crops shift JPEG's 8×8 grid). Single-channel sets: ``grayscale``
+    is the identity there, so this is ``jpeg`` (single-channel JPEG)."""
+
+    paper: ClassVar[str] = "Liu et al. 2023 (ISS) official code; DUNE (Wang et al. 2026) train.py 'jpeggray'"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
+    paper_setting: ClassVar[tuple[str, ...]] = ("quality", "gray_first")
+    quality: int = 10
+    gray_first: bool = True
+
+    def __post_init__(self) -> None:
+        Jpeg(self.quality)  # the same check and message as ``jpeg``'s
+
+    def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+        steps = (Grayscale(), Jpeg(self.quality))
+        for step in steps if self.gray_first else steps[::-1]:
+            train = step.purify(train, seed=seed, device=device)
+        return train
 
 
 @COUNTERMEASURES.register("bdr")
