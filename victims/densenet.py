@@ -7,7 +7,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.api import VICTIMS, Victim
+from bench.api import VICTIMS
+from bench.victims._imagenet import FromImageNet
 
 
 def bn_relu_conv(cin: int, cout: int, kernel: int) -> list[nn.Module]:
@@ -57,11 +58,13 @@ class DenseNet(nn.Module):
 
 
 @VICTIMS.register("densenet121")
-class DenseNet121(Victim):
+class DenseNet121(FromImageNet):
     """DenseNet-121 (growth 32, blocks [6, 12, 24, 16], bottleneck 4·growth, compression 0.5); 6.96 M parameters.
 
     D121 of DH §IV-A / Table III; DenseNet121 of ConfounderGAN Table 1. CIFAR stem (3×3 stride 1, no pool)
     at ≤ 64 px, torchvision's ImageNet stem above (then the count equals torchvision's densenet121).
+    ``weights = 'imagenet'``: torchvision's densenet121 with its DenseNet121_Weights.IMAGENET1K_V1
+    weights and a new head, inputs resized to 224 px (``bench.victims._imagenet``).
     """
 
     paper: ClassVar[str] = ("Huang et al. 2017 (DenseNet-BC-121); victim of DH §IV-A Table III (D121), "
@@ -70,5 +73,5 @@ class DenseNet121(Victim):
     # (1,728). pytorch-cifar's DenseNet121 has no stem BN: 128 fewer (6,956,298).
     reference_params: ClassVar[int] = 6_956_426
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    def scratch(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         return DenseNet((6, 12, 24, 16), num_classes, in_channels, image_size)

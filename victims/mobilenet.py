@@ -7,7 +7,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.api import VICTIMS, Victim
+from bench.api import VICTIMS
+from bench.victims._imagenet import FromImageNet
 
 # Sandler et al. 2018 Table 2: expansion t, output channels c, repeats n, stride s of the first repeat.
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -60,12 +61,14 @@ class MobileNetV2Net(nn.Module):
 
 
 @VICTIMS.register("mobilenetv2")
-class MobileNetV2(Victim):
+class MobileNetV2(FromImageNet):
     """MobileNetV2 (width 1.0), 2.24 M parameters for CIFAR-10; a hacker network of UGE §4 / supp. Table 6.
 
     The paper's blocks (torchvision's layout, no projection shortcuts) with pytorch-cifar's CIFAR strides at
     ≤ 64 px: stride-1 stem and second stage. No dropout before the classifier (torchvision has p = 0.2,
     pytorch-cifar none). Strides change no parameter, so the count equals torchvision's mobilenet_v2.
+    ``weights = 'imagenet'``: torchvision's mobilenet_v2 (dropout 0.2 before the head) with its
+    MobileNet_V2_Weights.IMAGENET1K_V1 weights and a new head, inputs resized to 224 px (``bench.victims._imagenet``).
     """
 
     paper: ClassVar[str] = "Sandler et al. 2018; victim of UGE §4 (MobileNetV2)"
@@ -73,5 +76,5 @@ class MobileNetV2(Victim):
     # where a stride-1 block changes channels (not in the paper): 2,296,922.
     reference_params: ClassVar[int] = 2_236_682
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    def scratch(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         return MobileNetV2Net(num_classes, in_channels, image_size)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.api import VICTIMS, Victim
+from bench.api import VICTIMS
+from bench.victims._imagenet import FromImageNet
 
 
 class PadShortcut(nn.Module):
@@ -100,10 +101,12 @@ class ResNet(nn.Module):
 
 
 @VICTIMS.register("resnet18")
-class ResNet18(Victim):
+class ResNet18(FromImageNet):
     """ResNet-18 (11.2 M parameters for CIFAR-10), the default victim of all three papers.
 
     ConfounderGAN App. G.5, DH §IV-A, UGE §4. CIFAR stem (3×3, stride 1, no max-pool) at ≤ 64 px.
+    ``weights = 'imagenet'``: torchvision's resnet18 with its ResNet18_Weights.IMAGENET1K_V1
+    weights and a new head, inputs resized to 224 px (``bench.victims._imagenet``).
     """
 
     paper: ClassVar[str] = "He et al. 2016; victim of ConfounderGAN G.5, DH §IV-A, UGE §4"
@@ -111,16 +114,18 @@ class ResNet18(Victim):
     # (1,728); also pytorch-cifar's ResNet18 (kuangliu/pytorch-cifar).
     reference_params: ClassVar[int] = 11_173_962
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    def scratch(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         return ResNet((2, 2, 2, 2), num_classes, in_channels, image_size)
 
 
 @VICTIMS.register("resnet50")
-class ResNet50(Victim):
+class ResNet50(FromImageNet):
     """ResNet-50: bottleneck blocks [3, 4, 6, 3], 23.5 M parameters for CIFAR-10.
 
     R50 of DH §IV-A / Table III; ResNet50 of ConfounderGAN Table 1. CIFAR stem (3×3, stride 1, no max-pool)
     at ≤ 64 px, torchvision's 7×7 stride-2 stem and max-pool above (then the count equals torchvision's).
+    ``weights = 'imagenet'``: torchvision's resnet50 with its ResNet50_Weights.IMAGENET1K_V1
+    weights and a new head, inputs resized to 224 px (``bench.victims._imagenet``).
     """
 
     paper: ClassVar[str] = "He et al. 2016; victim of DH §IV-A Table III (R50), ConfounderGAN Table 1"
@@ -128,16 +133,17 @@ class ResNet50(Victim):
     # (1,728); equals pytorch-cifar's ResNet50.
     reference_params: ClassVar[int] = 23_520_842
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    def scratch(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         return ResNet((3, 4, 6, 3), num_classes, in_channels, image_size, block=Bottleneck)
 
 
-class _CifarResNet(Victim):
-    """He et al. 2016 §4.2 CIFAR ResNet-(6n+2); subclasses set ``n``."""
+class _CifarResNet(FromImageNet):
+    """He et al. 2016 §4.2 CIFAR ResNet-(6n+2); subclasses set ``n``. torchvision has no ImageNet weights for it:
+    ``weights`` set raises, naming the victims that have them."""
 
     n: ClassVar[int] = 0
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    def scratch(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         return ResNet((self.n,) * 3, num_classes, in_channels, image_size, widths=(16, 32, 64), option="A")
 
 

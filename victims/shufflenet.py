@@ -7,7 +7,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.api import VICTIMS, Victim
+from bench.api import VICTIMS
+from bench.victims._imagenet import FromImageNet
 
 # Ma et al. 2018 Table 5, width 1.0: stem 24 channels, stages of 4, 8, 4 units at 116, 232, 464, conv5 1024.
 STAGE_REPEATS = (4, 8, 4)
@@ -76,16 +77,18 @@ class ShuffleNetV2Net(nn.Module):
 
 
 @VICTIMS.register("shufflenetv2")
-class ShuffleNetV2(Victim):
+class ShuffleNetV2(FromImageNet):
     """ShuffleNetV2 1.0×, 1.26 M parameters for CIFAR-10; a hacker network of UGE §4 / supp. Table 6.
 
     torchvision's shufflenet_v2_x1_0 layout with a CIFAR stem at ≤ 64 px (3×3 stride 1, no max-pool, as
     pytorch-cifar); the stem change moves no parameter, so the count equals torchvision's.
+    ``weights = 'imagenet'``: torchvision's shufflenet_v2_x1_0 with its ShuffleNet_V2_X1_0_Weights.IMAGENET1K_V1
+    weights and a new head, inputs resized to 224 px (``bench.victims._imagenet``).
     """
 
     paper: ClassVar[str] = "Ma et al. 2018 (1.0×); victim of UGE §4 (ShuffleNetV2)"
     # torchvision shufflenet_v2_x1_0(num_classes=10).
     reference_params: ClassVar[int] = 1_263_854
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    def scratch(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         return ShuffleNetV2Net(num_classes, in_channels, image_size)

@@ -7,7 +7,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.api import VICTIMS, Victim
+from bench.api import VICTIMS
+from bench.victims._imagenet import FromImageNet
 
 # Simonyan & Zisserman 2015 Table 1: configuration A (11 weight layers) and E (19); "M" is a 2×2 max-pool.
 CONFIGS: dict[str, tuple[int | str, ...]] = {
@@ -43,11 +44,13 @@ class VGG(nn.Module):
 
 
 @VICTIMS.register("vgg11")
-class VGG11(Victim):
+class VGG11(FromImageNet):
     """VGG-11 with batch norm (configuration A), CIFAR form: one 512→classes linear layer; 9.2 M parameters.
 
     VGG11 of ConfounderGAN Table 1. The same network at every resolution (VGG has no stem to swap); an
     adaptive average pool before the linear layer keeps the count independent of the input size.
+    ``weights = 'imagenet'``: torchvision's vgg11_bn (7×7 pool, two 4096-wide layers, dropout 0.5) with its
+    VGG11_BN_Weights.IMAGENET1K_V1 weights and a new head, inputs resized to 224 px (``bench.victims._imagenet``).
     """
 
     paper: ClassVar[str] = "Simonyan & Zisserman 2015 (config A, BN); victim of ConfounderGAN Table 1"
@@ -55,16 +58,18 @@ class VGG11(Victim):
     # (9,225,984) + a 512→10 linear (5,130).
     reference_params: ClassVar[int] = 9_231_114
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    def scratch(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         return VGG(CONFIGS["A"], num_classes, in_channels)
 
 
 @VICTIMS.register("vgg19")
-class VGG19(Victim):
+class VGG19(FromImageNet):
     """VGG-19 with batch norm (configuration E), CIFAR form: one 512→classes linear layer; 20.0 M parameters.
 
     V19 of DH §IV-A / Table III. The same network at every resolution; an adaptive average pool before the
     linear layer keeps the count independent of the input size.
+    ``weights = 'imagenet'``: torchvision's vgg19_bn (7×7 pool, two 4096-wide layers, dropout 0.5) with its
+    VGG19_BN_Weights.IMAGENET1K_V1 weights and a new head, inputs resized to 224 px (``bench.victims._imagenet``).
     """
 
     paper: ClassVar[str] = "Simonyan & Zisserman 2015 (config E, BN); victim of DH §IV-A Table III (V19)"
@@ -72,5 +77,5 @@ class VGG19(Victim):
     # (20,035,392) + a 512→10 linear (5,130).
     reference_params: ClassVar[int] = 20_040_522
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    def scratch(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         return VGG(CONFIGS["E"], num_classes, in_channels)

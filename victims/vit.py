@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.api import VICTIMS, Victim
+from bench.api import VICTIMS
+from bench.victims._imagenet import FromImageNet
 
 
 class Attention(nn.Module):
@@ -81,7 +82,7 @@ class VisionTransformer(nn.Module):
 
 
 @VICTIMS.register("vit")
-class ViT(Victim):
+class ViT(FromImageNet):
     """A small ViT for CIFAR (ViT of DH §IV-A / Table III): 9.5 M parameters at 32 px, 10 classes.
 
     Defaults are the CIFAR ViT of Yoshioka's vision-transformers-cifar10 (kentaroy47, ``--net vit``), whose
@@ -91,6 +92,9 @@ class ViT(Victim):
     (7×7, 8×8, 16×16 tokens at 28, 32, 64 px), 16 above (ViT-B/16's 14×14 tokens at 224 px); the positional
     embedding is learned for that grid, and interpolated if a differently sized input arrives. Class token and
     positional embedding start from a truncated N(0, 0.02²) as in the ViT paper's code (the CIFAR repo: N(0, 1)).
+    ``weights = 'imagenet'``: torchvision's ViT-B/16 (86 M parameters, 224 px, dim 768, depth 12, 12 heads, MLP
+    3072, no dropout) with its ViT_B_16_Weights.IMAGENET1K_V1 weights and a new head, inputs resized to 224 px
+    (``bench.victims._imagenet``); the size parameters then stay at their defaults.
     """
 
     paper: ClassVar[str] = ("Dosovitskiy et al. 2021; CIFAR sizes of kentaroy47/vision-transformers-cifar10; "
@@ -105,6 +109,10 @@ class ViT(Victim):
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weights and (self.dim, self.depth, self.heads, self.mlp_dim, self.dropout) != (512, 6, 8, 512, 0.1):
+            raise ValueError("vit weights = 'imagenet' is torchvision's ViT-B/16 with its own sizes: leave dim, "
+                             "depth, heads, mlp_dim and dropout unset, or weights unset for the CIFAR ViT")
         if min(self.dim, self.depth, self.heads, self.mlp_dim) < 1 or self.dim % self.heads:
             raise ValueError(f"vit needs positive sizes and dim divisible by heads, got dim={self.dim}, "
                              f"heads={self.heads}, depth={self.depth}, mlp_dim={self.mlp_dim}")
@@ -115,6 +123,6 @@ class ViT(Victim):
     def patch_size(image_size: int) -> int:
         return 4 if image_size <= 64 else 16
 
-    def build(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    def scratch(self, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         return VisionTransformer(num_classes, in_channels, image_size, self.patch_size(image_size), self.dim,
                                  self.depth, self.heads, self.mlp_dim, self.dropout)
