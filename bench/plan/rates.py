@@ -106,18 +106,18 @@ def compute(victim: str, params: dict[str, Any], dataset: str, dataset_params: d
 
 @functools.lru_cache(maxsize=256)
 def _relative_flops(victim: str, params: str, channels: int, side: int) -> float:
-    """Forward FLOPs at ``side`` over those at 32 px, counted on the meta device (no memory, no compute): ≈ 49 at
-    224 px for a plain CNN or VGG, ≈ 3.3 for ResNets (ImageNet stems above 64 px). For a plugin's victim (planning
+    """Forward FLOPs at ``side`` with ``params`` over the default build's at 32 px, counted on the meta device (no
+    memory, no compute): ≈ 49 at 224 px for a plain CNN or VGG, ≈ 3.3 for ResNets (ImageNet stems above 64 px). For a plugin's victim (planning
     runs none of a plugin's code) or one that cannot be built so (it needs fitted models): the pixels' ratio."""
-    if side == 32 or victim not in VICTIMS.names() or not is_builtin(VICTIMS.get(victim)):
-        return 1.0 if side == 32 else (side / 32) ** 2
+    if victim not in VICTIMS.names() or not is_builtin(VICTIMS.get(victim)):
+        return (side / 32) ** 2
     from torch.utils.flop_counter import FlopCounterMode
 
     counts = []
-    try:
-        for size in (32, side):
+    try:  # the rate tables' unit is the default build at 32 px: parameters that change the work (``weights``) count
+        for size, kwargs in ((32, "{}"), (side, params)):
             with torch.device("meta"):
-                model, x = VICTIMS.create(victim, **json.loads(params)).build(10, channels, size), torch.empty(1, channels, size, size)
+                model, x = VICTIMS.create(victim, **json.loads(kwargs)).build(10, channels, size), torch.empty(1, channels, size, size)
             with FlopCounterMode(display=False) as counter:
                 model(x)
             counts.append(counter.get_total_flops())
