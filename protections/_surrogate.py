@@ -28,17 +28,22 @@ def build(name: str, data: ImageSet, device: torch.device) -> nn.Module:
 
 
 def pretrain(name: str, data: ImageSet, *, seed: int, device: torch.device, epochs: int, augment: str = "crop_flip",
-             lr: float = 0.1) -> tuple[nn.Module, float]:
+             lr: float = 0.1, milestones: tuple[int, ...] | None = None,
+             on_epoch: Callable[[int, nn.Module], None] | None = None) -> tuple[nn.Module, float]:
     """A surrogate trained on clean ``data`` with the one training loop, then frozen in eval mode.
 
-    Returns the model and its accuracy on ``data`` (no augmentation), which the protections report.
+    ``milestones``: a step schedule (lr × 0.1 at each of these epochs) instead of cosine. ``on_epoch``: called
+    after each epoch with its number (1-based) and the model being trained (without the normalisation), e.g. to
+    keep checkpoints. Returns the model and its accuracy on ``data`` (no augmentation), which the protections report.
     """
     torch.manual_seed(seed)
     model = VICTIMS.create(name).build(data.num_classes, data.channels, data.size)
-    recipe = Recipe("surrogate", "clean surrogate: SGD momentum 0.9, wd 5e-4, cosine", epochs=epochs, lr=lr,
-                    nesterov=False)
+    schedule = {"schedule": "step", "milestones": milestones} if milestones is not None else {}
+    recipe = Recipe("surrogate", "clean surrogate: SGD momentum 0.9, wd 5e-4, cosine or step", epochs=epochs, lr=lr,
+                    nesterov=False, **schedule)
+    report = (lambda epoch, *_: on_epoch(epoch, model)) if on_epoch else None
     train_and_evaluate(model, data, data, recipe, seed=seed, device=device, augment=augment,
-                       evaluate_every_epoch=False)
+                       evaluate_every_epoch=False, on_epoch=report)
     mean, std = channel_stats(data.images)
     net = nn.Sequential(Normalize(mean, std), model).to(device).to(memory_format=torch.channels_last).eval()
     net.requires_grad_(False)
