@@ -1,6 +1,7 @@
-"""DDPM pieces of ``diffpure`` (not a plugin: no registrations): the pixel map to the model's [−1, 1], the
-closed-form forward process, the DDPM/DDIM reverse samplers from t*, loading a diffusers ``UNet2DModel`` and
-training the attacker's own small one (cached under a hash of all that decides it). diffusers loads lazily.
+"""DDPM pieces of ``diffpure`` and ``eclipse`` (not a plugin: no registrations): the pixel map to the model's
+[−1, 1], the closed-form forward process, the DDPM/DDIM reverse samplers from t*, purifying a set with them, loading
+a diffusers ``UNet2DModel`` and training the attacker's own small one (cached under a hash of all that decides it)
+with DDPM's linear or Nichol & Dhariwal's cosine βs. diffusers loads lazily.
 
 Timesteps are diffusers' indices 0..T−1: "diffusing to t*" uses ᾱ at index t* − 1 and then denoises through
 indices t* − 1 … 0 (t* model calls for DDPM), as AVATAR's ``runners/diffpure_guided.py`` (``a[t - 1]``, then
@@ -14,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.api import ConfigError, Pretrained, umask
+from bench.api import ConfigError, ImageSet, Pretrained, fingerprint, make_key, train_images_like, umask
 
 TRAINED_ARCH = {"layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}
 
@@ -128,17 +130,23 @@ def small_unet(channels: int, size: int, width: int) -> Any:
                        **TRAINED_ARCH)
 
 
+# β schedules of ``trained``: DDPM's (Ho et al. 2020: linear 1e-4 … 0.02) and improved-diffusion's cosine (Nichol &
+# Dhariwal 2021 eq. 17, s = 0.008, β ≤ 0.999: diffusers' squaredcos_cap_v2)
+SCHEDULES = {"linear": {"beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"},
+             "cosine": {"beta_schedule": "squaredcos_cap_v2"}}
+
+
 def trained(data: torch.Tensor, *, key: str, root: Path, width: int, steps: int, batch_size: int, lr: float,
-            seed: int, device: torch.device) -> tuple[Any, dict, str]:
-    """A small DDPM trained on ``data`` (uint8) by the ε-prediction MSE (Ho et al. 2020 Alg. 1; 1000 linear
-    βs 1e-4…0.02; Adam, gradient norm clip 1, linear warm-up over the first 5 %), saved under ``root/key`` as a
-    diffusers folder (usable as ``model = <that path>``), or loaded from there. Returns (UNet, config, note)."""
+            seed: int, device: torch.device, schedule: str = "linear", timesteps: int = 1000) -> tuple[Any, dict, str]:
+    """A small DDPM trained on ``data`` (uint8) by the ε-prediction MSE (Ho et al. 2020 Alg. 1; ``timesteps`` βs of
+    ``SCHEDULES[schedule]``; Adam, gradient norm clip 1, linear warm-up over the first 5 %), saved under ``root/key``
+    as a diffusers folder (usable as ``model = <that path>``), or loaded from there. Returns (UNet, config, note)."""
     from diffusers import DDPMScheduler, UNet2DModel
     folder = root / key
     if (folder / "done.json").is_file():
         unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).eval().requires_grad_(False)
         return unet, dict(DDPMScheduler.from_pretrained(folder).config), f"loaded from {folder}"
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    scheduler = DDPMScheduler(num_train_timesteps=timesteps, **SCHEDULES[schedule])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = small_unet(data.shape[1], data.shape[-1], width).to(device).train()
@@ -150,7 +158,7 @@ def trained(data: torch.Tensor, *, key: str, root: Path, width: int, steps: int,
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
         index = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
         x0 = to_model_range(x_all[index.to(device)])
-        noise, t = torch.randn(x0.shape, generator=gen).to(device), torch.randint(1000, (len(x0),), generator=gen)
+        noise, t = torch.randn(x0.shape, generator=gen).to(device), torch.randint(timesteps, (len(x0),), generator=gen)
         loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t.to(device)), t.to(device)).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,3 +176,53 @@ def trained(data: torch.Tensor, *, key: str, root: Path, width: int, steps: int,
     except OSError:  # another worker saved the same model first
         shutil.rmtree(tmp, ignore_errors=True)
     return unet, dict(scheduler.config), f"trained now (final loss {loss.item():.4f}), saved to {folder}"
+
+
+def attacker_model(train: ImageSet, *, owner: str, train_on: str, per_class: int | None, width: int, steps: int,
+                   batch_size: int, lr: float, seed: int, device: torch.device, cache: str | None,
+                   schedule: str = "linear", timesteps: int = 1000, last: bool = False) -> tuple[Any, dict, str]:
+    """``trained`` on ``train_on``: ``protected`` (the set given) or a registered dataset's train split (the first
+    ``per_class`` per class, ``last``: the last ones; resized to the set's shape), cached under ``cache`` (default
+    ~/.cache/bench/<owner>) by a hash of the data and of everything that decides the model (the schedule only where
+    it is not DDPM's)."""
+    data, what = train.images, "the protected set"
+    if train_on != "protected":
+        data = train_images_like(train_on, per_class, train, last)
+        what = f"{train_on} ({len(data)} images{', the last of each class' if last else ''})"
+    if train.size % 4:
+        raise ConfigError(f"{owner} model = 'trained' halves the image twice: size {train.size} is no multiple of 4")
+    other = {} if (schedule, timesteps) == ("linear", 1000) else {"schedule": schedule, "timesteps": timesteps}
+    key = make_key({"data": fingerprint(ImageSet(data, torch.zeros(len(data), dtype=torch.long), 1)),
+                    "arch": TRAINED_ARCH, "width": width, "steps": steps, "batch": batch_size, "lr": lr, "seed": seed,
+                    **other})
+    root = Path(cache or Path.home() / ".cache" / "bench" / owner).expanduser()
+    unet, config, note = trained(data, key=key, root=root, width=width, steps=steps, batch_size=batch_size, lr=lr,
+                                 seed=seed, device=device, schedule=schedule, timesteps=timesteps)
+    return unet, config, f"trained on {what}, {steps} steps × {batch_size}: {note}"
+
+
+def purify_with(countermeasure: Any, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+    """``diffpure``'s and ``eclipse``'s data stage: the model from ``countermeasure._model``, then every image diffused
+    to its ``t_star`` and denoised back (``diffuse``, ``denoise``; its ``sampler``, ``steps``) in batches of its
+    ``batch_size``, one generator per image by (seed, index); the record names the model, the setting, the mean
+    PSNR to the input (dB) and the seconds taken."""
+    from diffusers import DDPMScheduler
+    start = time.perf_counter()
+    unet, config, source = countermeasure._model(train, seed, device)
+    t_star, batch_size = countermeasure.t_star, countermeasure.batch_size
+    steps = countermeasure.steps or t_star  # None: every step (ddpm)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    if (size, channels) != (train.size, train.channels) or t_star > config["num_train_timesteps"]:
+        raise ConfigError(f"{countermeasure.name}: the DDPM {source} is for {channels}×{size}×{size} images with "
+                          f"{config['num_train_timesteps']} steps, the data are {train.channels}×{train.size}×"
+                          f"{train.size} with t_star {t_star}: give a model of that shape, or model = 'trained'")
+    unet, scheduler, out = unet.to(device), DDPMScheduler.from_config(config), []
+    for i in range(0, len(train), batch_size):
+        gens = generators(seed, i, min(batch_size, len(train) - i))
+        x_t = diffuse(to_model_range(train.images[i:i + batch_size].to(device)), scheduler, t_star, gens)
+        out.append(to_pixels(denoise(unet, config, x_t, t_star, countermeasure.sampler, steps, gens)).cpu())
+    images = torch.cat(out) if out else train.images.clone()
+    mse = (images.float() - train.images.float()).div(255).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return train.with_images(images, model=source, t_star=t_star, sampler=countermeasure.sampler, steps=steps,
+                             variance=config.get("variance_type"), psnr=round(float((-10 * mse.log10()).mean()), 2),
+                             seconds=round(time.perf_counter() - start, 2))

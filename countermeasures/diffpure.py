@@ -4,14 +4,11 @@ images part-way with a diffusion model's forward process and denoise them back, 
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from bench.api import (COUNTERMEASURES, DATA, DATASETS, ConfigError, Countermeasure, ImageSet, Pretrained, fingerprint,
-                       make_key, train_images_like)
+from bench.api import COUNTERMEASURES, DATA, DATASETS, Countermeasure, ImageSet, Pretrained
 from bench.countermeasures import _ddpm
 
 TRAINED = "trained"
@@ -103,45 +100,11 @@ class DiffPure(Countermeasure):
         return (DDPM,) if self.model == DDPM.hub_id else ()
 
     def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
-        start = time.perf_counter()
-        unet, config, source = self._model(train, seed, device)
-        size, channels = unet.config.sample_size, unet.config.in_channels
-        if (size, channels) != (train.size, train.channels) or self.t_star > config["num_train_timesteps"]:
-            raise ConfigError(f"diffpure: the DDPM {source} is for {channels}×{size}×{size} images with "
-                              f"{config['num_train_timesteps']} steps, the data are {train.channels}×{train.size}×"
-                              f"{train.size} with t_star {self.t_star}: give a model of that shape, or model = "
-                              "'trained'")
-        unet, steps, out = unet.to(device), self.steps or self.t_star, []
-        for i in range(0, len(train), self.batch_size):
-            gens = _ddpm.generators(seed, i, min(self.batch_size, len(train) - i))
-            x = _ddpm.to_model_range(train.images[i:i + self.batch_size].to(device))
-            x_t = _ddpm.diffuse(x, _scheduler(config), self.t_star, gens)
-            out.append(_ddpm.to_pixels(_ddpm.denoise(unet, config, x_t, self.t_star, self.sampler, steps, gens)).cpu())
-        images = torch.cat(out)
-        mse = (images.float() - train.images.float()).div(255).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-        return train.with_images(images, model=source, t_star=self.t_star, sampler=self.sampler, steps=steps,
-                                 variance=config.get("variance_type"), psnr=round(float((-10 * mse.log10()).mean()), 2),
-                                 seconds=round(time.perf_counter() - start, 2))
+        return _ddpm.purify_with(self, train, seed=seed, device=device)
 
     def _model(self, train: ImageSet, seed: int, device: torch.device) -> tuple[Any, dict, str]:
         if self.model != TRAINED:
             return _ddpm.load(self.model, DDPM)
-        data, what = train.images, "the protected set"
-        if self.train_on != "protected":
-            data = train_images_like(self.train_on, self.train_on_per_class, train)
-            what = f"{self.train_on} ({len(data)} images)"
-        if train.size % 4:
-            raise ConfigError(f"diffpure model = 'trained' halves the image twice: size {train.size} is no "
-                              "multiple of 4")
-        key = make_key({"data": fingerprint(ImageSet(data, torch.zeros(len(data), dtype=torch.long), 1)),
-                        "arch": _ddpm.TRAINED_ARCH, "width": self.train_width, "steps": self.train_steps,
-                        "batch": self.train_batch_size, "lr": self.train_lr, "seed": seed})
-        root = Path(self.cache or Path.home() / ".cache" / "bench" / "diffpure").expanduser()
-        unet, config, note = _ddpm.trained(data, key=key, root=root, width=self.train_width, steps=self.train_steps,
-                                           batch_size=self.train_batch_size, lr=self.train_lr, seed=seed, device=device)
-        return unet, config, f"trained on {what}, {self.train_steps} steps × {self.train_batch_size}: {note}"
-
-
-def _scheduler(config: dict) -> Any:
-    from diffusers import DDPMScheduler
-    return DDPMScheduler.from_config(config)
+        return _ddpm.attacker_model(train, owner=self.name, train_on=self.train_on, per_class=self.train_on_per_class,
+                                    width=self.train_width, steps=self.train_steps, batch_size=self.train_batch_size,
+                                    lr=self.train_lr, seed=seed, device=device, cache=self.cache)

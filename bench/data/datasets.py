@@ -139,12 +139,13 @@ def _check_per_class(per_class: int | None, field: str = "per_class") -> None:
         raise ValueError(f"{field} must be ≥ 1, got {per_class}: omit it to keep every image")
 
 
-def balanced_subset(data: ImageSet, per_class: int | None) -> ImageSet:
-    """The first ``per_class`` images of every class, in dataset order (None keeps everything)."""
+def balanced_subset(data: ImageSet, per_class: int | None, last: bool = False) -> ImageSet:
+    """The first (``last``: the last) ``per_class`` images of every class, in dataset order (None keeps everything)."""
     _check_per_class(per_class)
     if per_class is None:
         return data
-    keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:per_class] for c in range(data.num_classes)])
+    pick = slice(-per_class, None) if last else slice(per_class)
+    keep = torch.cat([torch.nonzero(data.labels == c).flatten()[pick] for c in range(data.num_classes)])
     return data.subset(keep.sort().values)
 
 
@@ -163,12 +164,14 @@ def nested_index(larger: ImageSet, smaller: ImageSet) -> torch.Tensor:
     return index
 
 
-def train_images_like(name: str, per_class: int | None, like: ImageSet) -> torch.Tensor:
-    """uint8 train images of dataset ``name`` (``per_class`` per class) resized to ``like``'s size and converted
-    to its channel count (greyscale by luma, or replicated): another dataset as material for a set's models."""
+def train_images_like(name: str, per_class: int | None, like: ImageSet, last: bool = False) -> torch.Tensor:
+    """uint8 train images of dataset ``name`` (the first ``per_class`` per class; ``last``: the last ones, disjoint
+    from the first images a cell trains on) resized to ``like``'s size and converted to its channel count (greyscale
+    by luma, or replicated): another dataset as material for a set's models."""
     from torchvision.transforms.v2 import functional as TF
 
-    other = DATASETS.create(name, per_class=per_class).load()[0]
+    other = balanced_subset(DATASETS.create(name).load()[0], per_class, last) if last else \
+        DATASETS.create(name, per_class=per_class).load()[0]
     images = TF.resize(other.images, [like.size, like.size], antialias=True)
     if other.channels != like.channels:
         images = TF.rgb_to_grayscale(images) if like.channels == 1 else images.expand(-1, 3, -1, -1).contiguous()
