@@ -27,8 +27,10 @@ TRAIN_RATE = {"cpu": dict(cnn=400, lenet=8000, resnet20=350, resnet32=210, resne
 # none), at ``BUDGETS``: the CPU matrices' fits on 500 images (README; EM 99 s, TAP 182 s, REM 936 s, DH 578 s, AR 7 s
 # in results/runs/dh-table1-cpu, ConfounderGAN 597 s, UGE 400 s) ÷ that CPU's training factor (0.59, recorded/
 # TRAIN_RATE); unlisted components are ≈ free (filters, JPEG…). distill: its teacher's 80 `cpu`-recipe epochs.
+# sep and eclipse: coverage-cpu's fits (SEP 179 s, ECLIPSE's DDPM ≈ 600 s + 38 s a purified set, on a CPU that ran
+# the `cpu` recipe's cells in 71 s, so ×1.4 to the table's CPU).
 WORK_PER_IMAGE = dict(em=135, tap=250, rem=1270, confoundergan=810, uge=475, dh=785, ar=9, diffpure=100, dncnn=200,
-                      dncnn_reference=200, dvae=200, orthogonal_projection=10, distill=80)
+                      dncnn_reference=200, dvae=200, orthogonal_projection=10, distill=80, sep=200, eclipse=720)
 REFERENCE_IMAGES = 500  # the train images WORK_PER_IMAGE was measured on
 
 
@@ -54,6 +56,11 @@ BUDGETS: dict[str, tuple[Term, ...]] = {
            Term(0.1, (("extractor_epochs", 40),))),
     "dncnn": (Term(1.0, (("epochs", 60),)),), "dvae": (Term(1.0, (("epochs", 20),)),),
     "diffpure": (Term(0.9, (("train_steps", 500), ("train_batch_size", 64)), fixed=True),),
+    # SEP: the attack is checkpoints × steps passes (None checkpoints count at the reference); ECLIPSE: its DDPM's
+    # FLOPs grow with the width squared (listed twice)
+    "sep": (Term(0.15, (("surrogate_epochs", 30),)), Term(0.85, (("steps", 30), ("checkpoints", 10)))),
+    "eclipse": (Term(0.94, (("train_steps", 500), ("train_batch_size", 64), ("train_width", 32), ("train_width", 32)),
+                     fixed=True), Term(0.06, (("steps", 10),))),
 }
 
 
