@@ -41,6 +41,7 @@ from bench.plan.matrix import Matrix, load_matrix, parse_matrix
 from bench.plan.recipes import RECIPES, Recipe, make_recipe
 from bench.store.cache import umask
 from bench.store.keys import make_key
+from bench.store.locks import locked
 from bench.store.records import Record
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ __all__ = [
     # helpers components use: training, augmentation, recipes, data, keys, units
     "AUGMENTATIONS", "ATTACKER_SEED", "Normalize", "RECIPES", "Recipe", "autocast", "channel_stats", "class_mask",
     "fingerprint", "host_to_device", "make_key", "make_recipe", "pixel_steps", "random_crop", "random_flip",
-    "resolve_precision", "standard_augment", "train_and_evaluate", "train_images_like", "umask",
+    "locked", "resolve_precision", "standard_augment", "train_and_evaluate", "train_images_like", "umask",
 ]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.api import ConfigError, ImageSet, Pretrained, fingerprint, make_key, train_images_like, umask
+from bench.api import ConfigError, ImageSet, Pretrained, fingerprint, locked, make_key, train_images_like, umask
 
 TRAINED_ARCH = {"layers_per_block": 1, "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3}
 
@@ -140,13 +140,24 @@ def trained(data: torch.Tensor, *, key: str, root: Path, width: int, steps: int,
             seed: int, device: torch.device, schedule: str = "linear", timesteps: int = 1000) -> tuple[Any, dict, str]:
     """A small DDPM trained on ``data`` (uint8) by the ε-prediction MSE (Ho et al. 2020 Alg. 1; ``timesteps`` βs of
     ``SCHEDULES[schedule]``; Adam, gradient norm clip 1, linear warm-up over the first 5 %), saved under ``root/key``
-    as a diffusers folder (usable as ``model = <that path>``), or loaded from there. Returns (UNet, config, note)."""
+    as a diffusers folder (usable as ``model = <that path>``), or loaded from there. One worker trains it: the others
+    wait on its lock (``root/.key.lock``, no time limit: a dead holder's lock is released) and load it. Returns (UNet,
+    config, note)."""
     from diffusers import DDPMScheduler, UNet2DModel
     folder = root / key
-    if (folder / "done.json").is_file():
-        unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).eval().requires_grad_(False)
-        return unet, dict(DDPMScheduler.from_pretrained(folder).config), f"loaded from {folder}"
-    scheduler = DDPMScheduler(num_train_timesteps=timesteps, **SCHEDULES[schedule])
+    root.mkdir(parents=True, exist_ok=True)
+    with locked(root / f".{key}.lock", what=f"the DDPM being trained into {folder}", timeout=math.inf):
+        if (folder / "done.json").is_file():
+            unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False).eval().requires_grad_(False)
+            return unet, dict(DDPMScheduler.from_pretrained(folder).config), f"loaded from {folder}"
+        return _train(data, folder, width=width, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                      scheduler=DDPMScheduler(num_train_timesteps=timesteps, **SCHEDULES[schedule]))
+
+
+def _train(data: torch.Tensor, folder: Path, *, width: int, steps: int, batch_size: int, lr: float, seed: int,
+           device: torch.device, scheduler: Any) -> tuple[Any, dict, str]:
+    """``trained``'s fit and atomic save, under its lock."""
+    root, key = folder.parent, folder.name
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = small_unet(data.shape[1], data.shape[-1], width).to(device).train()
@@ -158,14 +169,14 @@ def trained(data: torch.Tensor, *, key: str, root: Path, width: int, steps: int,
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
         index = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=gen)
         x0 = to_model_range(x_all[index.to(device)])
-        noise, t = torch.randn(x0.shape, generator=gen).to(device), torch.randint(timesteps, (len(x0),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=gen)
         loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t.to(device)), t.to(device)).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
     unet = unet.eval().requires_grad_(False)
-    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
     tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would hide a shared cache from other users; the umask decides
     unet.save_pretrained(tmp)

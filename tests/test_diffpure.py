@@ -208,3 +208,21 @@ def test_pretrained_cifar10_ddpm_on_gpu(rgb):
         out = COUNTERMEASURES.create("diffpure", **params).purify(rgb, seed=0, device=cuda)
         assert 18 < psnr(out.images, rgb.images) < 35, out.info
     assert psnr(COUNTERMEASURES.create("diffpure", t_star=1).purify(rgb, seed=0, device=cuda).images, rgb.images) > 35
+
+
+def _train_tiny(root: str) -> str:
+    """One worker's call (a spawned process): the attacker's tiny DDPM on fixed data, keyed alike in both."""
+    torch.set_num_threads(1)
+    data = torch.arange(4 * 3 * 8 * 8, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(4, 3, 8, 8)
+    return _ddpm.trained(data, key="shared", root=__import__("pathlib").Path(root), width=8, steps=30, batch_size=4,
+                         lr=1e-3, seed=0, device=torch.device("cpu"))[2]
+
+
+def test_two_workers_train_a_shared_ddpm_once(tmp_path):
+    """Workers that need the same attacker model (ECLIPSE's sparse DDPM, AVATAR's) do not both train it: one holds
+    the model's lock and trains, the other waits and loads (coverage-cpu trained it twice, ≈ 600 s each, before)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        notes = pool.map(_train_tiny, [str(tmp_path)] * 2)
+    assert sorted(note.split()[0] for note in notes) == ["loaded", "trained"], notes
