@@ -128,3 +128,19 @@ def test_training_work_scales_with_each_victims_flops_at_the_datasets_resolution
     at = {size: estimate(m, expand(m), Cache(Path("/nonexistent")), {}, [], [], "cpu", jobs=1).seconds
           for size in (32, 64) for m in [parse_matrix({**doc, "datasets": {"digits": {"size": size}}}, "m")]}
     assert at[64] / at[32] == pytest.approx(4, rel=0.05)
+
+
+def test_a_model_shared_by_purified_sets_is_counted_once():
+    """ECLIPSE's attacker trains one sparse DDPM per (parameters, data) and every protection's set reuses it: the
+    estimate counts its training once, then each further set's denoising only (coverage's 136 h were 35 h)."""
+    eclipse = {"train_on": "digits", "train_steps": 20_000}
+    doc = {**MATRIX, "countermeasures": {"eclipse": eclipse}, "victims": ["cnn"]}
+
+    def purify(protections):
+        m = parse_matrix({**doc, "protections": protections}, "m")
+        work = estimate(m, expand(m), Cache(Path("/nonexistent")), {}, [], [], "cpu", jobs=1)
+        return work, table_set_seconds("eclipse", eclipse, 1797, "purify", "cpu")
+    (one, first), (three, _) = purify(["clean"]), purify(["clean", "cwn", "random_noise"])
+    denoise_only = table_set_seconds("eclipse", eclipse, 1797, "purify", "cpu", shared=True)
+    assert 0 < denoise_only < first / 10
+    assert three.seconds - one.seconds < first / 2

@@ -146,7 +146,9 @@ def estimate(matrix: Matrix, cells: list[Cell], cache: Cache, recorded: dict[str
         cached = {key_of(p) for p in plans if key_of(p) and cache.has(stage, key_of(p))}
         build = {key_of(p): p.cell for p in todo if key_of(p) and (key_of(p) not in cached or p.cell in redo)}
         step = "protect" if stage == "protected" else "purify"
-        times += [(step, _set_seconds(getattr(c, axis), c.dataset, step, records, kind, ratios)) for c in build.values()]
+        firsts = {(getattr(c, axis), c.dataset): key for key, c in reversed(build.items())}  # a fitted model: once
+        times += [(step, _set_seconds(getattr(c, axis), c.dataset, step, records, kind, ratios,
+                                      shared=firsts[getattr(c, axis), c.dataset] != key)) for key, c in build.items()]
         sets[stage] = (len(cached), len(build))
     longest = {s: max((t for x, t in times if x == s), key=lambda t: t.seconds) for s in STAGES if s in dict(times)}
     found, share = sum(t.source == "records" for _, t in times), 1 / max(1, jobs)
@@ -224,7 +226,7 @@ def _train_seconds(cell: Cell, recipe: dict[str, Any], records: list[Record], ki
 
 
 def _set_seconds(choice: Choice, dataset: Choice, stage: str, records: list[Record], kind: str,
-                 ratios: dict[str, list[float]]) -> Timing:
+                 ratios: dict[str, list[float]], shared: bool = False) -> Timing:
     """A protected (``protect``) or purified (``purify``) set: the median seconds per image of records of the same
     component and parameters × its images, else the table's (``WORK_PER_IMAGE`` × ``budget``), calibrated."""
     axis, images = "protection" if stage == "protect" else "countermeasure", set_images(stage, choice, dataset)
@@ -232,5 +234,5 @@ def _set_seconds(choice: Choice, dataset: Choice, stage: str, records: list[Reco
                   if _same(r, axis, choice) and stage in r.seconds]
     if per_second:
         return _recorded(images, per_second)
-    table = table_set_seconds(choice.name, choice.kwargs, images, stage, kind)
+    table = table_set_seconds(choice.name, choice.kwargs, images, stage, kind, shared)
     return _calibrated(table, ratios, (f"build:{choice.name}", "build", "all")) if table else Timing(0, 0, 0, "table")

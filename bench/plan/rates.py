@@ -64,24 +64,27 @@ BUDGETS: dict[str, tuple[Term, ...]] = {
 }
 
 
-def budget(name: str, params: dict[str, Any], images: int) -> float:
+def budget(name: str, params: dict[str, Any], images: int, shared: bool = False) -> float:
     """A component's work relative to ``WORK_PER_IMAGE`` × ``images`` at the reference budget (``BUDGETS``); a
-    parameter left out or None counts at its reference."""
+    parameter left out or None counts at its reference. ``shared``: a set after the first of the same component on
+    the same data, whose fixed terms (an attacker's DDPM, trained once and cached) are already paid."""
     terms = BUDGETS.get(name, ())
     scale = 1 - sum(t.share for t in terms)
     for term in terms:
         ratio = math.prod(float(params.get(p) or ref) / ref for p, ref in term.params)
-        scale += term.share * ratio * (REFERENCE_IMAGES / max(images, 1) if term.fixed else 1)
+        paid = term.fixed and shared
+        scale += 0 if paid else term.share * ratio * (REFERENCE_IMAGES / max(images, 1) if term.fixed else 1)
     return scale
 
 
-def table_set_seconds(name: str, params: dict[str, Any], images: float, stage: str, kind: str) -> float:
+def table_set_seconds(name: str, params: dict[str, Any], images: float, stage: str, kind: str,
+                      shared: bool = False) -> float:
     """Seconds the rate tables give a protected (``protect``) or purified (``purify``) set of ``images`` (32-px
-    images' work: see ``set_images``)."""
+    images' work: see ``set_images``; ``shared`` as ``budget``'s)."""
     component = (PROTECTIONS if stage == "protect" else COUNTERMEASURES).get(name)
     defaults = {f.name: f.default for f in dataclasses.fields(component) if f.default is not dataclasses.MISSING}
     params = {**defaults, **params}
-    work = WORK_PER_IMAGE.get(name, 0) * images * budget(name, params, images)
+    work = WORK_PER_IMAGE.get(name, 0) * images * budget(name, params, images, shared)
     return work / train_rate(kind, surrogate(stage, name, params))
 
 
