@@ -321,3 +321,17 @@ def test_perturbation_metrics_in_parts_equal_the_whole_float64_computation(monke
              "psnr": (10 * torch.log10(1 / mse[mse > 0])).mean().item()}
     monkeypatch.setattr(metrics, "METRIC_CHUNK", 2 * 75)  # two images a part
     assert perturbation_metrics(clean, protected) == pytest.approx(whole, rel=1e-12)
+
+
+def test_make_key_is_the_same_on_every_version_of_bench():
+    """Every cached result is found by these keys: a change to their canonical form (separators, key order, the
+    hash or its length) would silently orphan every results folder. mutmut's first run on bench/store/keys.py left
+    the separator mutants alive; this golden value kills them."""
+    from bench.store.keys import make_key
+
+    spec = {"protection": {"name": "em", "params": {"epsilon": 8.0}}, "seed": 0, "b": [1, 2]}
+    assert make_key(spec) == "daf0acde83b2ae6b0baa6e4b"
+    assert make_key(dict(reversed(list(spec.items())))) == make_key(spec)
+    from pathlib import PurePosixPath  # values JSON has no form for count by their text
+
+    assert make_key({"root": PurePosixPath("a/b")}) == make_key({"root": "a/b"})
