@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from bench.api import COUNTERMEASURES, DATASETS, PROTECTIONS, VICTIMS, ImageSet, make_recipe, train_and_evaluate
-from countermeasures import colour
+from bench.countermeasures import colour
 
 CPU = torch.device("cpu")
 COLOUR = ["channel_norm", "hist_eq", "lab_whiten", "yuv_whiten"]

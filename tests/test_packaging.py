@@ -66,3 +66,15 @@ def test_import_bench_is_cheap_and_the_api_is_lazy():
             "import bench.protections.em; assert bench.protections.__file__.endswith('protections/__init__.py')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_tests_import_builtin_components_through_the_package():
+    """`from countermeasures import colour` would import the checkout's folder as a second module, re-register its
+    classes outside bench and make them look like plugins to every later test in that worker (it failed
+    test_deviations and test_readme in one xdist order)."""
+    import re
+    from pathlib import Path
+
+    pattern = re.compile(r"^\s*(from|import) (protections|countermeasures|victims)\b", re.M)
+    offenders = [p.name for p in Path(__file__).parent.glob("*.py") if pattern.search(p.read_text())]
+    assert not offenders, f"import bench.protections / bench.countermeasures / bench.victims instead in {offenders}"
