@@ -335,3 +335,23 @@ def test_make_key_is_the_same_on_every_version_of_bench():
     from pathlib import PurePosixPath  # values JSON has no form for count by their text
 
     assert make_key({"root": PurePosixPath("a/b")}) == make_key({"root": "a/b"})
+
+
+def test_the_key_chain_is_the_same_on_every_version_of_bench():
+    """The protection, purification and cell keys of fixed specs are golden: renaming a field of a key's spec, or
+    adding an absent option (``fitted_on``, ``mix``, ``unused_protection``) as ``None``, would orphan every results
+    folder just as a change to ``make_key`` would (mutmut left each such change alive before this test). Prose
+    recipe fields stay out of the cell key."""
+    from bench.store.keys import cell_key, protection_key, purify_key, train_source
+
+    data = "d" * 24
+    protected = protection_key(data, {"name": "cwn"}, 3, None)
+    assert (protected, protection_key(data, {"name": "cwn"}, 3, 0.5)) == (
+        "26d4f4ab3c1a299878e32aa3", "05249b68ba3977531303a5cf")
+    source = train_source(data, protected, 0.5, 3, "protected", None)
+    clean_row = train_source(data, None, 1.0, 3, "clean_only", {"name": "cwn"})
+    assert (purify_key(source, {"name": "jpeg"}), purify_key(clean_row, {"name": "jpeg"})) == (
+        "8375e450b3cecfc06eea06d9", "8a41ef889ae0ad28284380a2")
+    recipe = {"name": "quick", "epochs": 2, "lr": 0.1, "source": "x", "victim_overrides": {}, "dataset_overrides": {}}
+    assert cell_key(source, {"name": "none"}, {"name": "cnn"}, recipe) == "99e2aefb759c674c4fed2ce8"
+    assert cell_key(clean_row, {"name": "none"}, {"name": "cnn"}, {"epochs": 2}) == "ca5b17078714933f556b45fb"
