@@ -7,7 +7,7 @@ MATRIX ?= smoke
 # Test workers (pytest-xdist): the tests are single-threaded, so one per core; 2 cores here.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test test-slow gpu-check docs clean
+.PHONY: setup run test test-slow gpu-check docs mutate clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,14 @@ gpu-check: $(STAMP)
 # The README's component table is `bench list --markdown` of the built-ins: regenerate it after adding one.
 docs: $(STAMP)
 	$(PY) -m bench list --markdown --update README.md
+
+# Mutation testing (mutmut 3, tests/mutate.py) of the harness modules that decide results, each against its fast
+# tests: a score per module; survivors must be killed by a test or listed in tests/equivalent_mutants.toml.
+# MODULE=bench/store/cache.py runs one module (what a contributor runs on the module they changed).
+MODULE ?=
+mutate: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[mutate]'
+	$(PY) tests/mutate.py $(if $(MODULE),--module $(MODULE))
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow
