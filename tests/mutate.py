@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 THRESHOLD = 0.85
 COPIED = ("bench", "protections", "countermeasures", "victims", "tests", "pyproject.toml", "README.md")
-KEPT_RECORDS = "results/runs/*/records.jsonl"  # the committed records some tests read (results/README.md)
+RECORDS = "results/runs"  # the committed records some tests read (results/README.md)
 # module → the fast tests that exercise it (mutmut runs, per mutant, those of them that reach the mutated function)
 MODULES = {
     "bench/store/keys.py": ["test_key_properties.py", "test_cache.py"],
@@ -45,9 +45,8 @@ def mutmut_config(module: str) -> str:
     stem = Path(module).stem  # tests/test_<module>_properties.py: the tests mutation testing asked for, if any
     names = [*MODULES[module], *([f"test_{stem}_properties.py"] if (REPO / "tests" / f"test_{stem}_properties.py").is_file() else [])]
     tests = ", ".join(f'"tests/{name}"' for name in dict.fromkeys(names))
-    records = ", ".join(f'"{path.relative_to(REPO)}"' for path in sorted(REPO.glob(KEPT_RECORDS)))
     return (f'\n[tool.mutmut]\nsource_paths = ["bench"]\nonly_mutate = ["{module}"]\n'
-            f'also_copy = ["protections", "countermeasures", "victims", "README.md", {records}]\n'
+            f'also_copy = ["protections", "countermeasures", "victims", "README.md", "{RECORDS}"]\n'
             f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=",'
             f' "-m", "not slow and not gpu"]\npytest_add_cli_args_test_selection = [{tests}]\n')
 
@@ -55,8 +54,10 @@ def mutmut_config(module: str) -> str:
 def prepare(module: str) -> Path:
     """Refreshes the module's copy from the checkout (mutmut reruns only the mutants whose code changed)."""
     copy = REPO / "build" / "mutate" / module.replace("/", "_").removesuffix(".py")
-    for name in (*COPIED, *(str(path.relative_to(REPO)) for path in REPO.glob(KEPT_RECORDS))):
+    for name in (*COPIED, RECORDS):
         source, target = REPO / name, copy / name
+        if not source.exists():
+            continue
         if source.is_dir():
             shutil.copytree(source, target, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -269,7 +269,7 @@ def read_entry(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     manifest = verify(folder)
     try:
         images, labels = np.load(folder / "images.npy", mmap_mode="c"), np.load(folder / "labels.npy")
-    except OSError as err:  # a pickled (object) array is a ValueError already
+    except (OSError, EOFError) as err:  # EOFError: an empty .npy; a pickled (object) array is a ValueError already
         raise ValueError(f"{type(err).__name__}: {err}") from err
     if (images.dtype != np.uint8 or list(images.shape) != manifest.get("shape") or labels.dtype.kind not in "iu"
             or labels.shape != images.shape[:1] or not isinstance(manifest.get("num_classes"), int)):
