@@ -124,7 +124,7 @@ def test_rows_follow_the_matrix_order_and_the_metric_is_the_one_asked(papers: No
 def test_a_subset_of_the_papers_dataset_alone_is_a_reduced_setting(papers: None, tmp_path: Path) -> None:
     """Fewer images per class, with the paper's dataset, victim and recipe, still makes it 'reduced'."""
     write_run(tmp_path, [rec("em", "none", 0.2, dataset_params={"per_class": 50, "test_per_class": None})])
-    setting = " ".join(only(tmp_path).attrs["setting"].split())  # the module prints "cifar10  50/class" (2 spaces)
+    setting = only(tmp_path).attrs["setting"]
     assert setting == "reduced setting, not a reproduction: cifar10 50/class vs the paper's full cifar10"
 
 

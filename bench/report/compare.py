@@ -58,7 +58,7 @@ def compare(table: Table, reference: str, layout: Layout) -> pd.DataFrame:
     words = {"per_class": "{n}/class", "test_per_class": "test {n}/class", "protect_per_class": "protected on {n}/class"}
     subset = [text.format(n=n) for key, text in words.items() if (n := params.get(key)) is not None]
     if copy or subset:
-        what = " ".join([dataset, f"({copy})" * bool(copy), *subset[:1]]) + "".join(f", {s}" for s in subset[1:])
+        what = " ".join([dataset, *([f"({copy})"] if copy else []), *subset[:1]]) + "".join(f", {s}" for s in subset[1:])
         notes.append(f"{what} vs the paper's {'full ' * bool(subset)}{paper_dataset}")
     block = references.load_reference(reference)
     block = block[block["dataset"] == paper_dataset]
