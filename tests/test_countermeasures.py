@@ -21,6 +21,7 @@ from bench.core.components import COUNTERMEASURES, TRAIN, VICTIMS, ImageSet, Tra
 from bench.countermeasures import _ops, _trivial
 from bench.data.datasets import DATASETS
 from bench.plan.matrix import expand, load_matrix
+from bench.testing import coloured
 from conftest import require_cifar10_jpeg
 
 CPU = torch.device("cpu")
@@ -34,10 +35,17 @@ HOOK_PARAMS = {"ueraser": {"variant": "max", "repeats": 2}, "adv_training": {"st
 
 @pytest.fixture(scope="module")
 def rgb() -> ImageSet:
-    """40 real RGB images (4 per class) of the CIFAR-10 JPEG copy; skips without it (the goldens, the filters'
-    effects and the attacks' losses are checked on photographs, not on noise)."""
+    """40 real RGB images (4 per class) of the CIFAR-10 JPEG copy; skips without it (the goldens and the filters'
+    effects are checked on photographs, not on noise; the attacks' losses on ``digits_rgb``)."""
     path = require_cifar10_jpeg()
     return DATASETS.create("cifar10-jpeg", path=str(path), per_class=4, test_per_class=1).load()[0]
+
+
+@pytest.fixture(scope="module")
+def digits_rgb() -> ImageSet:
+    """40 coloured digits (4 per class, 32×32, three different channels): always present, so the attacks' and
+    UEraser's loss checks run without the optional CIFAR-10 copy."""
+    return coloured(DATASETS.create("digits", per_class=4, size=32).load()[0])
 
 
 @pytest.fixture(scope="module")
@@ -279,9 +287,9 @@ def test_adv_training_defaults_are_dh(norm, epsilon, step):
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_pgd_stays_within_epsilon_and_raises_the_loss(norm, rgb):
+def test_pgd_stays_within_epsilon_and_raises_the_loss(norm, digits_rgb):
     torch.manual_seed(0)
-    x, y = floats(rgb), rgb.labels
+    x, y = floats(digits_rgb), digits_rgb.labels
     net = fitted(VICTIMS.create("cnn", width=8).build(10, 3, 32), x, y)
     at = COUNTERMEASURES.create("adv_training", norm=norm)
     hooks = at.train_hooks(10, 32)
@@ -322,11 +330,11 @@ def ueraser_loss(net, x, y, seed=0, **params):
     return hooks.loss, hooks.loss(net, x, y, torch.Generator().manual_seed(seed))[0]
 
 
-def test_ueraser_max_loss_is_at_least_one_draw_and_above_clean_ce(rgb):
+def test_ueraser_max_loss_is_at_least_one_draw_and_above_clean_ce(digits_rgb):
     """The max over K draws ≥ the loss of its first draw (= 'lite' with the same generator), and for a model
     fitted on the clean batch it exceeds plain cross-entropy on that batch."""
     torch.manual_seed(0)
-    x, y = floats(rgb), rgb.labels
+    x, y = floats(digits_rgb), digits_rgb.labels
     net = fitted(VICTIMS.create("cnn", width=8).build(10, 3, 32), x, y).eval()  # eval: draws see the same BN
     with torch.no_grad():
         _, worst = ueraser_loss(net, x, y, variant="max")

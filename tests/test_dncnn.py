@@ -16,6 +16,7 @@ from bench.countermeasures.dncnn import DnCNN, dihedral, halves
 from bench.data import mixes
 from bench.data.datasets import DATASETS
 from bench.store.records import RecordLog
+from bench.testing import coloured
 from conftest import require_cifar10_jpeg
 
 CPU = torch.device("cpu")
@@ -25,6 +26,13 @@ CPU = torch.device("cpu")
 def rgb() -> ImageSet:
     """200 real CIFAR-10 images (20 per class)."""
     return DATASETS.create("cifar10-jpeg", path=str(require_cifar10_jpeg()), per_class=20, test_per_class=1).load()[0]
+
+
+@pytest.fixture(scope="module")
+def digits_rgb() -> ImageSet:
+    """200 coloured digits (20 per class, 32×32, three different channels): always present, so the trained
+    denoiser is checked without the optional CIFAR-10 copy."""
+    return coloured(DATASETS.create("digits", per_class=20, size=32).load()[0])
 
 
 def pattern_attacker(clean: ImageSet, pattern: torch.Tensor) -> tuple[ImageSet, Attacker]:
@@ -62,18 +70,22 @@ def test_dihedral_gives_eight_distinct_transforms():
     assert len({tuple(dihedral(x, m).flatten().tolist()) for m in range(8)}) == 8
 
 
-def test_trained_denoiser_lowers_the_mse_to_the_natural_images_of_the_held_out_half(rgb):
+def test_trained_denoiser_lowers_the_mse_to_the_natural_images_of_the_held_out_half(digits_rgb):
     """Trained on the attacker's half, the denoiser brings the victim's half (never seen) closer to its natural
-    images than the protected images are."""
-    pattern = (torch.randint(0, 2, rgb.images.shape[1:], generator=torch.Generator().manual_seed(0)) * 16 - 8).short()
-    protected, attacker = pattern_attacker(rgb, pattern)
-    dncnn = COUNTERMEASURES.create("dncnn", epochs=100, depth=5, width=32, batch_size=20, identity_start=True)
+    images than the protected images are. A CPU budget (15 epochs of batches of 10, lr not decayed: ~5 s):
+    measured 0.24× the protected images' MSE (1.9e-4 vs 8.0e-4), loss 3.66 → 0.32; trained on (natural,
+    natural) pairs instead, the identity-started denoiser stays at 1.00× with loss 0."""
+    pattern = (torch.randint(0, 2, digits_rgb.images.shape[1:], generator=torch.Generator().manual_seed(0)) * 16
+               - 8).short()
+    protected, attacker = pattern_attacker(digits_rgb, pattern)
+    dncnn = COUNTERMEASURES.create("dncnn", epochs=15, milestones=[15], depth=5, width=32, batch_size=10,
+                                   identity_start=True)
     fitted = dncnn.fit(protected, seed=0, device=CPU, attacker=attacker)
     info = fitted.data.info
-    assert info["mse_denoised_vs_natural"] < 0.75 * info["mse_encrypted_vs_natural"], info  # measured: 0.49×
+    assert info["mse_denoised_vs_natural"] < 0.75 * info["mse_encrypted_vs_natural"], info
     assert info["denoiser_loss_last"] < info["denoiser_loss_first"]
-    victims = halves(rgb, 0)[1]
-    assert torch.equal(fitted.data.labels, rgb.labels[victims]) and list(fitted.models) == ["denoiser"]
+    victims = halves(digits_rgb, 0)[1]
+    assert torch.equal(fitted.data.labels, digits_rgb.labels[victims]) and list(fitted.models) == ["denoiser"]
 
 
 @pytest.mark.parametrize("images", ["natural", "encrypted"])
