@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FINGERPRINT_ROWS = 1024  # images hashed at a time
 
 
-def location(default: Any = "") -> Any:
+def location(default: Any = "") -> Any:  # pragma: no mutate block (called while the classes below are defined)
     """A field that says where data lives: not part of the cache key."""
     return dataclasses.field(default=default, metadata={"location": True})
 
