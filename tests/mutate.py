@@ -74,13 +74,21 @@ def prepare(module: str) -> Path:
     return copy
 
 
-def survivor_change(copy: Path, name: str) -> str:
-    """A mutant's changed lines, stripped: the key under which an equivalent mutant is listed (stable when the
+# one process for every survivor's diff (``mutmut show`` starts Python once per mutant): mutmut's own function
+DIFFS = ("import sys\nfrom mutmut.mutation.diff_apply import get_diff_for_mutant\n"
+         "print('\\0'.join(get_diff_for_mutant(name) for name in sys.stdin.read().split()))")
+
+
+def survivor_changes(copy: Path, names: list[str]) -> dict[str, str]:
+    """Each mutant's changed lines, stripped: the key under which an equivalent mutant is listed (stable when the
     module's other code moves, unlike mutmut's numbered names)."""
-    diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=copy, capture_output=True,
-                          text=True, check=True).stdout
-    lines = [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    return "\n".join(line[0] + " " + line[1:].strip() for line in lines)
+    if not names:
+        return {}
+    diffs = subprocess.run([sys.executable, "-c", DIFFS], cwd=copy, input=" ".join(names), capture_output=True,
+                           text=True, check=True).stdout.split("\0")
+    changed = ([line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+               for diff in diffs)
+    return {name: "\n".join(line[0] + " " + line[1:].strip() for line in lines) for name, lines in zip(names, changed)}
 
 
 def equivalents(module: str) -> dict[tuple[str, str], str]:
@@ -118,15 +126,13 @@ def mutate(module: str, workers: int) -> bool:
     seconds = time.monotonic() - started
     status = statuses(copy)
     listed, unexplained, equivalent = equivalents(module), [], 0
-    for name, state in sorted(status.items()):
-        if state in CAUGHT:
-            continue
+    survivors = sorted(name for name, state in status.items() if state not in CAUGHT)
+    for name, change in survivor_changes(copy, survivors).items():
         function = re.sub(r"__mutmut_\d+$", "", name.rsplit(".", 1)[-1]).removeprefix("x_")
-        change = survivor_change(copy, name)
         if (function, change) in listed:
             equivalent += 1
         else:
-            unexplained.append((name, state, change))
+            unexplained.append((name, status[name], change))
     caught = sum(state in CAUGHT for state in status.values())
     scored = len(status) - equivalent
     score = caught / scored if scored else 1.0
