@@ -147,7 +147,7 @@ def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None], ref
     for cell in cells:
         components = Components.of(cell)
         reasons.append(missing_capabilities(cell, components))
-        surrogates = _surrogates(cell, components) if device == "cpu" or deterministic else []
+        surrogates = _surrogates(components) if device == "cpu" or deterministic else []
         for component in (components.protection, components.countermeasure, components.victim, *surrogates):
             if device == "cpu" and component.expensive_on_cpu and component.name not in warned:
                 warned.add(component.name)
@@ -164,7 +164,7 @@ def check_cells(cells: list[Cell], device: str, warn: Callable[[str], None], ref
     return built, reasons
 
 
-def _surrogates(cell: Cell, built: Components) -> list[Any]:
+def _surrogates(built: Components) -> list[Any]:
     """The victims a cell's protection and countermeasure train as surrogates (named by their ``surrogate_param``)."""
     names = [getattr(c, c.surrogate_param) for c in (built.protection, built.countermeasure) if c.surrogate_param]
     return [VICTIMS.get(name) for name in names if isinstance(name, str) and name in VICTIMS.names()]
