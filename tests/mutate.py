@@ -24,15 +24,15 @@ THRESHOLD = 0.85
 COPIED = ("bench", "protections", "countermeasures", "victims", "tests", "pyproject.toml", "README.md")
 RECORDS = "results/runs"  # the committed records some tests read (results/README.md)
 PIPELINE = [f"test_pipeline.py::test_{name}" for name in (
-    "record_fields", "failed_cell_is_recorded_and_grid_continues", "run_then_rerun_trains_nothing",
-    "rebuild_sets_builds_a_recorded_cells_missing_set_without_retraining")]
+    "record_fields", "run_then_rerun_trains_nothing", "rebuild_sets_builds_a_recorded_cells_missing_set_without_retraining")]
 # module → the fast tests that exercise it (mutmut runs, per mutant, those of them that reach the mutated function)
 MODULES = {
     "bench/store/keys.py": ["test_key_properties.py", "test_cache.py"],
     "bench/plan/planner.py": ["test_key_properties.py", "test_matrix.py", "test_validation.py", "test_cache.py"],
     "bench/store/cache.py": ["test_cache.py", "test_cache_integrity.py"],
     "bench/store/records.py": ["test_records.py", "test_records_integrity.py"],
-    # end-to-end runs in one process only (the multi-process ones take minutes a mutant on 2 cores)
+    # end-to-end runs in one process only: the multi-process ones take minutes a mutant on 2 cores, and a `bench`
+    # subprocess under mutmut's stats collection fails
     "bench/execute/stages.py": ["test_loop_guards.py", *PIPELINE,
                                 "test_contracts.py::test_a_countermeasure_may_have_a_data_and_a_train_stage"],
     "bench/execute/scheduler.py": [*PIPELINE, "test_pipeline.py::test_dry_run_only_and_leaderboard_command"],
