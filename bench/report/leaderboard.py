@@ -116,7 +116,7 @@ def latest_positions(records: list[dict[str, Any]]) -> pd.DataFrame:
     position = [c for c in (*GROUP, "mix", "protection", "countermeasure", "seed") if c in frame]
     recency = frame["finished_at"] if "finished_at" in frame else pd.Series(range(len(frame)), index=frame.index)
     frame = frame.loc[recency.sort_values(kind="stable").index].drop_duplicates(position, keep="last")
-    frame["recipe"] = frame.get("recipe", pd.Series(dtype=object)).fillna("?")
+    frame["recipe"] = frame["recipe"].fillna("?") if "recipe" in frame else "?"  # failed before its recipe
     frame["stale"] = frame.get("stale", pd.Series("", index=frame.index)).fillna("")
     return frame
 
@@ -203,7 +203,9 @@ def markdown(table: Table) -> str:
     ran += "".join(f"\n- {STALE.strip()}: {line}" for line in table.stale)
     ran += "".join(f"\n- skipped (damaged record line, its cell counts as not recorded): {line}"
                    for line in table.skipped)
-    return f"### {table.title}\n\n" + table.display.to_markdown(stralign="right") + "\n" + (ran + "\n" if ran else "")
+    # numparse off: tabulate would write "90.00" as 90 beside a "90.00 ± 1.20" cell
+    shown = table.display.to_markdown(stralign="right", disable_numparse=True)
+    return f"### {table.title}\n\n" + shown + "\n" + (ran + "\n" if ran else "")
 
 
 def write_tables(tables: list[Table], out_dir: Path, metric: str = "final") -> list[Path]:
