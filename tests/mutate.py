@@ -33,8 +33,7 @@ MODULES = {
     "bench/store/records.py": ["test_records.py", "test_records_integrity.py"],
     # end-to-end runs in one process only: the multi-process ones take minutes a mutant on 2 cores, and a `bench`
     # subprocess under mutmut's stats collection fails
-    "bench/execute/stages.py": ["test_loop_guards.py", *PIPELINE,
-                                "test_contracts.py::test_a_countermeasure_may_have_a_data_and_a_train_stage"],
+    "bench/execute/stages.py": ["test_loop_guards.py", *PIPELINE],
     "bench/execute/scheduler.py": [*PIPELINE, "test_pipeline.py::test_dry_run_only_and_leaderboard_command"],
     "bench/execute/train.py": ["test_train.py", "test_loop_guards.py"],
     "bench/data/mixes.py": ["test_mix.py"],
