@@ -44,10 +44,15 @@ MODULES = {
 CAUGHT = {"killed", "timeout", "segfault", "caught by type checker"}
 
 
+def properties(module: str) -> str:
+    """``test_<module>_properties.py``: the tests a module's survivors asked for. Always in the selection (an empty
+    one in the copy until written), since mutmut forgets every verdict when the selection changes."""
+    return f"test_{Path(module).stem}_properties.py"
+
+
 def mutmut_config(module: str) -> str:
     """The ``[tool.mutmut]`` table of one module's copy."""
-    stem = Path(module).stem  # tests/test_<module>_properties.py: the tests mutation testing asked for, if any
-    names = [*MODULES[module], *([f"test_{stem}_properties.py"] if (REPO / "tests" / f"test_{stem}_properties.py").is_file() else [])]
+    names = [*MODULES[module], properties(module)]
     tests = ", ".join(f'"tests/{name}"' for name in dict.fromkeys(names))
     return (f'\n[tool.mutmut]\nsource_paths = ["bench"]\nonly_mutate = ["{module}"]\n'
             f'also_copy = ["protections", "countermeasures", "victims", "README.md", "{RECORDS}"]\n'
@@ -68,6 +73,9 @@ def prepare(module: str) -> Path:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    placeholder = copy / "tests" / properties(module)
+    if not placeholder.exists():
+        placeholder.write_text('"""No tests yet."""\n')
     pyproject = copy / "pyproject.toml"
     pyproject.write_text(pyproject.read_text() + mutmut_config(module))
     return copy
