@@ -279,8 +279,9 @@ def _check_output(before: ImageSet, after: ImageSet, what: str, subset: bool = F
     """The stage kept every image and its label (or, for a countermeasure that ``returns_subset``, the image
     shape, the classes and at most as many images), on the CPU."""
     if {after.images.device.type, after.labels.device.type} != {"cpu"}:
-        raise RuntimeError(f"{what} returned tensors on {after.images.device}: components return CPU tensors; call "
-                           ".cpu() (ImageSet.with_images does)")
+        devices = f"{after.images.device} (images), {after.labels.device} (labels)"
+        raise RuntimeError(f"{what} returned tensors on {devices}: components return CPU tensors; call .cpu() "
+                           "(ImageSet.with_images does)")
     if subset:
         if after.images.shape[1:] != before.images.shape[1:] or len(after) > len(before) or \
                 after.num_classes != before.num_classes:
