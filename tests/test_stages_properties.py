@@ -160,6 +160,15 @@ class Halve(Countermeasure):
         return train.subset(torch.arange(len(train) // 2))
 
 
+class RelabelData(Countermeasure):
+    """Breaks the contract in the data stage: shifts every label."""
+    paper: ClassVar[str] = "test countermeasure"
+    stages: ClassVar[frozenset[str]] = frozenset({"data"})
+
+    def purify(self, train: ImageSet, *, seed: int, device: torch.device) -> ImageSet:
+        return ImageSet(train.images, (train.labels + 1) % train.num_classes, train.num_classes)
+
+
 def _keys(models: Models | None) -> dict[str, int] | None:
     return None if models is None else {kind: model.arch["key"] for kind, model in models.items()}
 
@@ -179,7 +188,8 @@ class KeyedVictim(Victim):
 
 
 ADDED = {PROTECTIONS: {"keyed_shift_st": KeyedShift, "relabel_st": Relabel, "wrong_models_st": WrongModels},
-         COUNTERMEASURES: {"attack_probe_st": AttackProbe, "model_probe_st": ModelProbe, "halve_st": Halve},
+         COUNTERMEASURES: {"attack_probe_st": AttackProbe, "model_probe_st": ModelProbe, "halve_st": Halve,
+                           "relabel_data_st": RelabelData},
          VICTIMS: {"keyed_cnn_st": KeyedVictim}}
 
 
@@ -592,6 +602,25 @@ def test_stage_reports_read_each_stages_manifest(world):
     bare = plan_of(world, protection=choice("cwp", size_fraction=0.25))
     cache.save("protected", bare.protection_key, clean_train(world), {"seconds": 1.5})
     assert stage_reports(cache, bare) == ({"protect": 1.5}, {"protect_info": {}, "protect_models": []})
+
+
+def test_purify_job_refuses_a_countermeasure_that_changes_the_labels(world):
+    """Labels changed by a data stage: the error names the countermeasure by its label; nothing is cached."""
+    cache, _ = world
+    plan = plan_of(world, countermeasure=choice("relabel_data_st", "my-relabel"))
+    protect(world, plan)
+    with pytest.raises(RuntimeError, match="^countermeasure my-relabel changed the shape or the labels of the train "
+                                           "set$"):
+        purify_job(PurifyJob(cache.root, 1, plan), CPU)
+    assert cache.load("purified", plan.purify_key) is None
+
+
+def test_stage_reports_of_an_entry_written_before_manifests_listed_models(world, monkeypatch):
+    """An older entry's manifest has no ``models`` field: it reports none, not a TypeError."""
+    cache, _ = world
+    plan = plan_of(world, protection=choice("cwp", size_fraction=0.25))
+    monkeypatch.setattr(cache, "manifest", lambda kind, key: {"seconds": 2.0})
+    assert stage_reports(cache, plan) == ({"protect": 2.0}, {"protect_info": {}, "protect_models": []})
 
 
 # ------------------------------------------------------------------ identity, failed_record
