@@ -261,7 +261,8 @@ def test_device_tensors_from_a_component_come_back_to_the_cpu(monkeypatch):
     moved = clean.with_images(on_device)
     assert moved.images.device.type == "cpu" and torch.equal(moved.images, torch.ones(4, 1, 8, 8, dtype=torch.uint8))
     stages._check_output(clean, moved, "protection p")
-    with pytest.raises(RuntimeError, match=r"protection p returned tensors on meta: components return CPU tensors"):
+    with pytest.raises(RuntimeError, match=r"protection p returned tensors on meta \(images\), cpu \(labels\): "
+                                           r"components return CPU "):
         stages._check_output(clean, ImageSet(on_device, clean.labels, 4), "protection p")
 
 
