@@ -57,7 +57,10 @@ def mutmut_config(module: str) -> str:
     return (f'\n[tool.mutmut]\nsource_paths = ["bench"]\nonly_mutate = ["{module}"]\n'
             f'also_copy = ["protections", "countermeasures", "victims", "README.md", "{RECORDS}"]\n'
             f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=",'
-            f' "-m", "not slow and not gpu"]\npytest_add_cli_args_test_selection = [{tests}]\n')
+            f' "-m", "not slow and not gpu"]\npytest_add_cli_args_test_selection = [{tests}]\n'
+            # each mutant's process forked from one that ran no torch op: a child forked after torch's OpenMP
+            # pool started deadlocks in its first parallel op (seen as mutmut "timeouts" of passing mutants)
+            'process_isolation = "forkserver"\n')
 
 
 def prepare(module: str) -> Path:

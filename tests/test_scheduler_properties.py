@@ -26,6 +26,7 @@ from bench.execute.scheduler import RunCounts, RunOptions, run_matrix
 from bench.execute.stages import ProtectJob, SetBuilt, TrainJob, identity
 from bench.plan.matrix import load_matrix
 from bench.store.locks import identity as host_identity
+from bench.store.cache import Cache
 from bench.store.records import Record, RecordLog
 
 # ---------------------------------------------------------------- helpers
@@ -161,6 +162,46 @@ def test_first_run_trains_every_cell_then_a_rerun_trains_none(tmp_path, trainer,
     assert run(path, results, lines) == RunCounts(4, trained=0, skipped=4, failed=0, protected=0, purified=0)
     assert trainer.jobs == [] and len(log_of(results)) == 4
     assert lines[0].startswith("matrix tiny: 4 cells, 4 recorded, 0 to train")
+
+
+SEEDED = """
+description = "a seeded protection, fitted on the whole set and on half of each class"
+seeds = [0, 1]
+poison_ratio = [0.5]
+mix = ["protected", "fit_subset"]
+[recipe]
+name = "quick"
+epochs = 1
+[datasets.digits]
+per_class = 4
+test_per_class = 2
+[protections]
+random_noise = {}
+[countermeasures]
+none = {}
+[victims.cnn]
+width = 8
+"""
+
+
+def test_protected_sets_are_drawn_with_the_cells_seed_on_the_mixs_part(tmp_path, trainer):
+    """Each protected set is made with its cell's seed (random noise differs between seeds; the cache records the
+    seed) and on the part of each class the mix fits it on: all images for ``protected``, half of each class for
+    ``fit_subset`` (the rest stays clean)."""
+    path, results = tiny_matrix(tmp_path, "seeded", text=SEEDED), tmp_path / "r"
+    assert run(path, results) == RunCounts(4, trained=4, protected=4)
+    cache = Cache(results / "cache")
+    clean = cache.load("dataset", f"{trainer.jobs[0].plan.dataset_key}-train")
+    noise = {}
+    for job in trainer.jobs:
+        cell, key = job.plan.cell, job.plan.protection_key
+        protected = cache.load("protected", key)
+        assert json.loads((cache.path("protected", key) / "manifest.json").read_text())["seed"] == cell.seed
+        changed = (protected.images != clean.images).flatten(1).any(1)
+        per_class = torch.bincount(clean.labels[changed], minlength=10).tolist()
+        assert per_class == ([4] * 10 if cell.mix == "protected" else [2] * 10), (cell.mix, per_class)
+        noise[cell.seed, cell.mix] = protected.images.int() - clean.images.int()
+    assert not torch.equal(noise[0, "protected"], noise[1, "protected"])
 
 
 def test_saved_matrix_lists_the_cells_of_every_run(tmp_path, trainer):
