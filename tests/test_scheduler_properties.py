@@ -41,7 +41,8 @@ class Trainer:
     def __call__(self, job: TrainJob, device: torch.device) -> Record:
         self.jobs.append(job)
         bad = job.plan.cell.protection.label in self.fail or job.upstream_error is not None
-        error = f"Traceback …\nRuntimeError: {job.plan.cell.protection.label} broke\n" if bad else None
+        error = (f"Traceback …\n  File \"x.py\", line 1\nRuntimeError: {job.plan.cell.protection.label} broke\n"
+                 if bad else None)
         return Record(**identity(job), status="error" if bad else "ok", error=error, device=str(device),
                       threads=job.threads, test_acc_final=None if bad else 0.5, test_acc_best=None if bad else 0.5,
                       finished_at=time.time())
@@ -121,11 +122,13 @@ def test_run_counts_defaults():
 # ---------------------------------------------------------------- what a run trains, skips and counts
 
 class Created:
-    """``backends.create`` spied on: its arguments, and the request of each ``map`` (always in-process here)."""
+    """``backends.create`` spied on: its arguments, and the request and number of jobs of each ``map`` (always
+    in-process here)."""
 
     def __init__(self) -> None:
         self.args: tuple = ()
         self.requests: list[Any] = []
+        self.sizes: list[int] = []
 
     def __call__(self, options: BackendOptions, jobs: int, threads: int, devices: list[str], deterministic: bool = False,
                  out: Any = print) -> Local:
@@ -135,6 +138,7 @@ class Created:
         class Spied(Local):
             def map(self, runner, fn, jobs, on_result, on_lost, request=None):
                 spy.requests.append(request)
+                spy.sizes.append(len(jobs))
                 return local.map(runner, fn, jobs, on_result, on_lost, request)
         return Spied(1, ["cpu"], threads)
 
@@ -202,6 +206,31 @@ def test_protected_sets_are_drawn_with_the_cells_seed_on_the_mixs_part(tmp_path,
         assert per_class == ([4] * 10 if cell.mix == "protected" else [2] * 10), (cell.mix, per_class)
         noise[cell.seed, cell.mix] = protected.images.int() - clean.images.int()
     assert not torch.equal(noise[0, "protected"], noise[1, "protected"])
+
+
+def test_progress_bar_counts_cells_from_the_recorded_ones(tmp_path, trainer, capsys):
+    """The cells' bar on stderr starts at the cells already recorded and counts to all of the matrix's, in cells."""
+    path, results = tiny_matrix(tmp_path), tmp_path / "r"
+    run(path, results, only=("protection=clean",))
+    capsys.readouterr()
+    run(path, results)
+    renders = [part for part in capsys.readouterr().err.split("\r") if part.startswith("cells:")]
+    assert renders[0].startswith("cells:  50%|") and " 2/4 [" in renders[0], renders
+    assert renders[-1].startswith("cells: 100%|") and " 4/4 [" in renders[-1] and "cell/s]" in renders[-1], renders
+
+
+def test_each_cell_another_run_records_counts_as_skipped(tmp_path, trainer, monkeypatch):
+    """Cells whose claims another run held and then recorded count as skipped, each one, and are not trained."""
+    run_claimed = scheduler._run_claimed
+
+    def recorded_elsewhere(stage, runner, fn, jobs, backend, on_result, elsewhere, request=None):
+        if stage.name != "train":
+            return run_claimed(stage, runner, fn, jobs, backend, on_result, elsewhere, request)
+        for job in jobs:
+            elsewhere(job)
+    monkeypatch.setattr(scheduler, "_run_claimed", recorded_elsewhere)
+    assert run(tiny_matrix(tmp_path), tmp_path / "r") == RunCounts(4, skipped=4, protected=1, purified=2)
+    assert trainer.jobs == []
 
 
 def test_saved_matrix_lists_the_cells_of_every_run(tmp_path, trainer):
@@ -447,6 +476,38 @@ def test_failed_purification_fails_only_its_cells(tmp_path, trainer, monkeypatch
     assert "purify failed: ValueError: deliberate purify failure" in "".join(capsys.readouterr())
     failed = {j.plan.cell.countermeasure.label for j in trainer.jobs if j.upstream_error}
     assert failed == {"bdr"}
+
+
+def test_a_failure_without_error_text_is_reported_as_such(tmp_path, monkeypatch, capsys):
+    """A failed cell or set whose error text is missing or blank prints ``no error text`` (and the run goes on)."""
+    def blank(job: TrainJob, device: torch.device) -> Record:
+        return Record(**identity(job), status="error", error=None if job.plan.cell.protection.label == "clean" else " \n",
+                      device=str(device), threads=1, finished_at=time.time())
+    monkeypatch.setattr(scheduler, "train_job", blank)
+    monkeypatch.setattr(scheduler, "protect_job", lambda job, device: SetBuilt(job.key, error="\n"))
+    assert run(tiny_matrix(tmp_path), tmp_path / "r") == RunCounts(4, failed=4, purified=1)
+    err = "".join(capsys.readouterr())
+    assert "protect failed: no error text" in err
+    assert all(f"cell failed: {cell} × cnn: no error text" in err
+               for cell in ("clean × none", "clean × bdr", "cwp × none", "cwp × bdr")), err
+
+
+def test_cached_sets_are_reused_by_new_cells_and_rebuilt_without_their_model(tmp_path, trainer, created,
+                                                                             monkeypatch):
+    """New cells (another victim) use the protected and purified sets recorded cells cached: no job for a set
+    reaches the backend. A purified set that lacks a model its countermeasure now declares fitting is rebuilt."""
+    results = tmp_path / "r"
+    assert run(tiny_matrix(tmp_path), results) == RunCounts(4, trained=4, protected=1, purified=2)
+    wider = TINY.format(extra_countermeasures="bdr = {}").replace("width = 8", "width = [8, 4]")
+    path = tiny_matrix(tmp_path, "wider", text=wider)
+    created.sizes.clear()
+    assert run(path, results) == RunCounts(8, trained=4, skipped=4)
+    assert created.sizes == [4]  # the new cells' training only
+    shutil.rmtree(results / "runs")  # every cell untrained again, its sets cached
+    plan_cell = scheduler.plan_cell  # bdr now declares fitting a model its cached sets lack
+    monkeypatch.setattr(scheduler, "plan_cell", lambda *args: dataclasses.replace(
+        plan_cell(*args), purify_fits=("denoiser",)) if args[0].countermeasure.label == "bdr" else plan_cell(*args))
+    assert run(path, results) == RunCounts(8, trained=8, purified=2)
 
 
 @pytest.mark.parametrize("filename", ["/disk/protected/x", None])

@@ -120,10 +120,11 @@ def _report_failures(log: Path, failed: int) -> int:
     """Exit status of a run: 1 if any cell failed, naming each failed cell and its error's last line on stderr."""
     if not failed:
         return 0
+    from bench.store.integrity import error_line
     from bench.store.records import RecordLog
 
     bad = sorted((f"{r.protection} × {r.countermeasure} × {r.victim} (seed {r.seed}, cell {r.cell})",
-                  (r.error or "").strip().splitlines()[-1] if r.error else "no error text")
+                  error_line(r.error))
                  for r in RecordLog(log).latest().values() if not r.ok)
     print(f"bench: {failed} cell(s) failed; full tracebacks in {log}; fix the cause and rerun with --retry-failed:",
           file=sys.stderr)

@@ -44,6 +44,7 @@ from bench.plan.requests import JobRequest, job_requests
 from bench.plan.validate import MAX_CELLS, plan_cells, progress
 from bench.store import atomic
 from bench.store.cache import Cache
+from bench.store.integrity import error_line
 from bench.store.records import Record, RecordLog, RecordStore
 
 Job = ProtectJob | PurifyJob | TrainJob
@@ -180,7 +181,7 @@ def _run_stages(matrix: Matrix, options: RunOptions, plans: list, todo: list, re
         bar.update()
         if not result.ok:
             bar.write(f"cell failed: {result.protection} × {result.countermeasure} × {result.victim}: "
-                      f"{(result.error or '').strip().splitlines()[-1]}")
+                      f"{error_line(result.error)}")
 
     def elsewhere(job: TrainJob) -> None:  # recorded by another run
         trained["elsewhere"] += 1
@@ -205,8 +206,7 @@ def check_budget(matrix: Matrix, cells: list, cache: Cache, recorded: dict[str, 
         other = load_matrix(name)
         return estimate.estimate(other, expand(other), cache, recorded, records, timings, device, options.jobs)
 
-    reason = None if options.dry_run else estimate.refusal(matrix, work, options.max_hours, of)
-    if reason:
+    if not options.dry_run and (reason := estimate.refusal(matrix, work, options.max_hours, of)):
         raise ConfigError(reason)
     return work
 
@@ -266,7 +266,7 @@ def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, fa
                 raise OSError(number, message, path or str(stage.results or jobs[0].cache))
             if result.error:
                 failures[result.key] = result.error
-                bar.write(f"{stage.name} failed: {result.error.strip().splitlines()[-1]}")
+                bar.write(f"{stage.name} failed: {error_line(result.error)}")
             else:
                 built[0] += 1
         _run_claimed(stage, _guarded, fn, jobs, backend, done, lambda job: bar.update(), request)

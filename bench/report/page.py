@@ -24,6 +24,7 @@ from bench.plan.layout import Layout
 from bench.report import figures
 from bench.report.leaderboard import build_tables, cell_values, latest_positions, row_labels
 from bench.report.view import matrix_view
+from bench.store.integrity import error_line
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1400px;padding:0 1em;color:#222}
 h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:2em}
@@ -228,8 +229,7 @@ def cell_table(latest: pd.DataFrame) -> pd.DataFrame:
         if stage in seconds:
             table.insert(table.columns.get_loc("dataset_key"), f"{stage} s", seconds[stage].round(1).to_numpy())
     if "error" in latest and latest["error"].notna().any():
-        table["error"] = [e.strip().splitlines()[-1] if isinstance(e, str) and e.strip() else ""
-                          for e in latest["error"]]
+        table["error"] = [error_line(e) if isinstance(e, str) else "" for e in latest["error"]]
     return table.astype(object).fillna("")
 
 

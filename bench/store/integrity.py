@@ -166,3 +166,9 @@ def _name(hint: Any) -> str:
 def short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def error_line(error: str | None) -> str:
+    """A failure's one-line summary: the last line of its traceback (the exception), or ``no error text``."""
+    lines = (error or "").strip().splitlines()
+    return lines[-1] if lines else "no error text"
