@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shutil
 import threading
 import time
@@ -17,11 +18,13 @@ from typing import Any
 
 import pytest
 import torch
+from tqdm import tqdm
 from conftest import TINY, tiny_matrix
 
 from bench.core.registry import BenchWarning, ConfigError
 from bench.execute import backends, scheduler
 from bench.execute.backends import BackendOptions, Local
+from bench.execute.pool import Lost
 from bench.execute.scheduler import RunCounts, RunOptions, run_matrix
 from bench.execute.stages import ProtectJob, SetBuilt, TrainJob, identity
 from bench.plan.matrix import load_matrix
@@ -510,6 +513,90 @@ def test_cached_sets_are_reused_by_new_cells_and_rebuilt_without_their_model(tmp
     assert run(path, results) == RunCounts(8, trained=8, purified=2)
 
 
+def visible(err: str) -> list[str]:
+    """What stays on a terminal of the bars written to ``err``: each line's last render, blank ones left out."""
+    return [shown for line in err.split("\n") if (shown := line.split("\r")[-1]).strip()]
+
+
+class Bars(tqdm):
+    """tqdm that keeps, for each bar closed, its description, count, total and unit."""
+
+    closed: list[tuple[str, int, int | None, str]] = []
+
+    def close(self) -> None:
+        if not self.disable:
+            Bars.closed.append((self.desc, self.n, self.total, self.unit))
+        super().close()
+
+
+def test_set_stages_show_their_sets_and_count_each(tmp_path, trainer, monkeypatch, capsys):
+    """Each set stage's bar, named by the stage, counts its sets to their total; the cells' bar starts at the cells
+    recorded already."""
+    monkeypatch.setattr(scheduler, "tqdm", Bars)
+    monkeypatch.setattr(Bars, "closed", [])
+    run(tiny_matrix(tmp_path), tmp_path / "r")
+    assert Bars.closed == [("protect", 1, 1, "set"), ("purify", 2, 2, "set"), ("cells", 4, 4, "cell")]
+    renders = capsys.readouterr().err.split("\r")
+    assert "protect:   0%|          | 0/1 [00:00<?, ?set/s]" in renders, renders
+
+
+def test_only_the_cells_bar_stays_on_the_screen(tmp_path, trainer, capsys):
+    """The set stages' bars are cleared when done; the cells' bar is left as the run's summary."""
+    run(tiny_matrix(tmp_path), tmp_path / "r")
+    shown = visible(capsys.readouterr().err)
+    assert len(shown) == 1 and shown[0].startswith("cells: 100%|"), shown
+
+
+def test_a_set_another_run_built_meanwhile_is_used_not_rebuilt(tmp_path, trainer, created, monkeypatch):
+    """A protected set another run cached after this one planned (seen when its job takes the claim) is used: the
+    stage counts it done and builds nothing, and its cells train."""
+    first = tmp_path / "first"
+    run(tiny_matrix(tmp_path), first, only=("countermeasure=none",))
+    results = tmp_path / "r"
+    spied = created.__call__
+
+    def create(*args: Any, **kw: Any) -> Local:  # the other run's set lands just before the protect stage's jobs
+        backend, map_jobs = spied(*args, **kw), None
+
+        def map(runner, fn, jobs, on_result, on_lost, request=None):
+            if jobs and isinstance(jobs[0], ProtectJob):
+                shutil.copytree(first / "cache" / "protected", results / "cache" / "protected", dirs_exist_ok=True)
+            return map_jobs(runner, fn, jobs, on_result, on_lost, request)
+        map_jobs, backend.map = backend.map, map
+        return backend
+    monkeypatch.setattr(backends, "create", create)
+    monkeypatch.setattr(scheduler, "tqdm", Bars)
+    monkeypatch.setattr(Bars, "closed", [])
+    assert run(tiny_matrix(tmp_path), results) == RunCounts(4, trained=4, protected=0, purified=2)
+    assert Bars.closed[0] == ("protect", 1, 1, "set")  # the set counts as done
+
+
+def test_jobs_whose_worker_died_fail_their_cells_with_the_reason(tmp_path, trainer, monkeypatch, capsys):
+    """A backend that loses a job (its worker died) fails it: a lost set fails its cells with the reason, a lost
+    cell is recorded as failed with it."""
+    lose = {"protect"}
+
+    class Losing(Local):
+        def map(self, runner, fn, jobs, on_result, on_lost, request=None):
+            stage = "protect" if isinstance(jobs[0], ProtectJob) else "train" if isinstance(jobs[0], TrainJob) else ""
+            if stage not in lose:
+                return super().map(runner, fn, jobs, on_result, on_lost, request)
+            for job in jobs:
+                on_lost(job, Lost(f"worker for {job.key} died (signal 9)", None, "cpu"))
+    monkeypatch.setattr(backends, "create", lambda options, jobs, threads, devices, *rest: Losing(1, ["cpu"], threads))
+    path, results = tiny_matrix(tmp_path), tmp_path / "r"
+    assert run(path, results) == RunCounts(4, trained=2, failed=2, purified=1)
+    assert "protect failed: worker for" in "".join(capsys.readouterr())
+    assert {j.plan.cell.protection.label for j in trainer.jobs if j.upstream_error} == {"cwp"}
+    assert all("died (signal 9)" in j.upstream_error for j in trainer.jobs if j.upstream_error)
+    lose.clear()
+    lose.add("train")
+    trainer.jobs.clear()
+    assert run(path, results, force=True) == RunCounts(4, failed=4, protected=1, purified=2)
+    assert trainer.jobs == []
+    assert {r.error for r in log_of(results)[-4:]} == {f"worker for {r.cell} died (signal 9)" for r in log_of(results)[-4:]}
+
+
 @pytest.mark.parametrize("filename", ["/disk/protected/x", None])
 def test_storage_failure_ends_the_run_naming_the_path(tmp_path, trainer, monkeypatch, filename):
     """A full disk while building a set ends the run with an OSError naming the path (else the cache folder); no cell
@@ -542,6 +629,27 @@ def test_guarded_turns_exceptions_into_failed_sets():
         raise OSError(errno.EROFS, "Read-only file system", "/ro")
     assert _guarded(disk, job, "cpu").full == (errno.EROFS, "Read-only file system", "/ro")
     assert _guarded(lambda job, device: SetBuilt(job.key, 1.5), job, "cpu") == SetBuilt("k1", 1.5)
+
+
+def test_show_progress_prints_benchs_info_logs_and_others_warnings(capsys):
+    """Where logging is not configured, bench's INFO lines (EM's rounds …) reach stderr as ``HH:MM:SS name: text``;
+    other libraries' stay at WARNING, even where one lowered the root level."""
+    root, ours = logging.getLogger(), logging.getLogger("bench")
+    handlers, levels = root.handlers[:], (root.level, ours.level)
+    root.handlers.clear()  # pytest's handlers configure logging: show_progress would leave it alone
+    root.setLevel(logging.INFO)  # as a library that lowers the root level without a handler leaves it
+    try:
+        scheduler.show_progress()
+        logging.getLogger("bench.protections.em").info("round 1 of 10")
+        logging.getLogger("PIL").info("not shown")
+        logging.getLogger("PIL").warning("shown")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(levels[0])
+        ours.setLevel(levels[1])
+    err = capsys.readouterr().err
+    assert re.search(r"^\d\d:\d\d:\d\d bench.protections.em: round 1 of 10$", err, re.M), err
+    assert re.search(r"^\d\d:\d\d:\d\d PIL: shown$", err, re.M) and "not shown" not in err, err
 
 
 def test_call_runs_the_job_on_its_device_with_its_threads():

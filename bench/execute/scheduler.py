@@ -260,7 +260,6 @@ def _run_stage(stage: Stage, fn: Callable, jobs: list[Any], backend: Backend, fa
     with tqdm(total=len(jobs), desc=stage.name, unit="set", file=sys.stderr, leave=False) as bar:
         def done(result: SetBuilt) -> None:
             bar.update()
-            failures.pop(result.key, None)
             if result.full:  # the storage failed (disk full …): end the run with one line (bench.cli)
                 number, message, path = result.full
                 raise OSError(number, message, path or str(stage.results or jobs[0].cache))
