@@ -13,6 +13,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -438,18 +439,28 @@ def test_estimate_times_from_records_here_and_in_bench_results(tmp_path, trainer
 # ---------------------------------------------------------------- matrix.json
 
 def test_save_resolved_merges_cells_and_rewrites_a_damaged_file(tmp_path):
-    """save_resolved creates the folders, keeps the cells of earlier runs first (no duplicates), and rewrites a
-    damaged file with a warning naming it."""
+    """save_resolved creates the folders (no warning), keeps the cells of earlier runs first (no duplicates), writes
+    indented JSON (one value per line, for reading and diffing), takes a file without cells (an older bench's) as
+    none, and rewrites a damaged file with a warning naming it and what is wrong, not saved_matrix's fix."""
     from bench.execute.scheduler import save_resolved
 
     matrix, path = load_matrix(str(tiny_matrix(tmp_path))), tmp_path / "runs" / "tiny" / "matrix.json"
-    save_resolved(matrix, ["a", "b"], path)
-    save_resolved(matrix, ["c", "a"], path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_resolved(matrix, ["a", "b"], path)
+        save_resolved(matrix, ["c", "a"], path)
     saved = json.loads(path.read_text())
     assert saved["cells"] == ["a", "b", "c"] and saved["name"] == "tiny" and saved["source"] == matrix.source
+    assert path.read_text() == json.dumps(saved, indent=1)
+    path.write_text(json.dumps({key: value for key, value in saved.items() if key != "cells"}))
+    save_resolved(matrix, ["e"], path)
+    assert json.loads(path.read_text())["cells"] == ["e"]
     path.write_text("[1]")
-    with pytest.warns(BenchWarning, match=rf"{path} holds a JSON list.*: it is damaged; rewriting it with this run's "):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         save_resolved(matrix, ["d"], path)
+    assert [str(w.message) for w in caught if w.category is BenchWarning] == [
+        f"{path} holds a JSON list, not the matrix's object: it is damaged; rewriting it with this run's cells"]
     assert json.loads(path.read_text())["cells"] == ["d"]
 
 
@@ -674,6 +685,36 @@ def hold(results: Path, key: str) -> Path:
     path.write_text(json.dumps({**host_identity(), "started": time.time(), "token": "other", "stage": "train",
                                 "key": key}))
     return path
+
+
+def test_a_claim_that_does_not_name_its_holder_is_waited_for(tmp_path, trainer, capsys):
+    """One cell held by a live claim that does not say who holds it (no host, no pid): the run says so once, with
+    ``?`` for both, and waits; once the claim is released without a record, the cell is trained here."""
+    path, results = tiny_matrix(tmp_path), tmp_path / "r"
+    run(path, results, only=("countermeasure=none",))
+    first = {r.protection: r.cell for r in log_of(results)}
+    claim = results / "claims" / "train" / f"{first['clean']}.claim"
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    claim.write_text(json.dumps({"started": time.time(), "token": "other", "stage": "train", "key": first["clean"]}))
+    trainer.jobs.clear()
+
+    def release() -> None:  # once this run trained the other cell, i.e. after it deferred the held one
+        deadline = time.time() + 60
+        while time.time() < deadline and not trainer.jobs:
+            time.sleep(0.05)
+        claim.unlink()
+    thread = threading.Thread(target=release)
+    thread.start()
+    try:
+        counts = run(path, results, force=True, stale=30.0, only=("countermeasure=none",))
+    finally:
+        thread.join()
+    assert counts == RunCounts(2, trained=2, protected=1)
+    assert trainer.cells() == [("clean", "none"), ("cwp", "none")]
+    err = capsys.readouterr().err
+    assert ("train: 1 claimed by another worker (e.g. ? pid ?); waiting (a claim is taken over after 30 s without a "
+            "heartbeat)") in err
+    assert err.count("claimed by another worker") == 1, err  # it waited on the claim, not retried it in a loop
 
 
 def test_cells_claimed_elsewhere_are_waited_for(tmp_path, trainer, capsys):

@@ -223,7 +223,7 @@ def save_resolved(matrix: Matrix, cells: list[str], path: Path) -> None:
         problem = str(err).split(": it is damaged")[0]  # saved_matrix's message, less its fix (done here)
         warnings.warn(f"{problem}: it is damaged; rewriting it with this run's cells", BenchWarning, stacklevel=2)
         before = []
-    text = json.dumps(resolved(matrix, list(dict.fromkeys([*before, *cells]))), indent=1, default=str)
+    text = json.dumps(resolved(matrix, list(dict.fromkeys([*before, *cells]))), indent=1)  # JSON values only
     atomic.write_text(path, text)
 
 
