@@ -15,12 +15,12 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
-from tqdm import tqdm
 from conftest import TINY, tiny_matrix
+from tqdm import tqdm
 
 from bench.core.registry import BenchWarning, ConfigError
 from bench.execute import backends, scheduler
@@ -29,8 +29,8 @@ from bench.execute.pool import Lost
 from bench.execute.scheduler import RunCounts, RunOptions, run_matrix
 from bench.execute.stages import ProtectJob, SetBuilt, TrainJob, identity
 from bench.plan.matrix import load_matrix
-from bench.store.locks import identity as host_identity
 from bench.store.cache import Cache
+from bench.store.locks import identity as host_identity
 from bench.store.records import Record, RecordLog
 
 # ---------------------------------------------------------------- helpers
@@ -532,7 +532,7 @@ def visible(err: str) -> list[str]:
 class Bars(tqdm):
     """tqdm that keeps, for each bar closed, its description, count, total and unit."""
 
-    closed: list[tuple[str, int, int | None, str]] = []
+    closed: ClassVar[list[tuple[str, int, int | None, str]]] = []
 
     def close(self) -> None:
         if not self.disable:
@@ -659,8 +659,8 @@ def test_show_progress_prints_benchs_info_logs_and_others_warnings(capsys):
         root.setLevel(levels[0])
         ours.setLevel(levels[1])
     err = capsys.readouterr().err
-    assert re.search(r"^\d\d:\d\d:\d\d bench.protections.em: round 1 of 10$", err, re.M), err
-    assert re.search(r"^\d\d:\d\d:\d\d PIL: shown$", err, re.M) and "not shown" not in err, err
+    assert re.search(r"^\d\d:\d\d:\d\d bench.protections.em: round 1 of 10$", err, re.MULTILINE), err
+    assert re.search(r"^\d\d:\d\d:\d\d PIL: shown$", err, re.MULTILINE) and "not shown" not in err, err
 
 
 def test_call_runs_the_job_on_its_device_with_its_threads():
