@@ -100,6 +100,13 @@ def test_bad_run_options_are_refused_naming_the_option(kw, names):
         assert name in str(err.value)
 
 
+def test_force_with_rerun_is_refused_with_the_choice():
+    """--force with --rerun is refused with one sentence that says what each does and which to drop."""
+    with pytest.raises(ConfigError) as err:
+        RunOptions(force=True, rerun=("protection=cwp",))
+    assert str(err.value) == "force (--force) reruns every cell: drop rerun (--rerun), or force to rerun only those"
+
+
 @pytest.mark.parametrize("kw", [{"jobs": 1, "threads": 1}, {"max_hours": 0.5}, {"stale": 0.001}, {"max_hours": 1e9},
                                 {"max_cells": 1}, {"force": True}, {"rerun": ("seed=0",)}])
 def test_boundary_run_options_are_accepted(kw):
@@ -288,7 +295,7 @@ def test_rerun_retrains_the_named_cells_and_rebuilds_their_sets(tmp_path, traine
 
 def test_rerun_matching_nothing_names_the_flag(tmp_path, trainer):
     """A --rerun glob that keeps no cell is a ConfigError naming --rerun and the labels there are."""
-    with pytest.raises(ConfigError, match=r"--rerun.*protection=nope") as err:
+    with pytest.raises(ConfigError, match=r"^--rerun.*protection=nope") as err:
         run(tiny_matrix(tmp_path), tmp_path / "r", rerun=("protection=nope",))
     assert "cwp" in str(err.value)
     assert trainer.jobs == []
@@ -509,7 +516,8 @@ def test_a_failure_without_error_text_is_reported_as_such(tmp_path, monkeypatch,
 def test_cached_sets_are_reused_by_new_cells_and_rebuilt_without_their_model(tmp_path, trainer, created,
                                                                              monkeypatch):
     """New cells (another victim) use the protected and purified sets recorded cells cached: no job for a set
-    reaches the backend. A purified set that lacks a model its countermeasure now declares fitting is rebuilt."""
+    reaches the backend. A protected or purified set that lacks a model its component now declares fitting is
+    rebuilt."""
     results = tmp_path / "r"
     assert run(tiny_matrix(tmp_path), results) == RunCounts(4, trained=4, protected=1, purified=2)
     wider = TINY.format(extra_countermeasures="bdr = {}").replace("width = 8", "width = [8, 4]")
@@ -518,10 +526,14 @@ def test_cached_sets_are_reused_by_new_cells_and_rebuilt_without_their_model(tmp
     assert run(path, results) == RunCounts(8, trained=4, skipped=4)
     assert created.sizes == [4]  # the new cells' training only
     shutil.rmtree(results / "runs")  # every cell untrained again, its sets cached
-    plan_cell = scheduler.plan_cell  # bdr now declares fitting a model its cached sets lack
-    monkeypatch.setattr(scheduler, "plan_cell", lambda *args: dataclasses.replace(
-        plan_cell(*args), purify_fits=("denoiser",)) if args[0].countermeasure.label == "bdr" else plan_cell(*args))
-    assert run(path, results) == RunCounts(8, trained=8, purified=2)
+    plan_cell = scheduler.plan_cell  # cwp and bdr now declare fitting models their cached sets lack
+
+    def declaring(cell: Any, *args: Any) -> Any:
+        plan = plan_cell(cell, *args)
+        fits = {"protection_fits": ("generator",)} if cell.protection.label == "cwp" else {}
+        return dataclasses.replace(plan, **fits, **{"purify_fits": ("denoiser",)} if plan.purify_key else {})
+    monkeypatch.setattr(scheduler, "plan_cell", declaring)
+    assert run(path, results) == RunCounts(8, trained=8, protected=1, purified=2)
 
 
 def visible(err: str) -> list[str]:
