@@ -699,6 +699,22 @@ def hold(results: Path, key: str) -> Path:
     return path
 
 
+def wait_until(condition: Any, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and not condition():
+        time.sleep(0.05)
+
+
+def run_beside(other_worker: Any, path: Path, results: Path) -> RunCounts:
+    """The ``none`` cells run again (--force, claims stale after 30 s) while ``other_worker`` acts in a thread."""
+    thread = threading.Thread(target=other_worker)
+    thread.start()
+    try:
+        return run(path, results, force=True, stale=30.0, only=("countermeasure=none",))
+    finally:
+        thread.join()
+
+
 def test_a_claim_that_does_not_name_its_holder_is_waited_for(tmp_path, trainer, capsys):
     """One cell held by a live claim that does not say who holds it (no host, no pid): the run says so once, with
     ``?`` for both, and waits; once the claim is released without a record, the cell is trained here."""
@@ -711,17 +727,9 @@ def test_a_claim_that_does_not_name_its_holder_is_waited_for(tmp_path, trainer, 
     trainer.jobs.clear()
 
     def release() -> None:  # once this run trained the other cell, i.e. after it deferred the held one
-        deadline = time.time() + 60
-        while time.time() < deadline and not trainer.jobs:
-            time.sleep(0.05)
+        wait_until(lambda: bool(trainer.jobs))
         claim.unlink()
-    thread = threading.Thread(target=release)
-    thread.start()
-    try:
-        counts = run(path, results, force=True, stale=30.0, only=("countermeasure=none",))
-    finally:
-        thread.join()
-    assert counts == RunCounts(2, trained=2, protected=1)
+    assert run_beside(release, path, results) == RunCounts(2, trained=2, protected=1)
     assert trainer.cells() == [("clean", "none"), ("cwp", "none")]
     err = capsys.readouterr().err
     assert ("train: 1 claimed by another worker (e.g. ? pid ?); waiting (a claim is taken over after 30 s without a "
@@ -741,21 +749,13 @@ def test_cells_claimed_elsewhere_are_waited_for(tmp_path, trainer, capsys):
     built = manifest.stat().st_mtime_ns
 
     def other_worker() -> None:  # acts once this run rebuilt the protected set, i.e. while it waits on the claims
-        deadline = time.time() + 60
-        while time.time() < deadline and (not manifest.exists() or manifest.stat().st_mtime_ns == built):
-            time.sleep(0.05)
+        wait_until(lambda: manifest.exists() and manifest.stat().st_mtime_ns != built)
         time.sleep(0.3)
         RecordLog(results / "runs" / "tiny" / "records.jsonl").append(dataclasses.replace(first["clean"],
                                                                                       finished_at=time.time()))
         for claim in claims.values():
             claim.unlink()
-    thread = threading.Thread(target=other_worker)
-    thread.start()
-    try:
-        counts = run(path, results, force=True, stale=30.0, only=("countermeasure=none",))
-    finally:
-        thread.join()
-    assert counts == RunCounts(2, trained=1, skipped=1, protected=1)
+    assert run_beside(other_worker, path, results) == RunCounts(2, trained=1, skipped=1, protected=1)
     assert trainer.cells() == [("cwp", "none")]
     me = host_identity()
     assert (f"train: 2 claimed by another worker (e.g. {me['host']} pid {me['pid']}); waiting (a claim is taken over "
