@@ -570,24 +570,26 @@ def test_only_the_cells_bar_stays_on_the_screen(tmp_path, trainer, capsys):
     assert len(shown) == 1 and shown[0].startswith("cells: 100%|"), shown
 
 
-def test_a_set_another_run_built_meanwhile_is_used_not_rebuilt(tmp_path, trainer, created, monkeypatch):
+def hook_backend(monkeypatch, hook: Any) -> None:
+    """Runs use the in-process backend, which first passes each stage's jobs and ``on_lost`` to ``hook``; it returns
+    the jobs still to run."""
+    class Hooked(Local):
+        def map(self, runner, fn, jobs, on_result, on_lost, request=None):
+            return super().map(runner, fn, hook(jobs, on_lost), on_result, on_lost, request)
+    monkeypatch.setattr(backends, "create", lambda options, jobs, threads, devices, *rest: Hooked(1, ["cpu"], threads))
+
+
+def test_a_set_another_run_built_meanwhile_is_used_not_rebuilt(tmp_path, trainer, monkeypatch):
     """A protected set another run cached after this one planned (seen when its job takes the claim) is used: the
     stage counts it done and builds nothing, and its cells train."""
-    first = tmp_path / "first"
+    first, results = tmp_path / "first", tmp_path / "r"
     run(tiny_matrix(tmp_path), first, only=("countermeasure=none",))
-    results = tmp_path / "r"
-    spied = created.__call__
 
-    def create(*args: Any, **kw: Any) -> Local:  # the other run's set lands just before the protect stage's jobs
-        backend, map_jobs = spied(*args, **kw), None
-
-        def map(runner, fn, jobs, on_result, on_lost, request=None):
-            if jobs and isinstance(jobs[0], ProtectJob):
-                shutil.copytree(first / "cache" / "protected", results / "cache" / "protected", dirs_exist_ok=True)
-            return map_jobs(runner, fn, jobs, on_result, on_lost, request)
-        map_jobs, backend.map = backend.map, map
-        return backend
-    monkeypatch.setattr(backends, "create", create)
+    def land(jobs: list, on_lost: Any) -> list:  # the other run's set lands just before the protect stage's jobs
+        if isinstance(jobs[0], ProtectJob):
+            shutil.copytree(first / "cache" / "protected", results / "cache" / "protected", dirs_exist_ok=True)
+        return jobs
+    hook_backend(monkeypatch, land)
     monkeypatch.setattr(scheduler, "tqdm", Bars)
     monkeypatch.setattr(Bars, "closed", [])
     assert run(tiny_matrix(tmp_path), results) == RunCounts(4, trained=4, protected=0, purified=2)
@@ -597,23 +599,21 @@ def test_a_set_another_run_built_meanwhile_is_used_not_rebuilt(tmp_path, trainer
 def test_jobs_whose_worker_died_fail_their_cells_with_the_reason(tmp_path, trainer, monkeypatch, capsys):
     """A backend that loses a job (its worker died) fails it: a lost set fails its cells with the reason, a lost
     cell is recorded as failed with it."""
-    lose = {"protect"}
+    lost_stage = [ProtectJob]
 
-    class Losing(Local):
-        def map(self, runner, fn, jobs, on_result, on_lost, request=None):
-            stage = "protect" if isinstance(jobs[0], ProtectJob) else "train" if isinstance(jobs[0], TrainJob) else ""
-            if stage not in lose:
-                return super().map(runner, fn, jobs, on_result, on_lost, request)
-            for job in jobs:
-                on_lost(job, Lost(f"worker for {job.key} died (signal 9)", None, "cpu"))
-    monkeypatch.setattr(backends, "create", lambda options, jobs, threads, devices, *rest: Losing(1, ["cpu"], threads))
+    def lose(jobs: list, on_lost: Any) -> list:
+        if not isinstance(jobs[0], lost_stage[0]):
+            return jobs
+        for job in jobs:
+            on_lost(job, Lost(f"worker for {job.key} died (signal 9)", None, "cpu"))
+        return []
+    hook_backend(monkeypatch, lose)
     path, results = tiny_matrix(tmp_path), tmp_path / "r"
     assert run(path, results) == RunCounts(4, trained=2, failed=2, purified=1)
     assert "protect failed: worker for" in "".join(capsys.readouterr())
     assert {j.plan.cell.protection.label for j in trainer.jobs if j.upstream_error} == {"cwp"}
     assert all("died (signal 9)" in j.upstream_error for j in trainer.jobs if j.upstream_error)
-    lose.clear()
-    lose.add("train")
+    lost_stage[0] = TrainJob
     trainer.jobs.clear()
     assert run(path, results, force=True) == RunCounts(4, failed=4, protected=1, purified=2)
     assert trainer.jobs == []
